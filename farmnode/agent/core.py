@@ -1,0 +1,291 @@
+"""The agent core: accepts assignments, owns task state, runs assignments under systemd.
+
+Every input (D-Bus, and through it the CLI and HTTP API) arrives here; state changes go to
+the store first, then to listeners (the D-Bus signals). Errors raised to callers are
+AgentError subclasses whose text says what is wrong.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import psutil
+
+from farmnode import __version__
+from farmnode.agent.runner import AssignmentRun, scope_unit_name
+from farmnode.config import Config
+from farmnode.systemd.scope import ScopeManager
+from farmnode.tasks.model import Assignment, TaskState
+from farmnode.tasks.schema import AssignmentError, parse_assignment
+from farmnode.tasks.store import Store, TaskRecord
+
+log = logging.getLogger(__name__)
+
+
+class AgentState(enum.StrEnum):
+    ONLINE = "online"
+    RUNNING = "running"
+    DISABLED = "disabled"
+    OFFLINE = "offline"
+
+
+class AgentError(Exception):
+    """Refused request; the message is for the caller."""
+
+
+class InvalidAssignment(AgentError):
+    def __init__(self, err: AssignmentError) -> None:
+        super().__init__(str(err))
+        self.field = err.field
+
+
+class PartialOverlap(AgentError):
+    def __init__(self, rejected: list[int]) -> None:
+        super().__init__(f"Partial overlap of tasks: rejected task ids {rejected}")
+        self.rejected_task_ids = rejected
+
+
+class NotEnoughResources(AgentError):
+    def __init__(self, what: str, available: float, required: float) -> None:
+        super().__init__(f"Not enough {what}: agent_{what}={available:g} requires_{what}="
+                         f"{required:g}")
+        self.what, self.available, self.required = what, available, required
+
+
+class NotAccepting(AgentError):
+    pass
+
+
+class UnknownTask(AgentError):
+    pass
+
+
+class InvalidArgument(AgentError):
+    pass
+
+
+@dataclass(frozen=True)
+class TaskChange:
+    assignment_id: str
+    task_id: int
+    state: TaskState
+    reason: str
+    progress: float
+
+
+class Agent:
+    def __init__(self, config: Config, store: Store, scopes: ScopeManager) -> None:
+        self.config = config
+        self.store = store
+        self.scopes = scopes
+        self.runs: dict[str, AssignmentRun] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self.state = AgentState.ONLINE
+        self.started = time.time()
+        self.task_listeners: list[Callable[[TaskChange], None]] = []
+        self.state_listeners: list[Callable[[AgentState], None]] = []
+        self.agent_id = self._load_agent_id()
+        self._shutting_down = False
+
+    def _load_agent_id(self) -> str:
+        stored = self.store.get_meta("agent_id")
+        if stored:
+            return stored
+        new = str(uuid.uuid4())
+        self.store.set_meta("agent_id", new)
+        return new
+
+    # ---- resources -------------------------------------------------------------------
+    def total_ram_mb(self) -> int:
+        if isinstance(self.config.agent_ram, int):
+            return self.config.agent_ram
+        return psutil.virtual_memory().total // (1024 * 1024)
+
+    def total_cpus(self) -> float:
+        if isinstance(self.config.agent_cpus, (int, float)):
+            return float(self.config.agent_cpus)
+        return float(len(os.sched_getaffinity(0)))
+
+    def free_ram_mb(self) -> int:
+        return psutil.virtual_memory().available // (1024 * 1024)
+
+    def _check_resources(self, a: Assignment) -> None:
+        if a.job.ram is not None:
+            reserved = sum(r.assignment.job.ram or 0 for r in self.runs.values())
+            available = min(self.free_ram_mb(), self.total_ram_mb() - reserved)
+            if a.job.ram > available:
+                raise NotEnoughResources("ram", available, a.job.ram)
+        if a.job.cpus is not None and a.job.cpus > self.total_cpus():
+            raise NotEnoughResources("cpus", self.total_cpus(), a.job.cpus)
+
+    # ---- commands --------------------------------------------------------------------
+    def assign(self, payload: object) -> tuple[str, bool]:
+        """Validate and start an assignment; (id, False) for an identical repeat."""
+        if self._shutting_down or self.state in (AgentState.DISABLED, AgentState.OFFLINE):
+            raise NotAccepting(f"agent is {self.state} and takes no new work")
+        try:
+            a = parse_assignment(payload)
+        except AssignmentError as exc:
+            raise InvalidAssignment(exc) from None
+        new_ids = set(a.task_ids)
+        for run in self.runs.values():
+            running_ids = set(run.assignment.task_ids)
+            common = new_ids & running_ids
+            if not common:
+                continue
+            if running_ids == new_ids and run.assignment.job.id == a.job.id:
+                return run.assignment.id, False  # PyFarm: an identical repeat is accepted
+            raise PartialOverlap(sorted(common))
+        self._check_resources(a)
+        unit = scope_unit_name(a)
+        if any(r.unit == unit for r in self.runs.values()):
+            raise PartialOverlap([a.tasks[0].id])
+        self.store.add_assignment(a, unit)
+        self._start(a)
+        log.info("accepted assignment %s: job %d tasks %s", a.id, a.job.id, list(a.task_ids))
+        return a.id, True
+
+    def _start(self, a: Assignment) -> None:
+        run = AssignmentRun(a, self.config, self.scopes, self._report_state,
+                            self._report_progress)
+        self.runs[a.id] = run
+        for t in a.tasks:
+            self._emit(a.id, t.id)
+        task = asyncio.get_running_loop().create_task(self._run(run), name=f"assignment-{a.id}")
+        self._tasks[a.id] = task
+        self._update_running_state()
+
+    async def _run(self, run: AssignmentRun) -> None:
+        try:
+            await run.run()
+        finally:
+            self.store.finish_assignment(run.assignment.id)
+            self.runs.pop(run.assignment.id, None)
+            self._tasks.pop(run.assignment.id, None)
+            self._update_running_state()
+
+    def _update_running_state(self) -> None:
+        if self.state in (AgentState.ONLINE, AgentState.RUNNING):
+            self._set_state(AgentState.RUNNING if self.runs else AgentState.ONLINE)
+
+    async def cancel_task(self, task_id: int, reason: str = "cancelled") -> bool:
+        """Stop the whole assignment holding the task; False if it is not running here."""
+        for run in list(self.runs.values()):
+            if task_id in run.assignment.task_ids:
+                await self._cancel_run(run, reason)
+                return True
+        if self.store.task(task_id) is None:
+            raise UnknownTask(f"no task {task_id} on this node")
+        return False
+
+    async def _cancel_run(self, run: AssignmentRun, reason: str) -> None:
+        if run.cancelled_reason:
+            return
+        run.cancelled_reason = reason
+        await self.scopes.stop_scope(run.unit)
+
+    def set_state(self, state: str) -> None:
+        try:
+            new = AgentState(state)
+        except ValueError:
+            raise InvalidArgument(
+                f"unknown state {state!r}: expected one of online, disabled") from None
+        if new not in (AgentState.ONLINE, AgentState.DISABLED):
+            raise InvalidArgument(f"state {state!r} cannot be set: use online or disabled")
+        if new is AgentState.ONLINE and self.runs:
+            new = AgentState.RUNNING
+        self._set_state(new)
+
+    def _set_state(self, state: AgentState) -> None:
+        if state is self.state:
+            return
+        self.state = state
+        for cb in self.state_listeners:
+            cb(state)
+
+    # ---- reporting (called by runs) --------------------------------------------------
+    def _report_state(self, assignment_id: str, task_id: int, state: TaskState,
+                      reason: str | None, exit_code: int | None, signal: int | None) -> None:
+        if self.store.set_task_state(assignment_id, task_id, state, reason, exit_code, signal):
+            log.info("task %d (%s): %s%s", task_id, assignment_id, state,
+                     f" ({reason})" if reason else "")
+            self._emit(assignment_id, task_id)
+
+    def _report_progress(self, assignment_id: str, task_id: int, progress: float) -> None:
+        if self.store.set_task_progress(assignment_id, task_id, progress):
+            self._emit(assignment_id, task_id)
+
+    def _emit(self, assignment_id: str, task_id: int) -> None:
+        rec = next((r for r in self.store.tasks(assignment_id) if r.id == task_id), None)
+        if rec is None:
+            return
+        change = TaskChange(assignment_id, task_id, rec.state, rec.reason or "", rec.progress)
+        for cb in self.task_listeners:
+            try:
+                cb(change)
+            except Exception:
+                log.exception("task listener failed")
+
+    # ---- queries ---------------------------------------------------------------------
+    def list_tasks(self, active_only: bool = False) -> list[dict[str, Any]]:
+        return [r.to_dict() for r in self.store.tasks(active_only=active_only)]
+
+    def get_task(self, task_id: int) -> TaskRecord:
+        rec = self.store.task(task_id)
+        if rec is None:
+            raise UnknownTask(f"no task {task_id} on this node")
+        return rec
+
+    def status(self) -> dict[str, Any]:
+        me = psutil.Process()
+        children = me.children(recursive=False)
+        return {
+            "state": str(self.state),
+            "agent_id": self.agent_id,
+            "agent_hostname": socket.getfqdn(),
+            "version": __version__,
+            "free_ram": self.free_ram_mb(),
+            "ram": self.total_ram_mb(),
+            "cpus": self.total_cpus(),
+            "agent_process_ram": me.memory_info().rss // (1024 * 1024),
+            "child_processes": len(children),
+            "pids": [me.pid],
+            "uptime": time.time() - self.started,
+            "jobs": sorted({r.assignment.job.id for r in self.runs.values()}),
+            "assignments": sorted(self.runs),
+            "running_tasks": sum(len(r.assignment.tasks) for r in self.runs.values()),
+            "farm_name": self.config.farm_name,
+        }
+
+    # ---- lifecycle -------------------------------------------------------------------
+    async def recover(self) -> None:
+        """Assignments left active by a previous agent: until re-adoption exists ([2]),
+        stop their scopes and fail their tasks, so the store never claims a lost task runs."""
+        for a in self.store.active_assignments():
+            unit = self.store.unit_of(a.id)
+            if unit:
+                await self.scopes.stop_scope(unit)
+            for rec in self.store.tasks(a.id):
+                if not rec.state.finished:
+                    self._report_state(a.id, rec.id, TaskState.FAILED,
+                                       "agent restarted while the task ran", None, None)
+            self.store.finish_assignment(a.id)
+
+    async def shutdown(self, reason: str = "agent stopped") -> None:
+        self._shutting_down = True
+        runs = list(self.runs.values())
+        await asyncio.gather(*(self._cancel_run(r, reason) for r in runs),
+                             return_exceptions=True)
+        if self._tasks:
+            await asyncio.wait(list(self._tasks.values()),
+                               timeout=self.config.task_stop_grace + 10)
+        self._set_state(AgentState.OFFLINE)

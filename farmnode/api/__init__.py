@@ -1,0 +1,5 @@
+"""api: the socket-activated HTTP API the master talks to (issue [3]).
+
+A Falcon WSGI app under gunicorn in farmnode-api.service: no state, no privilege, a client of
+org.farmnode.Agent1 only. May import farmnode.bus.interface and farmnode.config.
+"""

@@ -1,0 +1,253 @@
+"""`farmnode`: status, tasks, assign, cancel, logs, state, run."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
+
+
+class CliError(Exception):
+    def __init__(self, message: str, code: int = EXIT_FAIL) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="farmnode", description="farmnode render-node agent")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sub.add_parser("status", help="the agent's state and resources")
+    t = sub.add_parser("tasks", help="list tasks")
+    t.add_argument("--active", action="store_true", help="only tasks of running assignments")
+    a = sub.add_parser("assign", help="assign a job's tasks from a YAML or JSON file")
+    a.add_argument("file", help="assignment file, - for standard input")
+    a.add_argument("--wait", action="store_true", help="wait until every task has finished")
+    w = sub.add_parser("wait", help="wait for an assignment's tasks to start or finish")
+    w.add_argument("assignment")
+    w.add_argument("--until", choices=["running", "finished"], default="finished")
+    c = sub.add_parser("cancel", help="stop the assignment holding a task")
+    c.add_argument("task", type=int)
+    lg = sub.add_parser("logs", help="a task's output, from the journal")
+    lg.add_argument("task", type=int)
+    lg.add_argument("-f", "--follow", action="store_true")
+    s = sub.add_parser("state", help="set the agent online or disabled")
+    s.add_argument("state", choices=["online", "disabled"])
+    r = sub.add_parser("run", help="run the agent in the foreground (what farmnode.service runs)")
+    r.add_argument("--config", default="/etc/farmnode/farmnode.yaml")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (repeatable)")
+    r.add_argument("--master", help="the master's host[:port] (config: master)")
+    r.add_argument("--port", type=int, help="HTTP API port (config: agent_api_port)")
+    return p
+
+
+def _print(args: argparse.Namespace, data: Any, human: str) -> None:
+    print(json.dumps(data, indent=2) if args.json else human)
+
+
+async def _proxy() -> Any:
+    from sdbus import sd_bus_open_system
+
+    from farmnode.bus.interface import BUS_NAME, OBJECT_PATH, Agent1Interface
+
+    bus = sd_bus_open_system()
+    return bus, Agent1Interface.new_proxy(BUS_NAME, OBJECT_PATH, bus)
+
+
+def _dbus_error(exc: Exception) -> CliError:
+    name = getattr(exc, "dbus_error_name", "")
+    msg = str(exc.args[0] if exc.args else exc)
+    if name.endswith("AccessDenied"):
+        return CliError(f"permission denied ({msg}); mutating calls need root or group farmnode")
+    if name.endswith(("ServiceUnknown", "NameHasNoOwner", "NoReply", "Spawn.ServiceNotFound")):
+        return CliError(f"the farmnode agent is not reachable: {msg}", EXIT_UNAVAILABLE)
+    return CliError(msg)
+
+
+def _fmt_task(t: dict[str, Any]) -> str:
+    frame = int(t["frame"]) if float(t["frame"]).is_integer() else t["frame"]
+    reason = f"  {t['reason']}" if t.get("reason") else ""
+    return (f"{t['id']:>8}  {t['job_id']:>6}  {frame!s:>7}  {t['state']:<9} "
+            f"{t['progress'] * 100:5.1f}%  {t['unit']}{reason}")
+
+
+TASK_HEADER = f"{'TASK':>8}  {'JOB':>6}  {'FRAME':>7}  {'STATE':<9} {'PROG':>6}  UNIT"
+
+
+async def _assign(args: argparse.Namespace) -> int:
+    from farmnode.tasks.schema import AssignmentError, load_assignment_file
+
+    try:
+        payload = load_assignment_file(args.file if args.file != "-" else "/dev/stdin")
+    except AssignmentError as exc:
+        raise CliError(f"{args.file}: {exc}", EXIT_USAGE) from None
+    except OSError as exc:
+        raise CliError(f"{args.file}: {exc.strerror}", EXIT_USAGE) from None
+    bus, proxy = await _proxy()
+    if not args.wait:
+        assignment_id = await proxy.assign(json.dumps(payload))
+        _print(args, {"id": assignment_id}, assignment_id)
+        return EXIT_OK
+    return await _assign_and_wait(args, bus, proxy, payload)
+
+
+async def _assign_and_wait(args: argparse.Namespace, bus: Any, proxy: Any, payload: Any) -> int:
+    changes = await _subscribe(bus)
+    assignment_id = await proxy.assign(json.dumps(payload))
+    return await _wait(args, proxy, changes, assignment_id, "finished")
+
+
+async def _subscribe(bus: Any) -> asyncio.Queue[tuple[str, int, str, str, float]]:
+    from farmnode.bus.interface import BUS_NAME, INTERFACE, OBJECT_PATH
+
+    changes: asyncio.Queue[tuple[str, int, str, str, float]] = asyncio.Queue()
+    slot = await bus.match_signal_async(BUS_NAME, OBJECT_PATH, INTERFACE, "TaskChanged",
+                                        lambda m: changes.put_nowait(m.get_contents()))
+    changes.slot = slot  # type: ignore[attr-defined]  # keeps the match alive with the queue
+    return changes
+
+
+FINISHED = ("done", "failed", "cancelled")
+
+
+async def _wait(args: argparse.Namespace, proxy: Any,
+                changes: asyncio.Queue[tuple[str, int, str, str, float]],
+                assignment_id: str, until: str) -> int:
+    """Follow TaskChanged signals; the match is in place before the snapshot, so no change
+    can slip between the two."""
+    tasks = {t["id"]: t for t in json.loads(await proxy.list_tasks(False))
+             if t["assignment_id"] == assignment_id}
+    if not tasks:
+        raise CliError(f"no assignment {assignment_id} on this node")
+    if not args.json:
+        print(f"assignment {assignment_id}: {len(tasks)} task(s)", flush=True)
+
+    def reached() -> bool:
+        if until == "running":
+            return all(t["state"] != "queued" for t in tasks.values())
+        return all(t["state"] in FINISHED for t in tasks.values())
+
+    while not reached():
+        aid, task_id, state, reason, progress = await changes.get()
+        if aid != assignment_id or task_id not in tasks:
+            continue
+        t = tasks[task_id]
+        if (t["state"], t["progress"]) != (state, progress) and not args.json:
+            print(f"task {task_id}: {state} {progress * 100:.0f}%"
+                  + (f" ({reason})" if reason else ""), flush=True)
+        t.update(state=state, reason=reason or None, progress=progress)
+    final = [t for t in json.loads(await proxy.list_tasks(False))
+             if t["assignment_id"] == assignment_id]
+    if args.json:
+        print(json.dumps({"id": assignment_id, "tasks": final}, indent=2))
+    if until == "running":
+        return EXIT_OK
+    return EXIT_FAIL if any(t["state"] != "done" for t in final) else EXIT_OK
+
+
+async def _client(args: argparse.Namespace) -> int:
+    if args.command == "assign":
+        return await _assign(args)
+    bus, proxy = await _proxy()
+    if args.command == "wait":
+        changes = await _subscribe(bus)
+        return await _wait(args, proxy, changes, args.assignment, args.until)
+    if args.command == "status":
+        st = json.loads(await proxy.get_status())
+        human = "\n".join(f"{k}: {v}" for k, v in st.items())
+        _print(args, st, human)
+    elif args.command == "tasks":
+        tasks = json.loads(await proxy.list_tasks(args.active))
+        _print(args, tasks, "\n".join([TASK_HEADER, *map(_fmt_task, tasks)]))
+    elif args.command == "cancel":
+        stopped = await proxy.cancel_task(args.task)
+        _print(args, {"task": args.task, "stopped": stopped},
+               f"task {args.task}: " + ("stopping" if stopped else "not running"))
+        return EXIT_OK if stopped else EXIT_FAIL
+    elif args.command == "state":
+        await proxy.set_state(args.state)
+        _print(args, {"state": args.state}, f"agent {args.state}")
+    elif args.command == "logs":
+        await proxy.get_task(args.task)  # a clear error for an unknown task
+        return _logs(args)
+    return EXIT_OK
+
+
+def _logs(args: argparse.Namespace) -> int:
+    from systemd import journal
+
+    reader = journal.Reader(flags=journal.SYSTEM)
+    reader.add_match(FARMNODE_TASK=str(args.task))
+    for entry in reader:
+        _print_entry(args, entry)
+    while args.follow:
+        if reader.wait(1.0) == journal.APPEND:
+            for entry in reader:
+                _print_entry(args, entry)
+    return EXIT_OK
+
+
+def _print_entry(args: argparse.Namespace, entry: dict[str, Any]) -> None:
+    if args.json:
+        print(json.dumps({
+            "time": entry["__REALTIME_TIMESTAMP"].isoformat(),
+            "stream": entry.get("FARMNODE_STREAM"),
+            "line": int(entry.get("FARMNODE_LINE", 0)),
+            "message": entry.get("MESSAGE", ""),
+        }), flush=True)
+    else:
+        ts = time.strftime("%H:%M:%S", entry["__REALTIME_TIMESTAMP"].timetuple())
+        print(f"{ts} {entry.get('FARMNODE_STREAM', '?'):<6} {entry.get('MESSAGE', '')}",
+              flush=True)
+
+
+def _run_agent(args: argparse.Namespace) -> int:
+    from farmnode.agent.main import run
+    from farmnode.config import ConfigError, load_config
+
+    overrides: dict[str, str] = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise CliError(f"--set {item!r}: expected KEY=VALUE", EXIT_USAGE)
+        overrides[key.strip()] = value
+    if args.master is not None:
+        overrides["master"] = args.master
+    if args.port is not None:
+        overrides["agent_api_port"] = str(args.port)
+    try:
+        config = load_config(args.config, overrides=overrides)
+    except ConfigError as exc:
+        raise CliError(f"configuration error: {exc}", EXIT_USAGE) from None
+    return run(config)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return _run_agent(args)
+        return asyncio.run(_client(args))
+    except CliError as exc:
+        print(f"farmnode: {exc}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        if hasattr(exc, "dbus_error_name"):
+            err = _dbus_error(exc)
+            print(f"farmnode: {err}", file=sys.stderr)
+            return err.code
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,373 @@
+"""What the settings are: the `Config` dataclass, each key's type, default and accepted range.
+
+The dataclass is the single source of truth: `SETTINGS` is derived from its annotations and
+field metadata, so adding a key means adding one field here (and a line in etc/farmnode.yaml).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import math
+import re
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+# A check takes an already type-correct value and returns it (possibly normalised) or raises
+# ValueError with a message that does not repeat the key (the loader adds key and location).
+Check = Callable[[Any], Any]
+
+REDACTED = "********"
+
+
+def _setting(default: Any, check: Check | None = None, *, secret: bool = False) -> Any:
+    # repr=False for secrets: a Config ends up in log lines and tracebacks.
+    return field(default=default, repr=not secret, metadata={"check": check, "secret": secret})
+
+
+# --- checks ---------------------------------------------------------------------------------
+
+
+def _between(lo: float | None = None, hi: float | None = None, *, above: bool = False) -> Check:
+    def check(value: Any) -> Any:
+        if lo is not None and hi is not None and not lo <= value <= hi:
+            raise ValueError(f"must be between {lo} and {hi}, got {value!r}")
+        if lo is not None and hi is None:
+            if above and not value > lo:
+                raise ValueError(f"must be greater than {lo}, got {value!r}")
+            if not above and not value >= lo:
+                raise ValueError(f"must be at least {lo}, got {value!r}")
+        return value
+
+    return check
+
+
+_positive = _between(0, above=True)
+_non_negative = _between(0)
+
+
+def _ratio(value: float) -> float:
+    if not 0 < value <= 1:
+        raise ValueError(f"must be greater than 0 and at most 1, got {value!r}")
+    return value
+
+
+def _word(value: str) -> str:
+    # Values that end up in URLs, unit properties or argv: whitespace is always a mistake.
+    if not value:
+        raise ValueError("must not be empty")
+    if any(c.isspace() or not c.isprintable() for c in value):
+        raise ValueError(f"must not contain whitespace or control characters, got {value!r}")
+    return value
+
+
+def _non_empty(value: str) -> str:
+    if not value:
+        raise ValueError("must not be empty")
+    return value
+
+
+def _absolute_path(value: str) -> str:
+    # The agent runs from / under systemd; a relative path would silently depend on the cwd.
+    if not value.startswith("/"):
+        raise ValueError(f"must be an absolute path, got {value!r}")
+    return value
+
+
+def _host(value: str) -> str:
+    # `master` is host[:port], spliced into master_api; a scheme or path here breaks the URL.
+    _word(value)
+    if "/" in value:
+        raise ValueError(f"must be a host name or host:port (no scheme or path), got {value!r}")
+    return value
+
+
+_HOSTNAME = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?$")
+
+
+def _hostname(value: str) -> str:
+    if value != "auto" and (len(value) > 253 or not _HOSTNAME.match(value)):
+        raise ValueError(f"must be 'auto' or a valid host name, got {value!r}")
+    return value
+
+
+def _ip_address(value: str) -> str:
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise ValueError(f"must be an IP address, got {value!r}") from None
+
+
+def _http_url(value: str) -> str:
+    _word(value)
+    if not value.startswith(("http://", "https://")):
+        raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
+    return value
+
+
+def _api_username(value: str) -> str:
+    _word(value)
+    # RFC 7617: a user-id containing ':' cannot be sent with HTTP Basic auth.
+    if ":" in value:
+        raise ValueError(f"must not contain ':', got {value!r}")
+    return value
+
+
+def _user_name(value: str) -> str:
+    _word(value)
+    if "/" in value or ":" in value or value.startswith("-"):
+        raise ValueError(f"must be a user name, got {value!r}")
+    return value
+
+
+_SLICE = re.compile(r"^[A-Za-z0-9:_.\\-]+\.slice$")
+
+
+def _slice_name(value: str) -> str:
+    if len(value) > 255 or not _SLICE.match(value):
+        raise ValueError(f"must be a systemd slice name ending in '.slice', got {value!r}")
+    return value
+
+
+_CPU_RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
+
+
+def _cpuset(value: str) -> str:
+    # Same syntax as systemd's AllowedCPUs= and cgroup cpuset.cpus: "0-3,6".
+    parts = [p.strip() for p in value.split(",")]
+    for part in parts:
+        m = _CPU_RANGE.match(part)
+        if m is None or (m.group(2) is not None and int(m.group(2)) < int(m.group(1))):
+            raise ValueError(f"must be a CPU list like '0-3,6', got {value!r}")
+    return ",".join(parts)
+
+
+# --- the settings ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Config:
+    """The agent's effective settings, after files, drop-ins, overrides and expansion.
+
+    Build it with `farmnode.config.load_config`; `Config()` holds the raw, unexpanded defaults.
+    RAM values are in MB, durations in seconds.
+    """
+
+    # HTTP API (farmnode-api.service)
+    agent_api_port: int = _setting(50000, _between(1, 65535))
+    agent_api_username: str | None = _setting(None, _api_username)
+    agent_api_password: str | None = _setting(None, _non_empty, secret=True)
+    agent_api_tokens_file: str = _setting("/etc/farmnode/tokens", _absolute_path)
+    agent_api_read_requires_auth: bool = _setting(False)
+    agent_pretty_json: bool = _setting(True)
+
+    # Master
+    master: str | None = _setting(None, _host)
+    master_api_version: int = _setting(1, _between(1))
+    master_api: str | None = _setting("http://$master/api/v$master_api_version", _http_url)
+    agent_master_reannounce: float = _setting(120.0, _positive)
+    agent_shutdown_timeout: float = _setting(15.0, _positive)
+    agent_http_retry_delay: float = _setting(5.0, _positive)
+    agent_http_retry_max: float = _setting(300.0, _positive)
+
+    # RAM reporting
+    agent_ram_check_interval: float = _setting(30.0, _positive)
+    agent_ram_report_delta: int = _setting(100, _non_negative)
+    agent_ram_max_report_frequency: float = _setting(10.0, _positive)
+
+    # Host facts ("auto": detect)
+    agent_ram: int | Literal["auto"] = _setting("auto", _between(1))
+    agent_cpus: float | Literal["auto"] = _setting("auto", _positive)
+    agent_hostname: str = _setting("auto", _hostname)
+    agent_ip_remote: str | None = _setting(None, _ip_address)
+    agent_time_offset: int | Literal["auto"] = _setting("auto")
+    agent_ntp_server: str = _setting("pool.ntp.org", _word)
+    farm_name: str | None = _setting(None, _non_empty)
+
+    # Agent process
+    agent_state_dir: str = _setting("/var/lib/farmnode", _absolute_path)
+    agent_runtime_dir: str = _setting("/run/farmnode", _absolute_path)
+    agent_log_level: Literal["debug", "info", "warning", "error"] = _setting("info")
+
+    # Tasks (one transient scope per assignment)
+    task_slice: str = _setting("farmnode.slice", _slice_name)
+    task_default_user: str = _setting("nobody", _user_name)
+    task_allow_root: bool = _setting(False)
+    task_ram_headroom: int = _setting(512, _non_negative)
+    task_default_ram_max: int | None = _setting(None, _between(1))
+    task_memory_high_ratio: float = _setting(0.9, _ratio)
+    task_swap_max: int = _setting(0, _non_negative)
+    task_tasks_max: int = _setting(4096, _between(1))
+    task_io_weight: int = _setting(100, _between(1, 10000))
+    task_allowed_cpus: str | None = _setting(None, _cpuset)
+    task_stop_grace: float = _setting(30.0, _positive)
+    node_reserve_ram: int = _setting(1024, _non_negative)
+
+    # Job types
+    jobtype_expandvars: bool = _setting(True)
+    jobtype_enable_download: bool = _setting(False)
+    jobtype_cache_directory: str = _setting("/var/cache/farmnode/jobtypes", _absolute_path)
+
+
+SECRET_KEYS: frozenset[str] = frozenset(
+    f.name for f in dataclasses.fields(Config) if f.metadata.get("secret")
+)
+
+
+def redacted(config: Config) -> dict[str, Any]:
+    """The config as a plain dict, safe to log or serve (`GET /api/v1/config`)."""
+    out = dataclasses.asdict(config)
+    for key in SECRET_KEYS:
+        if out[key] is not None:
+            out[key] = REDACTED
+    return out
+
+
+# --- per-key type descriptions, derived from the annotations ---------------------------------
+
+_TYPE_NAMES: dict[type, str] = {
+    bool: "a boolean (true or false)",
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+}
+
+
+def describe(value: object) -> str:
+    """How a value read from YAML is named in an error message."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return repr(value if len(value) <= 60 else value[:57] + "...")
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, list | tuple | set):
+        return "a list"
+    if isinstance(value, int | float):
+        return repr(value)
+    return f"{type(value).__name__} {value}"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """How one key is read: its base type, whether null/"auto" are allowed, its check."""
+
+    name: str
+    base: type
+    default: Any
+    optional: bool = False
+    auto: bool = False
+    choices: tuple[str, ...] = ()
+    check: Check | None = None
+    secret: bool = False
+
+    @property
+    def expected(self) -> str:
+        if self.choices:
+            text = "one of " + ", ".join(repr(c) for c in self.choices)
+        else:
+            text = _TYPE_NAMES[self.base]
+        if self.auto:
+            text += " or 'auto'"
+        if self.optional:
+            text += " or null"
+        return text
+
+    def coerce(self, value: object, raw: str | None = None) -> Any:
+        """Type-check a value parsed from YAML. Raises ValueError.
+
+        `raw` is the source text of a plain scalar: for string keys it is taken as written, so
+        `farm_name: 2024` or `agent_api_password: 123456` mean the strings, not numbers.
+        """
+        if value is None:
+            if self.optional:
+                return None
+            hint = " (YAML reads a bare ~ as null: quote it)" if raw == "~" else ""
+            raise ValueError(f"expected {self.expected}, got null{hint}")
+        if self.auto and value == "auto":
+            return "auto"
+        base = self.base
+        if base is bool and isinstance(value, bool):
+            return value
+        if base is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if base is float and isinstance(value, int | float) and not isinstance(value, bool):
+            try:
+                number = float(value)
+            except OverflowError:
+                number = math.inf
+            if not math.isfinite(number):
+                raise ValueError(f"must be a finite number, got {describe(value)}")
+            return number
+        if base is str:
+            if isinstance(value, str):
+                return value
+            if raw is not None and not isinstance(value, Mapping | list):
+                return raw
+        got = describe(value)
+        if isinstance(value, bool) and raw is not None and raw.lower() not in ("true", "false"):
+            # YAML 1.1 reads yes/no/on/off as booleans; say so rather than echo "true".
+            got = f"{raw!r} (YAML reads it as {got})"
+        raise ValueError(f"expected {self.expected}, got {got}")
+
+    def validate(self, value: Any) -> Any:
+        """Check the value's content (range, syntax). Raises ValueError.
+
+        Run on strings only after `$var` expansion, so that it sees the final text.
+        """
+        if value is None or (self.auto and value == "auto"):
+            return value
+        if self.choices:
+            for choice in self.choices:
+                # Case-insensitive: PyFarm configs spell log levels in capitals.
+                if value.lower() == choice:
+                    return choice
+            raise ValueError(f"expected {self.expected}, got {describe(value)}")
+        if self.check is not None:
+            return self.check(value)
+        return value
+
+
+def _setting_from_field(f: dataclasses.Field[Any], hint: Any) -> Setting:
+    is_union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    args = typing.get_args(hint) if is_union else (hint,)
+    base: type | None = None
+    optional = auto = False
+    choices: tuple[str, ...] = ()
+    for arg in args:
+        if arg is type(None):
+            optional = True
+        elif typing.get_origin(arg) is Literal:
+            literals = typing.get_args(arg)
+            if literals == ("auto",) and len(args) > 1:
+                auto = True
+            else:
+                base, choices = str, tuple(literals)
+        else:
+            base = arg
+    if base not in _TYPE_NAMES:  # pragma: no cover - a programming error in Config
+        raise TypeError(f"Config.{f.name}: unsupported annotation {hint!r}")
+    assert base is not None
+    return Setting(
+        name=f.name,
+        base=base,
+        default=f.default,
+        optional=optional,
+        auto=auto,
+        choices=choices,
+        check=f.metadata.get("check"),
+        secret=bool(f.metadata.get("secret")),
+    )
+
+
+def _build_settings() -> dict[str, Setting]:
+    hints = typing.get_type_hints(Config)
+    return {f.name: _setting_from_field(f, hints[f.name]) for f in dataclasses.fields(Config)}
+
+
+SETTINGS: Mapping[str, Setting] = types.MappingProxyType(_build_settings())

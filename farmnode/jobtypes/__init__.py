@@ -1,0 +1,17 @@
+"""Job types: how an assignment becomes one command line, and how that command's output is read.
+
+A job type is a `farmnode.jobtypes.base.JobType` subclass registered under the entry-point group
+``farmnode.jobtypes`` (see `farmnode.jobtypes.registry`). The agent builds one instance per
+assignment, spawns the process described by `JobType.get_command_data()` inside the
+assignment's scope, feeds every output line to `JobType.handle_line()` and asks
+`JobType.is_successful()` when the process has ended. Job types never spawn, wait for or signal
+processes themselves, and never talk to systemd, journald or the master: task state and progress
+go through the `TaskReporter` the agent hands in.
+
+Modules: base (the contract), registry (entry-point lookup), command, fakerender, blender (the
+shipped job types), fakerender_cmd (the ``farmnode-fakerender`` test renderer; standard library
+only, so it starts fast).
+
+May import: farmnode.tasks.model and farmnode.config only. This ``__init__`` deliberately imports
+nothing, because the ``farmnode-fakerender`` console script imports the package on every start.
+"""

@@ -1,0 +1,122 @@
+"""Transient scopes for tasks: properties from limits, start gated on JobRemoved, stop, kill."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sdbus import SdBus
+from sdbus.dbus_exceptions import DbusFailedError
+
+from farmnode.systemd.manager import (
+    MANAGER_PATH,
+    SYSTEMD,
+    JobWatcher,
+    ManagerProxy,
+    UnitProperty,
+)
+
+
+class ScopeError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class ScopeLimits:
+    """cgroup limits of one task scope; None leaves systemd's default (no limit)."""
+
+    memory_max: int | None = None  # bytes
+    memory_high: int | None = None
+    memory_swap_max: int | None = None
+    cpu_quota_per_sec_usec: int | None = None
+    allowed_cpus: str | None = None  # cpuset list, "0-3,6"
+    tasks_max: int | None = None
+    io_weight: int | None = None
+
+
+def cpuset_mask(spec: str) -> bytes:
+    """systemd's AllowedCPUs wire format: bit j of byte i is CPU 8*i + j."""
+    cpus: set[int] = set()
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        lo, _, hi = part.partition("-")
+        first, last = int(lo), int(hi or lo)
+        if first < 0 or last < first:
+            raise ValueError(f"bad CPU range {part!r}")
+        cpus.update(range(first, last + 1))
+    if not cpus:
+        raise ValueError(f"empty CPU list {spec!r}")
+    mask = bytearray(max(cpus) // 8 + 1)
+    for cpu in cpus:
+        mask[cpu // 8] |= 1 << (cpu % 8)
+    return bytes(mask)
+
+
+def scope_properties(pids: Sequence[int], slice_name: str, description: str, limits: ScopeLimits,
+                     stop_timeout_usec: int) -> list[UnitProperty]:
+    props: list[UnitProperty] = [
+        ("PIDs", ("au", list(pids))),
+        ("Slice", ("s", slice_name)),
+        ("Description", ("s", description)),
+        # A failed scope would otherwise linger until reset-failed.
+        ("CollectMode", ("s", "inactive-or-failed")),
+        ("MemoryAccounting", ("b", True)),
+        ("CPUAccounting", ("b", True)),
+        ("TasksAccounting", ("b", True)),
+        ("IOAccounting", ("b", True)),
+        ("TimeoutStopUSec", ("t", stop_timeout_usec)),
+        ("SendSIGHUP", ("b", False)),
+    ]
+    simple = (
+        ("MemoryMax", limits.memory_max),
+        ("MemoryHigh", limits.memory_high),
+        ("MemorySwapMax", limits.memory_swap_max),
+        ("CPUQuotaPerSecUSec", limits.cpu_quota_per_sec_usec),
+        ("TasksMax", limits.tasks_max),
+        ("IOWeight", limits.io_weight),
+    )
+    props += [(name, ("t", value)) for name, value in simple if value is not None]
+    if limits.allowed_cpus:
+        props.append(("AllowedCPUs", ("ay", cpuset_mask(limits.allowed_cpus))))
+    return props
+
+
+class ScopeManager:
+    def __init__(self, bus: SdBus) -> None:
+        self.bus = bus
+        self.manager = ManagerProxy.new_proxy(SYSTEMD, MANAGER_PATH, bus)
+        self.jobs = JobWatcher(bus, unit_prefix="farmnode-task-")
+
+    async def start(self) -> None:
+        await self.jobs.start(self.manager)
+
+    async def start_scope(self, unit: str, properties: list[UnitProperty]) -> None:
+        """Create the scope and return only once systemd has moved the PIDs into it."""
+        try:
+            job = await self.manager.start_transient_unit(unit, "fail", properties, [])
+        except DbusFailedError as exc:
+            raise ScopeError(f"systemd refused scope {unit}: {exc}") from exc
+        result = await self.jobs.wait(job)
+        if result != "done":
+            raise ScopeError(f"scope {unit} did not start: job result {result!r}")
+
+    async def stop_scope(self, unit: str) -> bool:
+        """Stop (TERM, TimeoutStopUSec, KILL the cgroup); False if the unit is already gone."""
+        try:
+            await self.manager.stop_unit(unit, "replace")
+        except DbusFailedError as exc:
+            if "not loaded" in str(exc) or "NoSuchUnit" in type(exc).__name__:
+                return False
+            raise
+        return True
+
+    async def kill_scope(self, unit: str, signum: int) -> bool:
+        try:
+            await self.manager.kill_unit(unit, "all", signum)
+        except DbusFailedError as exc:
+            if "not loaded" in str(exc) or "NoSuchUnit" in type(exc).__name__:
+                return False
+            raise
+        return True

@@ -1,0 +1,196 @@
+"""The state store: assignments and task states in SQLite under the state directory.
+
+Nothing that matters lives only in memory: every accepted assignment and every task state
+change is committed here before anyone is told about it. A task id may come back in a later
+assignment (a retry), so a task row is keyed by (assignment, task).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from farmnode.tasks.model import Assignment, TaskState
+from farmnode.tasks.schema import assignment_to_json, parse_assignment
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS assignments (
+    id TEXT PRIMARY KEY,
+    job_id INTEGER NOT NULL,
+    payload TEXT NOT NULL,
+    unit TEXT NOT NULL,
+    active INTEGER NOT NULL DEFAULT 1,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tasks (
+    assignment_id TEXT NOT NULL REFERENCES assignments(id),
+    id INTEGER NOT NULL,
+    job_id INTEGER NOT NULL,
+    frame REAL NOT NULL,
+    tile INTEGER,
+    attempt INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    reason TEXT,
+    progress REAL NOT NULL DEFAULT 0,
+    exit_code INTEGER,
+    signal INTEGER,
+    created REAL NOT NULL,
+    started REAL,
+    finished REAL,
+    PRIMARY KEY (assignment_id, id)
+);
+CREATE INDEX IF NOT EXISTS tasks_by_id ON tasks(id);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class TaskRecord:
+    id: int
+    assignment_id: str
+    job_id: int
+    frame: float
+    tile: int | None
+    attempt: int
+    state: TaskState
+    reason: str | None
+    progress: float
+    exit_code: int | None
+    signal: int | None
+    unit: str
+    jobtype: str
+    created: float
+    started: float | None
+    finished: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["state"] = str(self.state)
+        return d
+
+
+class Store:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(self.path, isolation_level=None)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        # FULL: a state change reported to anyone must survive a power cut.
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def add_assignment(self, a: Assignment, unit: str) -> None:
+        now = time.time()
+        with self.db:
+            self.db.execute("BEGIN")
+            self.db.execute(
+                "INSERT INTO assignments (id, job_id, payload, unit, created) VALUES (?,?,?,?,?)",
+                (a.id, a.job.id, json.dumps(assignment_to_json(a)), unit, now),
+            )
+            self.db.executemany(
+                "INSERT INTO tasks (assignment_id, id, job_id, frame, tile, attempt, state,"
+                " created) VALUES (?,?,?,?,?,?,?,?)",
+                [(a.id, t.id, a.job.id, t.frame, t.tile, t.attempt, str(TaskState.QUEUED), now)
+                 for t in a.tasks],
+            )
+
+    def assignment(self, assignment_id: str) -> Assignment | None:
+        row = self.db.execute("SELECT payload FROM assignments WHERE id=?",
+                              (assignment_id,)).fetchone()
+        return None if row is None else parse_assignment(json.loads(row["payload"]), assignment_id)
+
+    def unit_of(self, assignment_id: str) -> str | None:
+        row = self.db.execute("SELECT unit FROM assignments WHERE id=?",
+                              (assignment_id,)).fetchone()
+        return None if row is None else str(row["unit"])
+
+    def active_assignments(self) -> list[Assignment]:
+        rows = self.db.execute(
+            "SELECT id, payload FROM assignments WHERE active=1 ORDER BY created").fetchall()
+        return [parse_assignment(json.loads(r["payload"]), r["id"]) for r in rows]
+
+    def finish_assignment(self, assignment_id: str) -> None:
+        self.db.execute("UPDATE assignments SET active=0 WHERE id=?", (assignment_id,))
+
+    def set_task_state(self, assignment_id: str, task_id: int, state: TaskState,
+                       reason: str | None = None, exit_code: int | None = None,
+                       signal: int | None = None) -> bool:
+        """Move a task forward; False (and no change) if it already finished."""
+        now = time.time()
+        sets = ["state=?", "reason=?"]
+        args: list[Any] = [str(state), reason]
+        if state is TaskState.RUNNING:
+            sets.append("started=COALESCE(started, ?)")
+            args.append(now)
+        if state.finished:
+            sets += ["finished=?", "exit_code=?", "signal=?"]
+            args += [now, exit_code, signal]
+            if state is TaskState.DONE:
+                sets.append("progress=1")
+        finished_states = tuple(str(s) for s in TaskState if s.finished)
+        # Same-state and post-finish updates are no-ops so every change is reported once.
+        cur = self.db.execute(
+            f"UPDATE tasks SET {', '.join(sets)} WHERE assignment_id=? AND id=? AND state<>?"
+            f" AND state NOT IN ({','.join('?' * len(finished_states))})",
+            (*args, assignment_id, task_id, str(state), *finished_states),
+        )
+        return cur.rowcount == 1
+
+    def set_task_progress(self, assignment_id: str, task_id: int, progress: float) -> bool:
+        cur = self.db.execute(
+            "UPDATE tasks SET progress=? WHERE assignment_id=? AND id=? AND progress<>?"
+            " AND state IN (?, ?)",
+            (progress, assignment_id, task_id, progress, str(TaskState.QUEUED),
+             str(TaskState.RUNNING)),
+        )
+        return cur.rowcount == 1
+
+    _SELECT = (
+        "SELECT t.*, a.unit AS unit, json_extract(a.payload, '$.jobtype.name') AS jobtype"
+        " FROM tasks t JOIN assignments a ON a.id = t.assignment_id"
+    )
+
+    @staticmethod
+    def _record(row: sqlite3.Row) -> TaskRecord:
+        return TaskRecord(
+            id=row["id"], assignment_id=row["assignment_id"], job_id=row["job_id"],
+            frame=row["frame"], tile=row["tile"], attempt=row["attempt"],
+            state=TaskState(row["state"]), reason=row["reason"], progress=row["progress"],
+            exit_code=row["exit_code"], signal=row["signal"], unit=row["unit"],
+            jobtype=row["jobtype"], created=row["created"], started=row["started"],
+            finished=row["finished"],
+        )
+
+    def tasks(self, assignment_id: str | None = None, active_only: bool = False,
+              limit: int = 1000) -> list[TaskRecord]:
+        where, args = [], []
+        if assignment_id is not None:
+            where.append("t.assignment_id=?")
+            args.append(assignment_id)
+        if active_only:
+            where.append("a.active=1")
+        sql = self._SELECT + (" WHERE " + " AND ".join(where) if where else "")
+        sql += " ORDER BY t.created DESC, t.frame ASC LIMIT ?"
+        return [self._record(r) for r in self.db.execute(sql, (*args, limit))]
+
+    def task(self, task_id: int) -> TaskRecord | None:
+        """The latest attempt of a task id."""
+        row = self.db.execute(self._SELECT + " WHERE t.id=? ORDER BY t.created DESC LIMIT 1",
+                              (task_id,)).fetchone()
+        return None if row is None else self._record(row)
+
+    def get_meta(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return None if row is None else str(row["value"])
+
+    def set_meta(self, key: str, value: str) -> None:
+        self.db.execute("INSERT INTO meta (key, value) VALUES (?, ?)"
+                        " ON CONFLICT(key) DO UPDATE SET value=excluded.value", (key, value))

@@ -1,0 +1,73 @@
+"""System tier: one real systemd (nspawn container) per test session, farmnode installed
+from this checkout as a wheel plus its units and D-Bus files, farmnode.service started."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from container import Container, booted
+
+pytestmark = pytest.mark.system
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "tests/system" in str(item.fspath):
+            item.add_marker(pytest.mark.system)
+
+
+@pytest.fixture(scope="session")
+def ct() -> Iterator[Container]:
+    if os.geteuid() != 0 or shutil.which("systemd-nspawn") is None:
+        pytest.fail("the system tier needs root and systemd-nspawn (make setup installs it)")
+    with booted(f"farmnode-test-{os.getpid()}") as c:
+        c.run(["systemctl", "start", "farmnode.service"])
+        yield c
+
+
+_ids = itertools.count(1000)
+
+
+def next_task_ids(n: int) -> list[int]:
+    return [next(_ids) for _ in range(n)]
+
+
+def assignment(jobtype: str, data: dict[str, Any], frames: list[int], **job: Any) -> dict[str, Any]:
+    """A PyFarm assignment with fresh task ids (tests share one agent)."""
+    ids = next_task_ids(len(frames))
+    job = {"id": ids[0] // 10, "by": 1, "data": data, **job}
+    return {
+        "job": job,
+        "jobtype": {"name": jobtype, "version": 1},
+        "tasks": [{"id": i, "frame": f} for i, f in zip(ids, frames, strict=True)],
+    }
+
+
+def farmnode(ct: Container, *args: str, user: str | None = None, check: bool = True,
+             input: str | None = None) -> Any:
+    return ct.run(["farmnode", *args], user=user, check=check, input=input)
+
+
+def assign_wait(ct: Container, a: dict[str, Any], user: str | None = None) -> dict[str, Any]:
+    r = farmnode(ct, "--json", "assign", "-", "--wait", input=json.dumps(a), user=user,
+                 check=False)
+    assert r.stdout, r.stderr
+    out: dict[str, Any] = json.loads(r.stdout)
+    return out
+
+
+def journal(ct: Container, *match: str) -> list[dict[str, Any]]:
+    ct.run(["journalctl", "--sync"])
+    r = ct.run(["journalctl", "-o", "json", "--no-pager", *match])
+    return [json.loads(line) for line in r.stdout.splitlines() if line.strip()]
+
+
+def agent_pid(ct: Container) -> int:
+    r = ct.run(["systemctl", "show", "-P", "MainPID", "farmnode.service"])
+    return int(r.stdout.strip())

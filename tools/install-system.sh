@@ -1,0 +1,16 @@
+#!/bin/sh
+# Install farmnode's system files (units, D-Bus files, default config) from a source tree
+# into a root: used by the test containers now and by the packages (issue [5]) later.
+# usage: install-system.sh SRC ROOT
+set -eu
+src=$1; root=${2:-/}
+install -d "$root/etc/systemd/system" "$root/etc/dbus-1/system.d" \
+    "$root/usr/share/dbus-1/system-services" "$root/usr/share/dbus-1/interfaces" \
+    "$root/etc/farmnode/conf.d" "$root/usr/bin"
+for u in "$src"/units/*; do install -m 0644 "$u" "$root/etc/systemd/system/"; done
+install -m 0644 "$src/dbus/org.farmnode.Agent1.conf" "$root/etc/dbus-1/system.d/"
+install -m 0644 "$src/dbus/org.farmnode.Agent1.service" "$root/usr/share/dbus-1/system-services/"
+install -m 0644 "$src/dbus/org.farmnode.Agent1.xml" "$root/usr/share/dbus-1/interfaces/"
+[ -e "$root/etc/farmnode/farmnode.yaml" ] || install -m 0644 "$src/etc/farmnode.yaml" "$root/etc/farmnode/"
+ln -sf /opt/farmnode/bin/farmnode "$root/usr/bin/farmnode"
+ln -sf /opt/farmnode/bin/farmnode-fakerender "$root/usr/bin/farmnode-fakerender"
