@@ -128,6 +128,10 @@ def ensure_tree() -> Path:
     return tree
 
 
+class CommandFailed(RuntimeError):
+    pass
+
+
 @dataclass
 class Container:
     """One booted container; commands run inside it through nsenter."""
@@ -183,7 +187,8 @@ class Container:
         r = subprocess.run(self.argv(cmd, user), input=input, capture_output=True, text=True,
                            timeout=timeout)
         if check and r.returncode != 0:
-            raise subprocess.CalledProcessError(r.returncode, list(cmd), r.stdout, r.stderr)
+            raise CommandFailed(f"{list(cmd)} exited {r.returncode}\nstdout: {r.stdout[-3000:]}"
+                                f"\nstderr: {r.stderr[-3000:]}")
         return r
 
     def sh(self, script: str, **kw: object) -> subprocess.CompletedProcess[str]:

@@ -84,7 +84,7 @@ class Agent1Interface(DbusInterfaceCommonAsync, interface_name=INTERFACE):
     async def get_status(self) -> str:
         raise NotImplementedError
 
-    @dbus_method_async(input_signature="s", flags=OPEN)
+    @dbus_method_async(input_signature="s", flags=OPEN, input_args_names=("state",))
     async def set_state(self, state: str) -> None:
         """online or disabled (a disabled node takes no new work)."""
         raise NotImplementedError

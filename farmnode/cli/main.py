@@ -83,10 +83,16 @@ TASK_HEADER = f"{'TASK':>8}  {'JOB':>6}  {'FRAME':>7}  {'STATE':<9} {'PROG':>6} 
 
 
 async def _assign(args: argparse.Namespace) -> int:
-    from farmnode.tasks.schema import AssignmentError, load_assignment_file
+    from farmnode.tasks.schema import (
+        AssignmentError,
+        load_assignment_file,
+        parse_assignment_text,
+    )
 
     try:
-        payload = load_assignment_file(args.file if args.file != "-" else "/dev/stdin")
+        # stdin is read, not reopened: /dev/stdin of a pipe another user made is not ours
+        payload = (parse_assignment_text(sys.stdin.read(), "<stdin>") if args.file == "-"
+                   else load_assignment_file(args.file))
     except AssignmentError as exc:
         raise CliError(f"{args.file}: {exc}", EXIT_USAGE) from None
     except OSError as exc:

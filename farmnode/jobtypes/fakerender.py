@@ -105,7 +105,7 @@ def fakerender_command() -> list[str]:
 
 
 class FakeRenderJobType(JobType):
-    """Fake renders for tests and demos: per-frame RUNNING → progress → DONE from the output."""
+    """Fake renders for tests and demos: per-frame RUNNING and progress from the output."""
 
     name: ClassVar[str] = "fakerender"
 
@@ -143,9 +143,10 @@ class FakeRenderJobType(JobType):
                 self.set_task_state(task.id, TaskState.RUNNING)
                 self.set_task_progress(task.id, 0.0)
             elif match["done"]:
+                # Progress only: the exit status decides done or failed (a fake render told
+                # to return 3 fails its frames even after printing them done).
                 self.set_task_state(task.id, TaskState.RUNNING)
                 self.set_task_progress(task.id, 1.0)
-                self.set_task_state(task.id, TaskState.DONE)
             else:
                 self.set_task_state(task.id, TaskState.RUNNING)
                 self.set_task_progress(task.id, float(match["progress"]))

@@ -406,6 +406,11 @@ def load_assignment_file(path: str | Path) -> object:
         raise AssignmentError(name, "not UTF-8 text") from None
     except OSError as e:
         raise AssignmentError(name, f"cannot read: {e.strerror}") from None
+    return parse_assignment_text(text, name)
+
+
+def parse_assignment_text(text: str, name: str = "<stdin>") -> object:
+    """Decode an assignment's text (JSON or YAML); `name` is what errors call it."""
     # JSON first: PyYAML (YAML 1.1) rejects valid JSON such as tab indentation or "1e3".
     try:
         return json.loads(text)
