@@ -289,3 +289,103 @@ class Agent:
             await asyncio.wait(list(self._tasks.values()),
                                timeout=self.config.task_stop_grace + 10)
         self._set_state(AgentState.OFFLINE)
+
+    # ---- control for the HTTP API ([3]) ------------------------------------------------
+    # Reached over D-Bus (SignalTask, Stop, Restart, Update, GetConfig, PatchConfig, TaskLog);
+    # the work is in farmnode.agent.control, imported here so this section stays self-contained.
+    async def signal_task(self, task_id: int, signum: int) -> bool:
+        """Signal every process of the task's scope; False if the task is not running."""
+        from farmnode.agent import control
+
+        try:
+            control.check_signal(signum)
+        except control.ControlError as exc:
+            raise InvalidArgument(str(exc)) from None
+        for run in list(self.runs.values()):
+            if task_id in run.assignment.task_ids:
+                log.info("signal %d to task %d (%s)", signum, task_id, run.unit)
+                return await self.scopes.kill_scope(run.unit, signum)
+        self.get_task(task_id)  # UnknownTask for a task this node never had
+        return False
+
+    def _queue_own_unit_job(self, action: str) -> None:
+        from farmnode.agent import control
+
+        # A task, started after this D-Bus call's reply is sent; held: the loop keeps only a
+        # weak reference to a task.
+        self._own_unit_job = asyncio.get_running_loop().create_task(
+            control.own_unit_job(self.scopes.bus, action))
+
+    async def stop_agent(self) -> None:
+        log.info("stop of the agent requested over D-Bus")
+        self._queue_own_unit_job("stop")
+
+    async def restart_agent(self, immediately: bool) -> bool:
+        """Restart now if idle or `immediately`; else take no new work and restart once the
+        running assignments have finished (PyFarm's /restart). True if restarting now."""
+        if immediately or not self.runs:
+            log.info("restart of the agent requested over D-Bus")
+            self._queue_own_unit_job("restart")
+            return True
+        if not self._shutting_down:
+            log.info("restart requested: waiting for %d assignment(s) to finish",
+                     len(self.runs))
+            self._shutting_down = True  # assign() refuses new work meanwhile (503)
+
+            def when_idle(state: AgentState) -> None:
+                if state is AgentState.ONLINE and not self.runs:
+                    loop = asyncio.get_running_loop()
+                    # not removed here: _set_state is iterating over the listeners
+                    loop.call_soon(self.state_listeners.remove, when_idle)
+                    self._queue_own_unit_job("restart")
+
+            self.state_listeners.append(when_idle)
+        return False
+
+    def request_update(self, version: str) -> None:
+        from farmnode.agent import control
+
+        try:
+            control.check_version(version)
+        except control.ControlError as exc:
+            raise InvalidArgument(str(exc)) from None
+        self.store.set_meta("update_requested", version)
+        # Honest about what happens: the agent does not download code; packages ([5]) do.
+        log.warning("update to farmnode %s requested by the master; this agent does not "
+                    "update itself: install the package with the system's package manager "
+                    "(running %s)", version, __version__)
+
+    def config_dict(self) -> dict[str, Any]:
+        from farmnode.config.model import redacted
+
+        return redacted(self.config)
+
+    def patch_config(self, patch: object) -> dict[str, Any]:
+        from farmnode.agent import control
+
+        try:
+            self.config = control.patch_config(self.config, patch)
+        except control.ControlError as exc:
+            raise InvalidArgument(str(exc)) from None
+        logging.getLogger().setLevel(self.config.agent_log_level.upper())
+        log.info("configuration patched over D-Bus: %s", ", ".join(sorted(
+            patch if isinstance(patch, dict) else ())))
+        return self.config_dict()
+
+    async def task_log(self, identifier: str) -> int:
+        """A memfd holding the log as JSON lines; the caller (D-Bus) sends a duplicate."""
+        from farmnode.agent import control
+
+        try:
+            matches = control.log_matches(self.store, identifier)
+        except control.NoSuchLog as exc:
+            raise UnknownTask(str(exc)) from None
+        fd = os.memfd_create("farmnode-task-log", os.MFD_CLOEXEC)
+        try:
+            await asyncio.to_thread(control.write_log, fd, matches)
+        except BaseException:
+            os.close(fd)
+            raise
+        # sd-bus duplicates the fd into the reply after this returns; close ours later.
+        asyncio.get_running_loop().call_later(30, os.close, fd)
+        return fd

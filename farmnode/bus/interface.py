@@ -51,6 +51,21 @@ class InvalidArgumentError(DbusFailedError):
     dbus_error_name = f"{INTERFACE}.Error.InvalidArgument"
 
 
+# Config keys PatchConfig may change: those that make sense to change at runtime. Everything
+# else changes units, users, paths or credentials and belongs to the admin's files.
+PATCHABLE_CONFIG_KEYS: tuple[str, ...] = (
+    "agent_pretty_json",
+    "agent_api_read_requires_auth",
+    "farm_name",
+    "agent_log_level",
+    "agent_master_reannounce",
+    "agent_ram_check_interval",
+    "agent_ram_report_delta",
+    "agent_ram_max_report_frequency",
+    "task_stop_grace",
+)
+
+
 def rejected_task_ids(message: str) -> list[int]:
     """The ids named by a PartialOverlap error's message."""
     m = re.search(r"rejected task ids \[([0-9, ]*)\]", message)
@@ -87,6 +102,47 @@ class Agent1Interface(DbusInterfaceCommonAsync, interface_name=INTERFACE):
     @dbus_method_async(input_signature="s", flags=OPEN, input_args_names=("state",))
     async def set_state(self, state: str) -> None:
         """online or disabled (a disabled node takes no new work)."""
+        raise NotImplementedError
+
+    # ---- control for the HTTP API ([3]) ----------------------------------------------
+    @dbus_method_async(input_signature="xi", result_signature="b", flags=OPEN,
+                       input_args_names=("task_id", "signal"), result_args_names=("sent",))
+    async def signal_task(self, task_id: int, signal: int) -> bool:
+        """Send a signal to every process of the task's scope; false if it is not running."""
+        raise NotImplementedError
+
+    @dbus_method_async(flags=OPEN)
+    async def stop(self) -> None:
+        """Stop farmnode.service (tasks are stopped gracefully); returns once queued."""
+        raise NotImplementedError
+
+    @dbus_method_async(input_signature="b", result_signature="b", flags=OPEN,
+                       input_args_names=("immediately",), result_args_names=("now",))
+    async def restart(self, immediately: bool) -> bool:
+        """Restart farmnode.service now (idle or immediately) or once idle; true if now."""
+        raise NotImplementedError
+
+    @dbus_method_async(input_signature="s", flags=OPEN, input_args_names=("version",))
+    async def update(self, version: str) -> None:
+        """Record that the master asked for this version (the package manager applies it)."""
+        raise NotImplementedError
+
+    @dbus_method_async(result_signature="s", flags=OPEN, result_args_names=("config_json",))
+    async def get_config(self) -> str:
+        """The effective configuration, secrets redacted."""
+        raise NotImplementedError
+
+    @dbus_method_async(input_signature="s", result_signature="s", flags=OPEN,
+                       input_args_names=("patch_json",), result_args_names=("config_json",))
+    async def patch_config(self, patch_json: str) -> str:
+        """JSON merge patch of the editable keys, persisted as a conf.d drop-in."""
+        raise NotImplementedError
+
+    @dbus_method_async(input_signature="s", result_signature="h", flags=OPEN,
+                       input_args_names=("identifier",), result_args_names=("entries",))
+    async def task_log(self, identifier: str) -> int:
+        """A task's or assignment's output from journald: a file of JSON lines (a memfd, so
+        a large log never has to fit in one D-Bus message)."""
         raise NotImplementedError
 
     @dbus_property_async("s")

@@ -119,3 +119,45 @@ class Agent1Service(Agent1Interface):
     @dbus_property_async_override()
     def agent_id(self) -> str:
         return self.agent.agent_id
+
+    # ---- control for the HTTP API ([3]) ----------------------------------------------
+    @dbus_method_async_override()
+    async def signal_task(self, task_id: int, signal: int) -> bool:
+        return await _translated(lambda: self.agent.signal_task(task_id, signal))
+
+    @dbus_method_async_override()
+    async def stop(self) -> None:
+        await _translated(self.agent.stop_agent)
+
+    @dbus_method_async_override()
+    async def restart(self, immediately: bool) -> bool:
+        return await _translated(lambda: self.agent.restart_agent(immediately))
+
+    @dbus_method_async_override()
+    async def update(self, version: str) -> None:
+        async def call() -> None:
+            self.agent.request_update(version)
+
+        await _translated(call)
+
+    @dbus_method_async_override()
+    async def get_config(self) -> str:
+        async def call() -> str:
+            return _dumps(self.agent.config_dict())
+
+        return await _translated(call)
+
+    @dbus_method_async_override()
+    async def patch_config(self, patch_json: str) -> str:
+        async def call() -> str:
+            try:
+                patch = json.loads(patch_json)
+            except ValueError as exc:
+                raise core.InvalidArgument(f"patch is not valid JSON: {exc}") from None
+            return _dumps(self.agent.patch_config(patch))
+
+        return await _translated(call)
+
+    @dbus_method_async_override()
+    async def task_log(self, identifier: str) -> int:
+        return await _translated(lambda: self.agent.task_log(identifier))

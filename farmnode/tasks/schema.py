@@ -126,6 +126,9 @@ class _Object:
         assert isinstance(value, int)
         if minimum is not None and value < minimum:
             raise self.error(key, f"must be at least {minimum}, got {value}")
+        # Ids and counts are stored as SQLite INTEGER and sent over D-Bus as int64.
+        if not -(2**63) <= value < 2**63:
+            raise self.error(key, f"must fit in 64 bits, got {value}")
         return value
 
     def number(self, key: str, *, positive: bool = False, required: bool = False) -> float | None:

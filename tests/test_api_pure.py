@@ -1,0 +1,153 @@
+"""Host tests of the HTTP API's pure parts: auth, log formats, metrics, error mapping,
+the OpenAPI document against the routes, the socket generator."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from farmnode.api import formats
+from farmnode.api.app import ROUTES, create_app, methods_of
+from farmnode.api.auth import Basic, Bearer, accepted, parse_authorization, parse_tokens
+from farmnode.api.errors import ApiError, from_dbus
+from farmnode.api.generator import generate
+from farmnode.api.openapi import document
+from farmnode.api.resources import parse_signal, task_id_param, task_view
+from farmnode.bus.interface import (
+    InvalidAssignmentError,
+    NotEnoughResourcesError,
+    PartialOverlapError,
+)
+
+
+def b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+def test_authorization_header_parsing() -> None:
+    assert parse_authorization(None) is None
+    assert parse_authorization("Basic " + b64("u:p:w")) == Basic("u", "p:w")
+    assert parse_authorization("basic  " + b64("u:")) == Basic("u", "")
+    assert parse_authorization("Basic " + b64("nocolon")) is None
+    assert parse_authorization("Basic !!!") is None
+    assert parse_authorization("Basic") is None
+    assert parse_authorization("Bearer abc") == Bearer("abc")
+    assert parse_authorization("Digest x") is None
+
+
+def test_credentials_are_checked() -> None:
+    tokens = parse_tokens("# comment\n\n  tok1 \ntok2\n")
+    assert tokens == {"tok1", "tok2"}
+    assert accepted(Bearer("tok2"), None, None, tokens)
+    assert not accepted(Bearer("tok"), None, None, tokens)
+    assert accepted(Basic("m", "p"), "m", "p", frozenset())
+    assert not accepted(Basic("m", "x"), "m", "p", frozenset())
+    assert not accepted(Basic("m", "p"), None, None, tokens)  # no user configured
+    assert not accepted(None, "m", "p", tokens)
+
+
+def test_csv_in_pyfarm_column_order() -> None:
+    lines = [json.dumps({"time": "2026-01-01T00:00:00+00:00", "stream": 1, "line": 7,
+                         "pid": 42, "message": 'a, "quoted"\tline'}).encode(), b"\n",
+             json.dumps({"time": "t", "stream": 0, "line": 1, "pid": None,
+                         "message": "x"}).encode()]
+    text = "".join(formats.csv_rows(formats.log_entries(lines)))
+    rows = list(csv.reader(io.StringIO(text)))
+    assert rows == [["2026-01-01T00:00:00+00:00", "42", "1", "7", 'a, "quoted"\tline'],
+                    ["t", "", "0", "1", "x"]]
+    plain = "".join(formats.text_lines(formats.log_entries(lines)))
+    assert plain.splitlines()[0].endswith('stderr a, "quoted"\tline')
+
+
+def test_metrics_text_format() -> None:
+    status = {"state": "running", "version": "1", "agent_id": 'a"b', "ram": 100,
+              "free_ram": 50, "cpus": 2.0}
+    active = [{"id": 5, "job_id": 1, "assignment_id": "x", "state": "running",
+               "memory_current": 1024, "cpu_usage_nsec": 2_500_000_000}]
+    text = formats.metrics(status, active, active)
+    assert "farmnode_up 1\n" in text
+    assert 'farmnode_tasks{state="running"} 1' in text
+    assert 'farmnode_tasks{state="done"} 0' in text
+    assert 'agent_id="a\\"b"' in text
+    assert 'farmnode_task_memory_bytes{task_id="5",job_id="1",assignment_id="x"} 1024' in text
+    assert "farmnode_task_cpu_seconds_total{" in text and "} 2.5" in text
+    assert "farmnode_task_memory_peak_bytes" not in text  # absent fields are not invented
+    # every family's samples follow its one TYPE line
+    families = [line.split()[2] for line in text.splitlines() if line.startswith("# TYPE")]
+    assert len(families) == len(set(families))
+    assert formats.metrics(None, [], []) == (
+        "# HELP farmnode_up 1 if the agent answered over D-Bus.\n# TYPE farmnode_up gauge\n"
+        "farmnode_up 0\n")
+
+
+def test_dbus_errors_map_to_pyfarm_statuses() -> None:
+    e = from_dbus(PartialOverlapError("Partial overlap of tasks: rejected task ids [3, 4]"))
+    assert (e.status_code, e.to_dict()) == (409, {"error": "Partial overlap of tasks",
+                                                  "rejected_task_ids": [3, 4]})
+    e = from_dbus(NotEnoughResourcesError("Not enough ram: agent_ram=100 requires_ram=200"))
+    assert (e.status_code, e.to_dict()) == (400, {"error": "Not enough ram", "agent_ram": 100,
+                                                  "requires_ram": 200})
+    e = from_dbus(InvalidAssignmentError("job.id: expected an integer, got 'x'"))
+    assert e.status_code == 400 and e.to_dict()["field"] == "job.id"
+
+
+def test_request_parameters() -> None:
+    assert task_id_param("12") == 12
+    for bad in ("x", "-1", "1.5", "", "9" * 20, str(2**63)):
+        with pytest.raises(ApiError) as exc:
+            task_id_param(bad)
+        assert exc.value.status_code == 400 and "not an integer" in exc.value.message
+    assert parse_signal("usr1").name == "SIGUSR1"
+    assert parse_signal("SIGTERM") == parse_signal(15)
+    for bad in (0, 32, 65, True, "NOPE", "", "SIG", None):
+        with pytest.raises(ApiError) as exc:
+            parse_signal(bad)
+        assert exc.value.status_code == 400 and "signal" in exc.value.message
+    view = task_view({"id": 1, "frame": 3.0, "attempt": 0, "tile": None, "state": "done",
+                      "memory_peak": 5})
+    assert list(view)[:5] == ["id", "frame", "attempt", "tile", "local_state"]
+    assert view["frame"] == 3 and view["memory_peak"] == 5
+
+
+def test_openapi_document_matches_the_routes() -> None:
+    doc = document()
+    assert doc["openapi"].startswith("3.")
+    documented = {(path, m) for path, ops in doc["paths"].items() for m in ops}
+    routed = {(path, m) for path, resource in ROUTES for m in methods_of(resource)}
+    assert documented == routed
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            assert op["operationId"] and op["responses"], (path, method)
+            if method != "get":
+                assert {} not in op["security"], (path, method)  # mutating: credentials
+            params = {p["name"] for p in op.get("parameters", []) if p["in"] == "path"}
+            assert params == {seg[1:-1] for seg in path.split("/") if seg.startswith("{")}
+    create_app()  # every route is accepted by falcon
+
+
+def test_openapi_document_is_valid() -> None:
+    from openapi_spec_validator import validate  # schemathesis depends on it
+
+    validate(document())
+
+
+def test_generator_renders_port_and_credential(tmp_path: Path) -> None:
+    etc = tmp_path / "etc"
+    (etc / "conf.d").mkdir(parents=True)
+    tokens = etc / "tokens"
+    (etc / "farmnode.yaml").write_text(f"agent_api_port: 51234\n"
+                                       f"agent_api_tokens_file: {tokens}\n")
+    out = tmp_path / "gen"
+    generate(out, etc / "farmnode.yaml")
+    sock = (out / "farmnode-api.socket.d/50-farmnode-config.conf").read_text()
+    assert "ListenStream=\nListenStream=51234\n" in sock
+    assert not (out / "farmnode-api.service.d").exists()  # no token file: no LoadCredential
+    tokens.write_text("t\n")
+    generate(out, etc / "farmnode.yaml")
+    svc = (out / "farmnode-api.service.d/50-farmnode-config.conf").read_text()
+    assert f"LoadCredential=tokens:{tokens}" in svc
