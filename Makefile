@@ -4,12 +4,14 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := debootstrap systemd-container libsystemd-dev pkg-config gcc python3-dev python3-venv
+APT_PACKAGES := debootstrap systemd-container qemu-system-x86 libsystemd-dev pkg-config gcc \
+	python3-dev python3-venv
 
-.PHONY: setup apt lint test-host test-system check demo clean
+.PHONY: setup apt lint test-host test-system test-vm check demo clean
 
 $(VENV)/.stamp: pyproject.toml
 	@command -v debootstrap >/dev/null && command -v systemd-nspawn >/dev/null \
+	  && command -v qemu-system-x86_64 >/dev/null \
 	  && [ -e /usr/include/systemd/sd-journal.h ] || $(MAKE) apt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
@@ -27,13 +29,17 @@ lint: setup
 	$(VENV)/bin/mypy farmnode
 
 test-host: setup
-	$(VENV)/bin/pytest -q -m "not system" tests
+	$(VENV)/bin/pytest -q -m "not system and not vm" tests
 
 test-system: setup
 	$(PY) tools/container.py build >/dev/null
 	$(VENV)/bin/pytest -q tests/system
 
-check: lint test-host test-system
+test-vm: setup
+	$(PY) tools/vm.py build >/dev/null
+	$(VENV)/bin/pytest -q -s tests/vm
+
+check: lint test-host test-system test-vm
 
 demo: setup
 	$(PY) tools/container.py build >/dev/null

@@ -37,8 +37,8 @@ PACKAGES = [
     "systemd", "systemd-sysv", "dbus", "python3", "python3-venv", "procps", "iproute2",
     "util-linux", "libsystemd0",
 ]
-# Bump when the recipe changes in a way the hash of this file would not show.
-RECIPE_VERSION = "1"
+# Bump when the recipe changes in a way the hash of the lists above would not show.
+RECIPE_VERSION = "2"
 CONTAINER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -109,7 +109,7 @@ def ensure_tree() -> Path:
     # Users the tests need: a job user, an admin in group farmnode, and an outsider.
     script = (
         "groupadd --system farmnode && useradd --system --no-create-home -s /usr/sbin/nologin "
-        "-g farmnode farmnode-api && useradd -m render && useradd -m -G farmnode artist && "
+        "-g farmnode farmnode-api && useradd -m jobuser && useradd -m -G farmnode artist && "
         "useradd -m guest && echo farmnode-test > /etc/hostname"
     )
     subprocess.run([*nspawn, "/bin/sh", "-c", script], check=True)
@@ -120,10 +120,16 @@ def ensure_tree() -> Path:
         (work / "etc/systemd/system" / unit).unlink(missing_ok=True)
         os.symlink("/dev/null", work / "etc/systemd/system" / unit)
     (work / ".farmnode-tree-complete").write_text(recipe_hash() + "\n")
+    try:
+        os.rename(work, tree)
+    except OSError:
+        # Another test run built the same recipe meanwhile: keep theirs.
+        shutil.rmtree(work, ignore_errors=True)
+        if not (tree / ".farmnode-tree-complete").exists():
+            raise
     for old in CACHE_ROOT.glob("tree-*"):
         if old != tree:
             shutil.rmtree(old, ignore_errors=True)
-    os.rename(work, tree)
     _log(f"built {tree} in {time.monotonic() - t0:.0f}s")
     return tree
 
@@ -246,6 +252,8 @@ def booted(name: str, install: bool = True) -> Iterator[Container]:
         yield ct
     finally:
         ct.shutdown()
+        shutil.rmtree(wheels, ignore_errors=True)
+        ct.log_path.unlink(missing_ok=True)
 
 
 def main(argv: list[str]) -> int:

@@ -26,7 +26,7 @@ def main() -> int:
         for batch in range(4):
             frames = [batch * 3 + k for k in range(1, 4)]
             a = {
-                "job": {"id": 42, "by": 1, "title": "demo shot 010", "user": "render",
+                "job": {"id": 42, "by": 1, "title": "demo shot 010", "user": "jobuser",
                         "ram": 64, "data": {"duration": 1.5, "lines": 3}},
                 "jobtype": {"name": "fakerender", "version": 1},
                 "tasks": [{"id": 100 + f, "frame": f} for f in frames],

@@ -8,27 +8,35 @@ AgentError subclasses whose text says what is wrong.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import os
 import socket
+import subprocess
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import psutil
 
 from farmnode import __version__
 from farmnode.agent.runner import AssignmentRun, scope_unit_name
 from farmnode.config import Config
+from farmnode.systemd import fdstore, link
+from farmnode.systemd.cgroup import cgroup_path_dir, read_accounting, unit_cgroup_path
 from farmnode.systemd.scope import ScopeManager
 from farmnode.tasks.model import Assignment, TaskState
 from farmnode.tasks.schema import AssignmentError, parse_assignment
 from farmnode.tasks.store import Store, TaskRecord
 
 log = logging.getLogger(__name__)
+
+
+def _journal_sync() -> None:
+    subprocess.run(["journalctl", "--sync"], check=False, timeout=30)
 
 
 class AgentState(enum.StrEnum):
@@ -57,7 +65,7 @@ class PartialOverlap(AgentError):
 class NotEnoughResources(AgentError):
     def __init__(self, what: str, available: float, required: float) -> None:
         super().__init__(f"Not enough {what}: agent_{what}={available:g} requires_{what}="
-                         f"{required:g}")
+                         f"{required:g} (job.{what})")
         self.what, self.available, self.required = what, available, required
 
 
@@ -71,6 +79,12 @@ class UnknownTask(AgentError):
 
 class InvalidArgument(AgentError):
     pass
+
+
+class StatusSource(Protocol):
+    """[4] master sync: what the core needs of farmnode.master.link.MasterLink."""
+
+    def status(self) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True)
@@ -94,7 +108,10 @@ class Agent:
         self.task_listeners: list[Callable[[TaskChange], None]] = []
         self.state_listeners: list[Callable[[AgentState], None]] = []
         self.agent_id = self._load_agent_id()
+        # [4] master sync: set by serve() when a master is configured; GetStatus shows it.
+        self.master_link: StatusSource | None = None
         self._shutting_down = False
+        self._detached = False
 
     def _load_agent_id(self) -> str:
         stored = self.store.get_meta("agent_id")
@@ -118,11 +135,22 @@ class Agent:
     def free_ram_mb(self) -> int:
         return psutil.virtual_memory().available // (1024 * 1024)
 
+    def slice_memory_max_mb(self) -> int:
+        """What all tasks together may use: the node less the reserve for the OS and agent."""
+        physical = psutil.virtual_memory().total // (1024 * 1024)
+        return min(self.total_ram_mb(), physical - self.config.node_reserve_ram)
+
     def _check_resources(self, a: Assignment) -> None:
+        ceiling = self.slice_memory_max_mb()
+        if a.job.ram_max is not None and a.job.ram_max > ceiling:
+            raise InvalidAssignment(AssignmentError(
+                "job.ram_max", f"{a.job.ram_max} MB is more than this node gives tasks "
+                f"({ceiling} MB: RAM less node_reserve_ram)"))
         if a.job.ram is not None:
             reserved = sum(r.assignment.job.ram or 0 for r in self.runs.values())
-            available = min(self.free_ram_mb(), self.total_ram_mb() - reserved)
+            available = min(self.free_ram_mb(), self.total_ram_mb() - reserved, ceiling)
             if a.job.ram > available:
+                # PyFarm's answer (the master reads agent_ram/requires_ram), naming the field
                 raise NotEnoughResources("ram", available, a.job.ram)
         if a.job.cpus is not None and a.job.cpus > self.total_cpus():
             raise NotEnoughResources("cpus", self.total_cpus(), a.job.cpus)
@@ -154,20 +182,30 @@ class Agent:
         log.info("accepted assignment %s: job %d tasks %s", a.id, a.job.id, list(a.task_ids))
         return a.id, True
 
+    def _new_run(self, a: Assignment) -> AssignmentRun:
+        return AssignmentRun(a, self.config, self.scopes, self._report_state,
+                             self._report_progress, self._report_accounting)
+
     def _start(self, a: Assignment) -> None:
-        run = AssignmentRun(a, self.config, self.scopes, self._report_state,
-                            self._report_progress)
-        self.runs[a.id] = run
+        run = self._new_run(a)
         for t in a.tasks:
             self._emit(a.id, t.id)
-        task = asyncio.get_running_loop().create_task(self._run(run), name=f"assignment-{a.id}")
-        self._tasks[a.id] = task
+        self._launch(run, run.run())
+
+    def _launch(self, run: AssignmentRun, body: Coroutine[Any, Any, None]) -> None:
+        self.runs[run.assignment.id] = run
+        task = asyncio.get_running_loop().create_task(self._run(run, body),
+                                                      name=f"assignment-{run.assignment.id}")
+        self._tasks[run.assignment.id] = task
         self._update_running_state()
 
-    async def _run(self, run: AssignmentRun) -> None:
+    async def _run(self, run: AssignmentRun, body: Coroutine[Any, Any, None]) -> None:
         try:
-            await run.run()
-        finally:
+            await body
+        except asyncio.CancelledError:
+            # The agent is leaving (restart): the assignment stays active for the next one.
+            return
+        if not self._detached:
             self.store.finish_assignment(run.assignment.id)
             self.runs.pop(run.assignment.id, None)
             self._tasks.pop(run.assignment.id, None)
@@ -220,6 +258,9 @@ class Agent:
                      f" ({reason})" if reason else "")
             self._emit(assignment_id, task_id)
 
+    def _report_accounting(self, assignment_id: str, accounting: dict[str, Any]) -> None:
+        self.store.set_accounting(assignment_id, accounting)
+
     def _report_progress(self, assignment_id: str, task_id: int, progress: float) -> None:
         if self.store.set_task_progress(assignment_id, task_id, progress):
             self._emit(assignment_id, task_id)
@@ -264,21 +305,72 @@ class Agent:
             "assignments": sorted(self.runs),
             "running_tasks": sum(len(r.assignment.tasks) for r in self.runs.values()),
             "farm_name": self.config.farm_name,
+            # [4] master sync: last contact, queued reports, last error (None: standalone)
+            **(self.master_link.status() if self.master_link else {"master_link": None}),
         }
 
     # ---- lifecycle -------------------------------------------------------------------
     async def recover(self) -> None:
-        """Assignments left active by a previous agent: until re-adoption exists ([2]),
-        stop their scopes and fail their tasks, so the store never claims a lost task runs."""
-        for a in self.store.active_assignments():
-            unit = self.store.unit_of(a.id)
-            if unit:
-                await self.scopes.stop_scope(unit)
-            for rec in self.store.tasks(a.id):
-                if not rec.state.finished:
+        """Take back what a previous agent process left running (restart, upgrade, crash).
+
+        Each running assignment's link comes back from systemd's fd store; the run resumes
+        reading it where the journal ends. An assignment with no link never got past its gate
+        (it is started afresh) or ran outside systemd (its scope is stopped, tasks failed).
+        """
+        inherited = fdstore.inherited()
+        active = self.store.active_assignments()
+        if active and inherited:
+            # Lines the dead agent sent may still sit in journald's queue: the resume points
+            # read from the journal must include them.
+            await asyncio.get_running_loop().run_in_executor(None, _journal_sync)
+        for a in active:
+            fds = inherited.pop(f"{fdstore.PREFIX}{a.id}", [])
+            for extra in fds[1:]:
+                os.close(extra)
+            run = self._new_run(a)
+            starts = [rec.started for rec in self.store.tasks(a.id) if rec.started]
+            run.started_at = min(starts) if starts else None
+            if fds:
+                log.info("re-adopting assignment %s (%s)", a.id, run.unit)
+                self._launch(run, run.adopt(socket.socket(fileno=fds[0])))
+            elif all(rec.state is TaskState.QUEUED for rec in self.store.tasks(a.id)):
+                log.info("restarting assignment %s: it never started", a.id)
+                self._launch(run, run.run())
+            else:
+                log.warning("assignment %s: no link to its task survived; failing it", a.id)
+                await self.scopes.stop_scope(run.unit)
+                for rec in self.store.tasks(a.id):
                     self._report_state(a.id, rec.id, TaskState.FAILED,
-                                       "agent restarted while the task ran", None, None)
-            self.store.finish_assignment(a.id)
+                                       "the agent lost the task's output (it ran outside "
+                                       "systemd or its fd store was flushed)", None, None)
+                self.store.finish_assignment(a.id)
+        for name, fds in inherited.items():
+            # Links of assignments already concluded: let their shims go.
+            for fd in fds:
+                with contextlib.suppress(OSError), socket.socket(fileno=fd) as sock:
+                    sock.setblocking(False)
+                    sock.send(link.pack(link.EXIT_ACK))
+            fdstore.remove(name)
+
+    def sample_accounting(self) -> None:
+        for run in list(self.runs.values()):
+            figures = read_accounting(cgroup_path_dir(unit_cgroup_path(run.unit,
+                                                                       self.config.task_slice)))
+            if figures:
+                self.store.set_accounting(run.assignment.id, figures)
+
+    async def account_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.task_accounting_interval)
+            if self.runs:
+                self.sample_accounting()
+
+    async def detach(self) -> None:
+        """Leave for a restart: tasks keep running, their links stay in the fd store."""
+        self._shutting_down = True
+        self._detached = True
+        for task in self._tasks.values():
+            task.cancel()
 
     async def shutdown(self, reason: str = "agent stopped") -> None:
         self._shutting_down = True

@@ -14,10 +14,14 @@ from systemd import daemon
 
 from farmnode.agent.core import Agent
 from farmnode.config import Config
+from farmnode.master.link import MasterLink
+from farmnode.sysinfo.identity import node_uuid
 from farmnode.systemd.scope import ScopeManager
 from farmnode.tasks.store import Store
 
 log = logging.getLogger("farmnode")
+
+RESTART_JOBS = {"restart", "try-restart", "reload-or-restart", "try-reload-or-restart"}
 
 
 def _notify(message: str) -> None:
@@ -41,12 +45,22 @@ async def serve(config: Config) -> None:
     from farmnode.bus.service import Agent1Service
 
     state_dir = Path(os.environ.get("STATE_DIRECTORY", config.agent_state_dir).split(":")[0])
-    store = Store(state_dir / "farmnode.db")
+    # [4] master sync: reports are queued (in the change's own transaction) only for a master
+    store = Store(state_dir / "farmnode.db", outbox=bool(config.master_api))
+    if store.get_meta("agent_id") is None:
+        # [4] the node's identity: derived from /etc/machine-id (systemd's app-specific way)
+        store.set_meta("agent_id", str(node_uuid()))
     bus = sd_bus_open_system()
     set_default_bus(bus)
     scopes = ScopeManager(bus)
     await scopes.start()
     agent = Agent(config, store, scopes)
+    slice_max = agent.slice_memory_max_mb()
+    if slice_max > 0:
+        await scopes.limit_slice(config.task_slice, slice_max * 1024 * 1024)
+    else:
+        log.warning("node_reserve_ram leaves no memory for tasks; %s is not capped",
+                    config.task_slice)
     service = Agent1Service(agent)
     service.export_to_dbus(OBJECT_PATH, bus)
     await agent.recover()
@@ -64,10 +78,29 @@ async def serve(config: Config) -> None:
         _notify(f"STATUS={state}, {len(agent.runs)} assignment(s)")
 
     agent.state_listeners.append(on_state)
+    # [4] master sync: none configured → standalone, nothing tries to reach a master
+    link = MasterLink(config, store, agent) if config.master_api else None
+    if link is not None:
+        agent.master_link = link
+        link.start()
+    accounting = asyncio.create_task(agent.account_periodically())
     await stop.wait()
-    _notify("STOPPING=1\nSTATUS=stopping tasks")
-    log.info("stopping: cancelling %d assignment(s)", len(agent.runs))
-    await agent.shutdown()
+    job = await scopes.own_pending_job(os.getpid())
+    log.info("asked to stop; systemd's job on this unit: %s", job)
+    accounting.cancel()
+    if job in RESTART_JOBS:
+        # restart, upgrade (try-restart): the tasks run on; the next agent re-adopts them
+        _notify(f"STOPPING=1\nSTATUS=restarting, {len(agent.runs)} task scope(s) keep running")
+        log.info("restarting: leaving %d assignment(s) running", len(agent.runs))
+        await agent.detach()
+    else:
+        _notify("STOPPING=1\nSTATUS=stopping tasks")
+        log.info("stopping: cancelling %d assignment(s)", len(agent.runs))
+        await agent.shutdown()
+    if link is not None:
+        # [4] deliver what is queued; "offline" only when the tasks stopped too (a restart
+        # leaves them running, and an offline agent's tasks are requeued by the master)
+        await link.stop(offline=job not in RESTART_JOBS)
     watchdog.cancel()
     store.close()
 

@@ -1,22 +1,32 @@
-"""Runs one assignment: job type → shim → scope → output into journald → final task states."""
+"""Runs one assignment: job type → shim → scope → output into journald → final task states.
+
+A run is either started here (spawn the shim, store its link in systemd's fd store, create
+the scope, open the gate) or adopted after an agent restart (the link comes back from the fd
+store); from then on both are the same: read the link, journal lines, conclude on EXIT.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import pwd
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from farmnode.config import Config
 from farmnode.jobtypes.base import CommandData, ExitStatus, JobType, Stream
 from farmnode.jobtypes.registry import load_jobtype
-from farmnode.systemd.journal import TaskLogFields, write_line
+from farmnode.systemd import fdstore, link
+from farmnode.systemd.journal import TaskLogFields, resume_point, write_line
 from farmnode.systemd.scope import ScopeError, ScopeLimits, ScopeManager, scope_properties
 from farmnode.tasks.model import Assignment, TaskState
 
@@ -85,63 +95,50 @@ def resolve_identity(command: CommandData, config: Config) -> Identity:
     return Identity(name, pw.pw_uid, gid, os.getgrouplist(name, gid), pw.pw_dir)
 
 
-class LineSplitter(asyncio.Protocol):
-    """Splits one output pipe into lines and hands each to `emit` as it arrives."""
+@dataclass
+class StreamState:
+    """One output stream on the agent's side: what is journaled, what awaits a newline."""
 
-    def __init__(self, stream: Stream, emit: Callable[[Stream, int, int, bytes], None]) -> None:
-        self.stream = stream
-        self.emit = emit
-        self.buf = b""
-        self.offset = 0  # bytes of the stream consumed before buf
-        self.line_no = 0
-        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    index: int
+    journaled: int = 0  # bytes of the stream journaled (the offset the shim may free below)
+    line_no: int = 0
+    pending: bytes = b""  # received, not yet a whole line
+    resuming: bool = False  # RESUME sent, RESUMED not yet seen: stale DATA may be queued
 
-    def _line(self, raw: bytes, consumed: int) -> None:
-        self.line_no += 1
-        self.emit(self.stream, self.line_no, self.offset, raw)
-        self.offset += consumed
-
-    def data_received(self, data: bytes) -> None:
-        buf = self.buf + data if self.buf else data
-        start = 0
-        while (nl := buf.find(b"\n", start)) != -1:
-            while nl - start > MAX_LINE:
-                self._line(buf[start:start + MAX_LINE], MAX_LINE)
-                start += MAX_LINE
-            self._line(buf[start:nl], nl - start + 1)
-            start = nl + 1
-        while len(buf) - start > MAX_LINE:
-            self._line(buf[start:start + MAX_LINE], MAX_LINE)
-            start += MAX_LINE
-        self.buf = buf[start:]
-
-    def eof_received(self) -> bool | None:
-        if self.buf:
-            self._line(self.buf, len(self.buf))
-            self.buf = b""
-        return None
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.closed.done():
-            self.closed.set_result(None)
+    @property
+    def received(self) -> int:
+        return self.journaled + len(self.pending)
 
 
 @dataclass
 class AssignmentRun:
-    """One assignment's life. `report` is the agent core's single entry for state changes."""
+    """One assignment's life. `report_*` are the agent core's entries for state changes."""
 
     assignment: Assignment
     config: Config
     scopes: ScopeManager
     report_state: Callable[[str, int, TaskState, str | None, int | None, int | None], None]
     report_progress: Callable[[str, int, float], None]
+    report_accounting: Callable[[str, dict[str, Any]], None]
     unit: str = ""
     cancelled_reason: str | None = None
+    timed_out: str | None = None
     jobtype: JobType | None = None
+    started: bool = False
+    started_at: float | None = None  # wall clock, for task_max_runtime across restarts
     _finished: set[int] = field(default_factory=set)
+    _fields: list[str] = field(default_factory=list)
+    _proc: subprocess.Popen[bytes] | None = None
+    _stopping: asyncio.Task[bool] | None = None
 
     def __post_init__(self) -> None:
         self.unit = scope_unit_name(self.assignment)
+        a = self.assignment
+        self._fields = TaskLogFields(self.unit, a.job.id, a.id, a.task_ids).static_fields()
+
+    @property
+    def fd_name(self) -> str:
+        return f"{fdstore.PREFIX}{self.assignment.id}"
 
     # TaskReporter for the job type
     def set_task_state(self, task_id: int, state: TaskState, reason: str | None = None) -> None:
@@ -163,24 +160,44 @@ class AssignmentRun:
     def status_path(self) -> Path:
         return Path(self.config.agent_runtime_dir) / "tasks" / f"{self.assignment.id}.json"
 
+    def _load_jobtype(self) -> JobType:
+        a = self.assignment
+        cls = load_jobtype(a.jobtype.name, a.jobtype.version)
+        self.jobtype = cls(a, self, expandvars=self.config.jobtype_expandvars,
+                           default_user=self.config.task_default_user)
+        return self.jobtype
+
     async def run(self) -> None:
         try:
-            await self._run()
+            await self._start()
         except Exception as exc:  # a bug here must fail the tasks, never the agent
             log.exception("assignment %s crashed", self.assignment.id)
             self._finish_all(TaskState.FAILED, f"agent error: {exc}", None)
 
-    async def _run(self) -> None:
+    async def adopt(self, sock: socket.socket) -> None:
+        """Continue a run a previous agent process started; its link came from the fd store."""
+        try:
+            try:
+                self._load_jobtype()
+            except Exception as exc:
+                # The output is still journaled; only the job type's parsing is lost.
+                log.warning("assignment %s: job type unavailable after restart: %s",
+                            self.assignment.id, exc)
+            await self._serve(sock, resume=True)
+        except Exception as exc:
+            log.exception("adopted assignment %s crashed", self.assignment.id)
+            self._finish_all(TaskState.FAILED, f"agent error: {exc}", None)
+
+    async def _start(self) -> None:
         a = self.assignment
         try:
-            cls = load_jobtype(a.jobtype.name, a.jobtype.version)
-            self.jobtype = cls(a, self, expandvars=self.config.jobtype_expandvars,
-                               default_user=self.config.task_default_user)
-            command = self.jobtype.get_command_data()
+            command = self._load_jobtype().get_command_data()
             ident = resolve_identity(command, self.config)
+        except TaskSetupError as exc:
+            self._finish_all(TaskState.FAILED, str(exc), None)
+            return
         except Exception as exc:
-            self._finish_all(TaskState.FAILED, f"job type {a.jobtype.name!r}: {exc}"
-                             if not isinstance(exc, TaskSetupError) else str(exc), None)
+            self._finish_all(TaskState.FAILED, f"job type {a.jobtype.name!r}: {exc}", None)
             return
         if self.cancelled_reason:
             self._finish_all(TaskState.CANCELLED, self.cancelled_reason, None)
@@ -196,84 +213,214 @@ class AssignmentRun:
             "uid": ident.uid, "gid": ident.gid, "groups": ident.groups,
             "status_path": str(self.status_path()),
         }
-        loop = asyncio.get_running_loop()
-        out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         gate_r, gate_w = os.pipe()
         try:
-            proc = _spawn_shim(gate_r, out_w, err_w)
+            self._proc = _spawn_shim(gate_r, theirs.fileno())
         finally:
-            for fd in (gate_r, out_w, err_w):
-                os.close(fd)
-        fields = TaskLogFields(self.unit, a.job.id, a.id, a.task_ids).static_fields()
-        jt = self.jobtype
-
-        def emit(stream: Stream, line_no: int, offset: int, raw: bytes) -> None:
-            text = raw.decode("utf-8", errors="replace").rstrip("\r")
-            try:
-                out = jt.handle_line(stream, text)
-                priority = jt.line_priority(stream, text) if out is not None else 6
-            except Exception as exc:
-                log.warning("job type %s line hook failed: %s", a.jobtype.name, exc)
-                out, priority = text, 6
-            if out is not None:
-                write_line(fields, int(stream), line_no, offset, priority, out)
-
-        readers = []
-        for fd, stream in ((out_r, Stream.STDOUT), (err_r, Stream.STDERR)):
-            splitter = LineSplitter(stream, emit)
-            await loop.connect_read_pipe(lambda s=splitter: s, os.fdopen(fd, "rb", buffering=0))  # type: ignore[misc]
-            readers.append(splitter)
-
+            os.close(gate_r)
+            theirs.close()
+        # Stored before the gate opens: from here on an agent death loses nothing.
+        fdstore.store(self.fd_name, ours.fileno())
         description = f"farmnode job {a.job.id} tasks {','.join(map(str, a.task_ids))}"
         if a.job.title:
             description += f" ({a.job.title})"
-        props = scope_properties([proc.pid], self.config.task_slice, description,
+        assert self.jobtype is not None
+        props = scope_properties([self._proc.pid], self.config.task_slice, description,
                                  limits_for(a, self.config),
-                                 int(self.config.task_stop_grace * 1_000_000))
+                                 int(self.config.task_stop_grace * 1_000_000),
+                                 kill_signal=self.jobtype.stop_signal)
         try:
             await self.scopes.start_scope(self.unit, props)
         except ScopeError as exc:
             os.close(gate_w)  # the shim exits 125 without running anything
-            await asyncio.gather(*(r.closed for r in readers))
-            await loop.run_in_executor(None, proc.wait)
+            await _wait_process(self._proc)
+            fdstore.remove(self.fd_name)
+            ours.close()
             self._finish_all(TaskState.FAILED, str(exc), None)
             return
         with os.fdopen(gate_w, "wb") as gate:
             gate.write(json.dumps(spec).encode())
-        for task in a.tasks:
-            self.report_state(a.id, task.id, TaskState.RUNNING, None, None, None)
-        await asyncio.gather(*(r.closed for r in readers))
-        await _wait_process(proc)
-        self._conclude(proc.returncode)
+        await self._serve(ours, resume=False)
 
-    def _conclude(self, shim_returncode: int | None) -> None:
-        record: dict[str, object] = {}
-        try:
+    # ---- the link --------------------------------------------------------------------
+    async def _serve(self, sock: socket.socket, resume: bool) -> None:
+        loop = asyncio.get_running_loop()
+        sock.setblocking(False)
+        streams = [StreamState(link.STDOUT), StreamState(link.STDERR)]
+        if resume:
+            for st in streams:
+                st.journaled, st.line_no = await loop.run_in_executor(
+                    None, resume_point, self.assignment.id, st.index)
+                st.resuming = True
+                await loop.sock_sendall(sock, link.pack(link.RESUME, st.index, st.journaled))
+        timer = self._arm_timeout(loop)
+        record: dict[str, Any] | None = None
+        while record is None:
+            try:
+                packet = await loop.sock_recv(sock, link.HEADER.size + link.MAX_PAYLOAD + 1024)
+            except ConnectionResetError:
+                packet = b""
+            if not packet:
+                break
+            kind, stream, offset, payload = link.unpack(packet)
+            if kind == link.STARTED:
+                self._mark_started()
+            elif kind == link.RESUMED and stream < len(streams):
+                st = streams[stream]
+                st.resuming = False
+                if offset > st.received:
+                    log.error("assignment %s stream %d: bytes %d..%d lost (the shim no longer "
+                              "had them)", self.assignment.id, st.index, st.received, offset)
+                    self._flush_pending(st)
+                    st.journaled = offset
+            elif kind == link.DATA and stream < len(streams):
+                self._mark_started()
+                st = streams[stream]
+                self._take(st, offset, payload)
+                await loop.sock_sendall(sock, link.pack(link.ACK, st.index, st.journaled))
+            elif kind == link.EXIT:
+                record = json.loads(payload)
+        if timer is not None:
+            timer.cancel()
+        if record is not None:
+            for st in streams:
+                self._flush_pending(st)
+            self._conclude(record)
+            with contextlib.suppress(OSError):
+                await loop.sock_sendall(sock, link.pack(link.EXIT_ACK))
+        else:
+            self._conclude_without_exit()
+        fdstore.remove(self.fd_name)
+        sock.close()
+        if self._proc is not None:
+            await _wait_process(self._proc)
+        self.status_path().unlink(missing_ok=True)
+        # Background processes the job left behind end with it.
+        await self.scopes.stop_scope(self.unit)
+
+    def _arm_timeout(self, loop: asyncio.AbstractEventLoop) -> asyncio.TimerHandle | None:
+        limit = self.config.task_max_runtime
+        if limit is None:
+            return None
+        started = self.started_at or time.time()
+        self.started_at = started
+
+        def expire() -> None:
+            self.timed_out = f"timeout: ran longer than task_max_runtime ({limit:g} s)"
+            log.warning("assignment %s: %s", self.assignment.id, self.timed_out)
+            self._stopping = loop.create_task(self.scopes.stop_scope(self.unit))
+
+        return loop.call_at(loop.time() + max(0.0, started + limit - time.time()), expire)
+
+    def _mark_started(self) -> None:
+        if self.started:
+            return
+        self.started = True
+        for task in self.assignment.tasks:
+            self.report_state(self.assignment.id, task.id, TaskState.RUNNING, None, None, None)
+
+    def _take(self, st: StreamState, offset: int, payload: bytes) -> None:
+        """Journal the whole lines in a DATA packet; bytes already journaled are skipped."""
+        if offset + len(payload) <= st.received:
+            return  # already had it (resent after a restart)
+        if offset > st.received:
+            if st.resuming:
+                return  # queued before our RESUME; the shim resends it after RESUMED
+            log.error("assignment %s stream %d: bytes %d..%d lost", self.assignment.id,
+                      st.index, st.received, offset)
+            self._flush_pending(st)
+            st.journaled = offset
+        buf = st.pending + payload[st.received - offset:]
+        start = 0
+        while True:
+            nl = buf.find(b"\n", start, start + MAX_LINE + 1)
+            if nl != -1:
+                self._journal(st, buf[start:nl], st.journaled + nl - start + 1)
+                start = nl + 1
+            elif len(buf) - start > MAX_LINE:
+                self._journal(st, buf[start:start + MAX_LINE], st.journaled + MAX_LINE)
+                start += MAX_LINE
+            else:
+                break
+        st.pending = buf[start:]
+
+    def _flush_pending(self, st: StreamState) -> None:
+        """A last line with no newline (end of output, or before bytes that are lost)."""
+        if st.pending:
+            pending, st.pending = st.pending, b""
+            self._journal(st, pending, st.journaled + len(pending))
+
+    def _journal(self, st: StreamState, raw: bytes, next_offset: int) -> None:
+        st.line_no += 1
+        text = raw.decode("utf-8", errors="replace").rstrip("\r")
+        out: str | None = text
+        priority = 6
+        if self.jobtype is not None:
+            stream = Stream(st.index)
+            try:
+                out = self.jobtype.handle_line(stream, text)
+                if out is not None:
+                    priority = self.jobtype.line_priority(stream, text)
+            except Exception as exc:
+                log.warning("job type %s line hook failed: %s", self.assignment.jobtype.name,
+                            exc)
+                out, priority = text, 6
+        if out is not None:
+            write_line(self._fields, st.index, st.line_no, st.journaled, next_offset, priority,
+                       out)
+        st.journaled = next_offset
+
+    # ---- the end ---------------------------------------------------------------------
+    def _conclude_without_exit(self) -> None:
+        """The link closed with no EXIT: the shim was killed, or never got the gate."""
+        record: dict[str, Any] = {}
+        with contextlib.suppress(OSError, ValueError):
             record = json.loads(self.status_path().read_text())
-            self.status_path().unlink()
-        except (OSError, ValueError):
-            pass
+        if record:
+            self._conclude(record)
+        elif self.cancelled_reason or self.timed_out:
+            # The stop ran out of grace: systemd SIGKILLed the whole cgroup, shim included.
+            killed = ExitStatus(code=None, signal=9)
+            if self.cancelled_reason:
+                self._finish_all(TaskState.CANCELLED, self.cancelled_reason, killed)
+            else:
+                self._finish_all(TaskState.FAILED, self.timed_out, killed)
+        elif not self.started:
+            self._finish_all(TaskState.FAILED, "the task never started (agent died while "
+                             "starting it)", None)
+        else:
+            self._finish_all(TaskState.FAILED, "the task's shim died without an exit status",
+                             None)
+
+    def _conclude(self, record: dict[str, Any]) -> None:
+        accounting = record.get("accounting")
+        if isinstance(accounting, dict) and accounting:
+            self.report_accounting(self.assignment.id, accounting)
         if "error" in record:
             self._finish_all(TaskState.FAILED, str(record["error"]), None)
             return
-        if "exit_code" in record or "signal" in record:
-            status = ExitStatus(code=_int_or_none(record.get("exit_code")),
-                                signal=_int_or_none(record.get("signal")))
-        elif shim_returncode is not None and shim_returncode < 0:
-            # The shim itself was killed (SIGKILL at the end of a stop): no record.
-            status = ExitStatus(code=None, signal=-shim_returncode)
-        else:
-            status = ExitStatus(code=shim_returncode, signal=None)
+        status = ExitStatus(code=_int_or_none(record.get("exit_code")),
+                            signal=_int_or_none(record.get("signal")))
         if self.cancelled_reason:
             self._finish_all(TaskState.CANCELLED, self.cancelled_reason, status)
             return
-        assert self.jobtype is not None
-        try:
-            ok = self.jobtype.is_successful(status)
-        except Exception as exc:
-            self._finish_all(TaskState.FAILED, f"job type is_successful failed: {exc}", status)
+        if self.timed_out:
+            self._finish_all(TaskState.FAILED, self.timed_out, status)
             return
+        oom = isinstance(accounting, dict) and int(accounting.get("oom_kills", 0)) > 0
+        if oom and status.signal == 9:
+            self._finish_all(TaskState.FAILED, "oom-kill", status)
+            return
+        if self.jobtype is None:
+            ok = status.code == 0
+        else:
+            try:
+                ok = self.jobtype.is_successful(status)
+            except Exception as exc:
+                self._finish_all(TaskState.FAILED, f"job type is_successful failed: {exc}",
+                                 status)
+                return
         if ok:
             self._finish_all(TaskState.DONE, None, status)
         else:
@@ -284,11 +431,12 @@ def _int_or_none(v: object) -> int | None:
     return v if isinstance(v, int) else None
 
 
-def _spawn_shim(gate_r: int, out_w: int, err_w: int) -> subprocess.Popen[bytes]:
-    # The gate is the shim's stdin: it reads the spec to EOF, then swaps in /dev/null.
+def _spawn_shim(gate_r: int, link_fd: int) -> subprocess.Popen[bytes]:
+    # The gate is the shim's stdin, the link its stdout (see farmnode.systemd.shim).
     return subprocess.Popen(
         [sys.executable, "-I", "-m", "farmnode.systemd.shim"],
-        stdin=gate_r, stdout=out_w, stderr=err_w, start_new_session=True, close_fds=True,
+        stdin=gate_r, stdout=link_fd, stderr=subprocess.DEVNULL, start_new_session=True,
+        close_fds=True,
     )
 
 

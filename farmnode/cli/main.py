@@ -58,7 +58,12 @@ async def _proxy() -> Any:
 
     from farmnode.bus.interface import BUS_NAME, OBJECT_PATH, Agent1Interface
 
-    bus = sd_bus_open_system()
+    try:
+        bus = sd_bus_open_system()
+    except Exception as exc:  # sdbus raises its own SdBusLibraryError here
+        raise CliError(f"cannot connect to the system bus ({exc.__class__.__name__}: "
+                       f"{str(exc).rsplit(':', 1)[-1].strip()}); is dbus running?",
+                       EXIT_UNAVAILABLE) from None
     return bus, Agent1Interface.new_proxy(BUS_NAME, OBJECT_PATH, bus)
 
 
@@ -94,7 +99,8 @@ async def _assign(args: argparse.Namespace) -> int:
         payload = (parse_assignment_text(sys.stdin.read(), "<stdin>") if args.file == "-"
                    else load_assignment_file(args.file))
     except AssignmentError as exc:
-        raise CliError(f"{args.file}: {exc}", EXIT_USAGE) from None
+        raise CliError(str(exc) if exc.field in (args.file, "<stdin>") else f"{args.file}: {exc}",
+                       EXIT_USAGE) from None
     except OSError as exc:
         raise CliError(f"{args.file}: {exc.strerror}", EXIT_USAGE) from None
     bus, proxy = await _proxy()

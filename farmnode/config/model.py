@@ -204,6 +204,8 @@ class Config:
     task_io_weight: int = _setting(100, _between(1, 10000))
     task_allowed_cpus: str | None = _setting(None, _cpuset)
     task_stop_grace: float = _setting(30.0, _positive)
+    task_max_runtime: float | None = _setting(None, _positive)
+    task_accounting_interval: float = _setting(5.0, _positive)
     node_reserve_ram: int = _setting(1024, _non_negative)
 
     # Job types

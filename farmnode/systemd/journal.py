@@ -34,14 +34,33 @@ class TaskLogFields:
 STREAM_NAMES = ("stdout", "stderr")
 
 
-def write_line(static: list[str], stream: int, line_no: int, offset: int, priority: int,
-               message: str) -> None:
-    """One output line; line_no and offset (bytes into the stream) identify it exactly."""
+def write_line(static: list[str], stream: int, line_no: int, offset: int, next_offset: int,
+               priority: int, message: str) -> None:
+    """One output line. FARMNODE_OFFSET/FARMNODE_NEXT are the bytes of the stream it came
+    from: the last entry's FARMNODE_NEXT is where a restarted agent resumes (link.py)."""
     journal.sendv(
         f"MESSAGE={message}",
         f"PRIORITY={priority}",
         f"FARMNODE_STREAM={STREAM_NAMES[stream]}",
         f"FARMNODE_LINE={line_no}",
         f"FARMNODE_OFFSET={offset}",
+        f"FARMNODE_NEXT={next_offset}",
         *static,
     )
+
+
+def resume_point(assignment_id: str, stream: int) -> tuple[int, int]:
+    """(offset, line number) after the last line journaled for the stream, (0, 0) if none.
+
+    The caller must have made journald process what was sent to it (journalctl --sync)."""
+    reader = journal.Reader()
+    try:
+        reader.add_match(FARMNODE_ASSIGNMENT=assignment_id,
+                         FARMNODE_STREAM=STREAM_NAMES[stream])
+        reader.seek_tail()
+        entry = reader.get_previous()
+        if not entry:
+            return 0, 0
+        return int(entry["FARMNODE_NEXT"]), int(entry["FARMNODE_LINE"])
+    finally:
+        reader.close()

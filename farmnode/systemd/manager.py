@@ -31,6 +31,11 @@ class ManagerProxy(DbusInterfaceCommonAsync, interface_name=MANAGER_IFACE):
     ) -> str:
         raise NotImplementedError
 
+    @dbus_method_async(input_signature="sba(sv)")
+    async def set_unit_properties(self, name: str, runtime: bool,
+                                  properties: list[UnitProperty]) -> None:
+        raise NotImplementedError
+
     @dbus_method_async(input_signature="ss", result_signature="o")
     async def stop_unit(self, name: str, mode: str) -> str:
         raise NotImplementedError
@@ -47,6 +52,10 @@ class ManagerProxy(DbusInterfaceCommonAsync, interface_name=MANAGER_IFACE):
     async def subscribe(self) -> None:
         raise NotImplementedError
 
+    @dbus_method_async(input_signature="u", result_signature="o", method_name="GetUnitByPID")
+    async def get_unit_by_pid(self, pid: int) -> str:
+        raise NotImplementedError
+
 
 class UnitProxy(DbusInterfaceCommonAsync, interface_name="org.freedesktop.systemd1.Unit"):
     @dbus_property_async("s")
@@ -55,6 +64,16 @@ class UnitProxy(DbusInterfaceCommonAsync, interface_name="org.freedesktop.system
 
     @dbus_property_async("s")
     def sub_state(self) -> str:
+        raise NotImplementedError
+
+    @dbus_property_async("(uo)")
+    def job(self) -> tuple[int, str]:
+        raise NotImplementedError
+
+
+class JobProxy(DbusInterfaceCommonAsync, interface_name="org.freedesktop.systemd1.Job"):
+    @dbus_property_async("s")
+    def job_type(self) -> str:
         raise NotImplementedError
 
 

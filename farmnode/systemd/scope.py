@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -11,10 +12,14 @@ from sdbus.dbus_exceptions import DbusFailedError
 from farmnode.systemd.manager import (
     MANAGER_PATH,
     SYSTEMD,
+    JobProxy,
     JobWatcher,
     ManagerProxy,
     UnitProperty,
+    UnitProxy,
 )
+
+log = logging.getLogger(__name__)
 
 
 class ScopeError(RuntimeError):
@@ -55,7 +60,7 @@ def cpuset_mask(spec: str) -> bytes:
 
 
 def scope_properties(pids: Sequence[int], slice_name: str, description: str, limits: ScopeLimits,
-                     stop_timeout_usec: int) -> list[UnitProperty]:
+                     stop_timeout_usec: int, kill_signal: int = 15) -> list[UnitProperty]:
     props: list[UnitProperty] = [
         ("PIDs", ("au", list(pids))),
         ("Slice", ("s", slice_name)),
@@ -68,6 +73,9 @@ def scope_properties(pids: Sequence[int], slice_name: str, description: str, lim
         ("IOAccounting", ("b", True)),
         ("TimeoutStopUSec", ("t", stop_timeout_usec)),
         ("SendSIGHUP", ("b", False)),
+        # What a cancel sends first (the job type's choice, PyFarm's stop(signal=...));
+        # SIGKILL to the whole cgroup follows after TimeoutStopUSec.
+        ("KillSignal", ("i", kill_signal)),
     ]
     simple = (
         ("MemoryMax", limits.memory_max),
@@ -120,3 +128,22 @@ class ScopeManager:
                 return False
             raise
         return True
+
+    async def own_pending_job(self, pid: int) -> str | None:
+        """The type of the job systemd is running on our own unit ("stop", "restart", ...).
+
+        SIGTERM alone does not say whether the admin stopped or restarted us; this does."""
+        try:
+            unit_path = await self.manager.get_unit_by_pid(pid)
+            job_id, job_path = await UnitProxy.new_proxy(SYSTEMD, unit_path, self.bus).job
+            if job_id == 0:
+                return None
+            return str(await JobProxy.new_proxy(SYSTEMD, job_path, self.bus).job_type)
+        except DbusFailedError as exc:
+            log.warning("cannot tell why we are asked to stop (%s); treating it as a stop", exc)
+            return None
+
+    async def limit_slice(self, slice_name: str, memory_max: int) -> None:
+        """Cap all tasks together (runtime only: the config decides again at each start)."""
+        await self.manager.set_unit_properties(slice_name, True,
+                                               [("MemoryMax", ("t", memory_max))])

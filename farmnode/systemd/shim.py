@@ -1,35 +1,53 @@
-"""The first process of every task scope: waits at the gate, then runs the job and records its end.
+"""The first process of every task scope: waits at the gate, runs the job, forwards its output.
 
 The agent starts this shim, moves it into a new scope with StartTransientUnit, and only when
-systemd has confirmed the scope (JobRemoved) writes the job's spec to the gate pipe,
-so no process of the job ever runs outside its scope. The gate is the shim's stdin; the job
-gets /dev/null instead. The shim stays as the job's parent
-inside the scope, ignoring the stop signals meant for the job, so that it can record the
-job's exit status in a file the agent reads — the agent may not be the one waiting when the
-job ends ([2]: restarts). Standard library only: this starts once per task and must be cheap.
+systemd has confirmed the scope (JobRemoved) writes the job's spec to the gate (the shim's
+stdin), so no process of the job ever runs outside its scope. The job gets /dev/null as stdin.
+
+The shim stays as the job's parent inside the scope. It reads the job's stdout and stderr and
+forwards them to the agent over the link (its stdout, a SOCK_SEQPACKET socket; see link.py),
+keeping every byte until the agent acknowledges it, so an agent that dies or restarts loses
+nothing. It ignores the stop signals meant for the job, records the job's exit status and the
+scope's final accounting (a file in the runtime directory and an EXIT packet), and leaves once
+the agent has recorded the exit — or once the agent's end of the link is gone for good.
+Standard library only: this starts once per task and must be cheap.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import select
 import signal
+import socket
 import sys
+from dataclasses import dataclass, field
 from typing import Any
 
+from farmnode.systemd import link
+from farmnode.systemd.cgroup import own_cgroup_dir, read_accounting
+
 GATE_FD = 0
-SHIELDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+LINK_FD = 1
+# Every signal meant for the job (a cancel's SIGTERM, SignalTask's anything) reaches the whole
+# scope, the shim included; it ignores all it can. Not SIGCHLD: ignoring it would make the
+# kernel reap the job before the shim could read its status.
+SHIELDED = tuple(s for s in signal.valid_signals()
+                 if s not in (signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD)
+                 and signal.getsignal(s) is not None)
+BUFFER_CAP = 64 * 1024 * 1024  # per stream, unacknowledged: beyond it the job is slowed down
+READ_SIZE = link.MAX_PAYLOAD
 
 
 def _read_all(fd: int) -> bytes:
     chunks = []
     while chunk := os.read(fd, 65536):
         chunks.append(chunk)
-    os.close(fd)
     return b"".join(chunks)
 
 
-def _write_status(path: str, record: dict[str, object]) -> None:
+def _write_status(path: str, record: dict[str, Any]) -> None:
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
         json.dump(record, f)
@@ -38,12 +56,26 @@ def _write_status(path: str, record: dict[str, object]) -> None:
     os.rename(tmp, path)
 
 
-def _exec_job(spec: dict[str, Any], err_fd: int) -> None:
-    """In the forked child: drop privileges, enter cwd, exec. Never returns."""
+def _set_oom_score_adj(value: int) -> None:
+    # The OOM killer must pick the job, never the shim that reports its death.
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write(str(value))
+    except OSError:
+        pass
+
+
+def _exec_job(spec: dict[str, Any], out_w: int, err_w: int, err_fd: int) -> None:
+    """In the forked child: wire stdio, drop privileges, enter cwd, exec. Never returns."""
     stage = "setup"
     try:
+        os.dup2(out_w, 1)
+        os.dup2(err_w, 2)
         for sig in SHIELDED:
+            # Back to defaults (Python itself ignores SIGPIPE and SIGXFSZ): a renderer writing
+            # to a closed pipe should die as usual.
             signal.signal(sig, signal.SIG_DFL)
+        _set_oom_score_adj(0)
         stage = "set groups"
         os.setgroups([int(g) for g in spec["groups"]])
         stage = "set gid"
@@ -64,40 +96,213 @@ def _exec_job(spec: dict[str, Any], err_fd: int) -> None:
     os._exit(127)
 
 
+@dataclass
+class Stream:
+    index: int
+    fd: int
+    base: int = 0  # absolute offset of buf[0]
+    buf: bytearray = field(default_factory=bytearray)
+    sent: int = 0  # absolute offset up to which data went out on the link
+    eof: bool = False
+
+    @property
+    def end(self) -> int:
+        return self.base + len(self.buf)
+
+    def free_below(self, offset: int) -> None:
+        if offset > self.base:
+            drop = min(offset, self.end) - self.base
+            del self.buf[:drop]
+            self.base += drop
+        self.sent = max(self.sent, self.base)
+
+
+class Forwarder:
+    def __init__(self, sock: socket.socket, streams: list[Stream], pid: int) -> None:
+        self.sock = sock
+        self.streams = streams
+        self.pid = pid
+        self.pidfd = os.pidfd_open(pid)
+        self.exit_record: dict[str, Any] | None = None
+        self.exit_sent = False
+        self.exit_acked = False
+        self.resumed: list[Stream] = []  # RESUMED answers owed, sent before any more DATA
+        # The agent's end is closed for good (the service was stopped and its fd store
+        # flushed): keep the job's pipes drained until it ends; the status file remains.
+        self.link_gone = False
+
+    def _send(self, packet: bytes) -> bool:
+        try:
+            self.sock.send(packet)
+            return True
+        except BlockingIOError:
+            return False
+        except (BrokenPipeError, ConnectionResetError):
+            self.link_gone = True
+            return False
+
+    def _pump_out(self) -> None:
+        while self.resumed:
+            s = self.resumed[0]
+            if not self._send(link.pack(link.RESUMED, s.index, s.sent)):
+                return
+            self.resumed.pop(0)
+        for s in self.streams:
+            while s.sent < s.end:
+                start = s.sent - s.base
+                chunk = bytes(s.buf[start:start + link.MAX_PAYLOAD])
+                if not self._send(link.pack(link.DATA, s.index, s.sent, chunk)):
+                    return
+                s.sent += len(chunk)
+        if self.exit_record is not None and not self.exit_sent and self._finished_output():
+            record = dict(self.exit_record)
+            record["ends"] = [s.end for s in self.streams]
+            self.exit_sent = self._send(link.pack(link.EXIT, payload=json.dumps(record).encode()))
+
+    def _finished_output(self) -> bool:
+        return all(s.eof and s.sent == s.end for s in self.streams)
+
+    def _handle_link(self) -> None:
+        while True:
+            try:
+                packet = self.sock.recv(65536)
+            except BlockingIOError:
+                return
+            except ConnectionResetError:
+                packet = b""
+            if not packet:
+                self.link_gone = True
+                return
+            kind, stream, offset, _ = link.unpack(packet)
+            if kind == link.EXIT_ACK:
+                self.exit_acked = True
+                return
+            if stream >= len(self.streams):
+                continue
+            s = self.streams[stream]
+            if kind == link.ACK:
+                s.free_below(offset)
+            elif kind == link.RESUME:
+                s.free_below(offset)
+                s.sent = max(offset, s.base)
+                if s not in self.resumed:
+                    self.resumed.append(s)
+                self.exit_sent = False  # a new agent: say it again after the data
+
+    def _drain(self, s: Stream) -> None:
+        try:
+            data = os.read(s.fd, READ_SIZE)
+        except BlockingIOError:
+            return
+        if data:
+            if not self.link_gone:
+                s.buf += data
+            else:
+                s.base += len(data)
+                s.sent = s.base
+        else:
+            s.eof = True
+            os.close(s.fd)
+
+    def _reap(self, status_path: str, exec_error: str) -> None:
+        _, wstatus = os.waitpid(self.pid, 0)
+        os.close(self.pidfd)
+        self.pidfd = -1
+        # Output still in the pipes belongs to the task; anything a leftover background
+        # process writes later does not (the agent stops the scope once the task ended).
+        for s in self.streams:
+            while not s.eof:
+                before = s.end
+                self._drain(s)
+                if s.end == before and not s.eof:
+                    s.eof = True
+                    os.close(s.fd)
+        record: dict[str, Any] = {"pid": self.pid}
+        if exec_error:
+            record["error"] = exec_error
+        if os.WIFSIGNALED(wstatus):
+            record["signal"] = os.WTERMSIG(wstatus)
+            record["core_dumped"] = os.WCOREDUMP(wstatus)
+        else:
+            record["exit_code"] = os.WEXITSTATUS(wstatus)
+        record["accounting"] = read_accounting(own_cgroup_dir())
+        record["ends"] = [s.end for s in self.streams]
+        _write_status(status_path, record)
+        self.exit_record = record
+
+    def run(self, status_path: str, exec_error: str) -> None:
+        while not (self.exit_acked or (self.link_gone and self.pidfd < 0)):
+            if not self.link_gone:
+                self._pump_out()
+            poller = select.poll()
+            wanted: dict[int, Stream] = {}
+            for s in self.streams:
+                if not s.eof and len(s.buf) < BUFFER_CAP:
+                    poller.register(s.fd, select.POLLIN)
+                    wanted[s.fd] = s
+            if self.pidfd >= 0:
+                poller.register(self.pidfd, select.POLLIN)
+            if not self.link_gone:
+                link_events = select.POLLIN
+                if self.resumed or any(s.sent < s.end for s in self.streams) or (
+                    self.exit_record is not None and not self.exit_sent
+                ):
+                    link_events |= select.POLLOUT
+                poller.register(self.sock.fileno(), link_events)
+            for fd, event in poller.poll():
+                if fd == self.sock.fileno():
+                    if event & (select.POLLIN | select.POLLHUP | select.POLLERR):
+                        self._handle_link()
+                elif fd == self.pidfd:
+                    self._reap(status_path, exec_error)
+                elif (st := wanted.get(fd)) is not None:
+                    self._drain(st)
+
+
 def main() -> int:
     data = _read_all(GATE_FD)
     if not data:
         # The agent closed the gate without a spec: the scope could not be created.
         return 125
     spec = json.loads(data)
-    devnull = os.open(os.devnull, os.O_RDONLY)  # fd 0 is free again: this lands there
-    if devnull != 0:
-        os.dup2(devnull, 0)
-        os.close(devnull)
-    os.set_inheritable(0, True)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, GATE_FD)
+    os.close(devnull)
     status_path = str(spec["status_path"])
+    _set_oom_score_adj(-1000)
     for sig in SHIELDED:
         signal.signal(sig, signal.SIG_IGN)
-    err_r, err_w = os.pipe()  # close-on-exec: EOF without data means exec succeeded
+    sock = socket.socket(fileno=os.dup(LINK_FD))
+    null_out = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null_out, LINK_FD)  # a stray print must never corrupt the link
+    os.close(null_out)
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    exec_r, exec_w = os.pipe()  # close-on-exec: EOF without data means exec succeeded
     pid = os.fork()
     if pid == 0:
-        os.close(err_r)
-        _exec_job(spec, err_w)
-    os.close(err_w)
-    error = _read_all(err_r).decode(errors="replace")
-    _, wstatus = os.waitpid(pid, 0)
-    record: dict[str, object] = {"pid": pid}
-    if error:
-        record["error"] = error
-    if os.WIFSIGNALED(wstatus):
-        record["signal"] = os.WTERMSIG(wstatus)
-        record["core_dumped"] = os.WCOREDUMP(wstatus)
-        code = 128 + os.WTERMSIG(wstatus)
-    else:
-        record["exit_code"] = os.WEXITSTATUS(wstatus)
-        code = os.WEXITSTATUS(wstatus)
-    _write_status(status_path, record)
-    return code
+        for fd in (out_r, err_r, exec_r, sock.fileno()):
+            os.close(fd)
+        _exec_job(spec, out_w, err_w, exec_w)
+    for fd in (out_w, err_w, exec_w):
+        os.close(fd)
+    exec_error = _read_all(exec_r).decode(errors="replace")
+    os.close(exec_r)
+    sock.setblocking(True)
+    try:
+        sock.send(link.pack(link.STARTED, payload=json.dumps({"pid": pid}).encode()))
+    except OSError as exc:
+        if exc.errno not in (errno.EPIPE, errno.ECONNRESET):
+            raise
+    sock.setblocking(False)
+    for fd in (out_r, err_r):
+        os.set_blocking(fd, False)
+    fwd = Forwarder(sock, [Stream(link.STDOUT, out_r), Stream(link.STDERR, err_r)], pid)
+    fwd.run(status_path, exec_error)
+    record = fwd.exit_record or {}
+    if "signal" in record:
+        return 128 + int(record["signal"])
+    return int(record.get("exit_code", 0))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ CREATE TABLE IF NOT EXISTS assignments (
     payload TEXT NOT NULL,
     unit TEXT NOT NULL,
     active INTEGER NOT NULL DEFAULT 1,
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    accounting TEXT  -- JSON: the scope's cgroup figures, last sampled or final
 );
 CREATE TABLE IF NOT EXISTS tasks (
     assignment_id TEXT NOT NULL REFERENCES assignments(id),
@@ -45,7 +46,29 @@ CREATE TABLE IF NOT EXISTS tasks (
 );
 CREATE INDEX IF NOT EXISTS tasks_by_id ON tasks(id);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+-- Reports for the master not yet acknowledged, written in the same transaction as the change
+-- they describe, so a crash can never leave a change that will not be reported.
+CREATE TABLE IF NOT EXISTS outbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,
+    job_id INTEGER,
+    task_id INTEGER,
+    payload TEXT NOT NULL,
+    created REAL NOT NULL
+);
 """
+
+
+@dataclass(frozen=True)
+class Report:
+    """One outbox entry: kind is task_state, task_progress or agent_state."""
+
+    seq: int
+    kind: str
+    job_id: int | None
+    task_id: int | None
+    payload: dict[str, Any]
+    created: float
 
 
 @dataclass(frozen=True)
@@ -63,6 +86,7 @@ class TaskRecord:
     signal: int | None
     unit: str
     jobtype: str
+    accounting: dict[str, int]
     created: float
     started: float | None
     finished: float | None
@@ -74,7 +98,9 @@ class TaskRecord:
 
 
 class Store:
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, outbox: bool = False) -> None:
+        # outbox: queue reports for a master (only when one is configured)
+        self.outbox = outbox
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(self.path, isolation_level=None)
@@ -117,6 +143,10 @@ class Store:
             "SELECT id, payload FROM assignments WHERE active=1 ORDER BY created").fetchall()
         return [parse_assignment(json.loads(r["payload"]), r["id"]) for r in rows]
 
+    def set_accounting(self, assignment_id: str, accounting: dict[str, int]) -> None:
+        self.db.execute("UPDATE assignments SET accounting=? WHERE id=?",
+                        (json.dumps(accounting), assignment_id))
+
     def finish_assignment(self, assignment_id: str) -> None:
         self.db.execute("UPDATE assignments SET active=0 WHERE id=?", (assignment_id,))
 
@@ -136,25 +166,79 @@ class Store:
             if state is TaskState.DONE:
                 sets.append("progress=1")
         finished_states = tuple(str(s) for s in TaskState if s.finished)
-        # Same-state and post-finish updates are no-ops so every change is reported once.
-        cur = self.db.execute(
-            f"UPDATE tasks SET {', '.join(sets)} WHERE assignment_id=? AND id=? AND state<>?"
-            f" AND state NOT IN ({','.join('?' * len(finished_states))})",
-            (*args, assignment_id, task_id, str(state), *finished_states),
-        )
-        return cur.rowcount == 1
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            # Same-state and post-finish updates are no-ops so every change is reported once.
+            cur = self.db.execute(
+                f"UPDATE tasks SET {', '.join(sets)} WHERE assignment_id=? AND id=? AND state<>?"
+                f" AND state NOT IN ({','.join('?' * len(finished_states))})",
+                (*args, assignment_id, task_id, str(state), *finished_states),
+            )
+            changed = cur.rowcount == 1
+            if changed and self.outbox:
+                job_id = self._job_of(assignment_id)
+                payload: dict[str, Any] = {"assignment_id": assignment_id, "state": str(state),
+                                           "time": now}
+                if reason is not None:
+                    payload["reason"] = reason
+                self._enqueue("task_state", job_id, task_id, payload, now)
+        return changed
 
     def set_task_progress(self, assignment_id: str, task_id: int, progress: float) -> bool:
-        cur = self.db.execute(
-            "UPDATE tasks SET progress=? WHERE assignment_id=? AND id=? AND progress<>?"
-            " AND state IN (?, ?)",
-            (progress, assignment_id, task_id, progress, str(TaskState.QUEUED),
-             str(TaskState.RUNNING)),
+        now = time.time()
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            cur = self.db.execute(
+                "UPDATE tasks SET progress=? WHERE assignment_id=? AND id=? AND progress<>?"
+                " AND state IN (?, ?)",
+                (progress, assignment_id, task_id, progress, str(TaskState.QUEUED),
+                 str(TaskState.RUNNING)),
+            )
+            changed = cur.rowcount == 1
+            if changed and self.outbox:
+                # Only the latest progress matters: an undelivered older one is replaced,
+                # which keeps a long master outage from growing the outbox per output line.
+                self.db.execute("DELETE FROM outbox WHERE kind='task_progress' AND task_id=?",
+                                (task_id,))
+                self._enqueue("task_progress", self._job_of(assignment_id), task_id,
+                              {"assignment_id": assignment_id, "progress": progress}, now)
+        return changed
+
+    # ---- outbox ----------------------------------------------------------------------
+    def _job_of(self, assignment_id: str) -> int | None:
+        row = self.db.execute("SELECT job_id FROM assignments WHERE id=?",
+                              (assignment_id,)).fetchone()
+        return None if row is None else int(row["job_id"])
+
+    def _enqueue(self, kind: str, job_id: int | None, task_id: int | None,
+                 payload: dict[str, Any], now: float) -> None:
+        self.db.execute(
+            "INSERT INTO outbox (kind, job_id, task_id, payload, created) VALUES (?,?,?,?,?)",
+            (kind, job_id, task_id, json.dumps(payload), now),
         )
-        return cur.rowcount == 1
+
+    def enqueue_report(self, kind: str, payload: dict[str, Any], job_id: int | None = None,
+                       task_id: int | None = None) -> None:
+        """A report that is not a task change (e.g. agent_state); no-op without a master."""
+        if self.outbox:
+            with self.db:
+                self.db.execute("BEGIN IMMEDIATE")
+                self._enqueue(kind, job_id, task_id, payload, time.time())
+
+    def pending_reports(self, limit: int = 100) -> list[Report]:
+        rows = self.db.execute("SELECT * FROM outbox ORDER BY seq LIMIT ?", (limit,)).fetchall()
+        return [Report(r["seq"], r["kind"], r["job_id"], r["task_id"], json.loads(r["payload"]),
+                       r["created"]) for r in rows]
+
+    def ack_report(self, seq: int) -> None:
+        self.db.execute("DELETE FROM outbox WHERE seq=?", (seq,))
+
+    def pending_count(self) -> int:
+        return int(self.db.execute("SELECT count(*) FROM outbox").fetchone()[0])
 
     _SELECT = (
-        "SELECT t.*, a.unit AS unit, json_extract(a.payload, '$.jobtype.name') AS jobtype"
+        "SELECT t.*, a.unit AS unit, json_extract(a.payload, '$.jobtype.name') AS jobtype,"
+        " a.accounting AS accounting"
         " FROM tasks t JOIN assignments a ON a.id = t.assignment_id"
     )
 
@@ -165,7 +249,8 @@ class Store:
             frame=row["frame"], tile=row["tile"], attempt=row["attempt"],
             state=TaskState(row["state"]), reason=row["reason"], progress=row["progress"],
             exit_code=row["exit_code"], signal=row["signal"], unit=row["unit"],
-            jobtype=row["jobtype"], created=row["created"], started=row["started"],
+            jobtype=row["jobtype"], accounting=json.loads(row["accounting"] or "{}"),
+            created=row["created"], started=row["started"],
             finished=row["finished"],
         )
 

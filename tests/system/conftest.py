@@ -64,10 +64,25 @@ def assign_wait(ct: Container, a: dict[str, Any], user: str | None = None) -> di
 
 def journal(ct: Container, *match: str) -> list[dict[str, Any]]:
     ct.run(["journalctl", "--sync"])
-    r = ct.run(["journalctl", "-o", "json", "--no-pager", *match])
+    # --all: journalctl writes fields over 4 KiB as null otherwise
+    r = ct.run(["journalctl", "-o", "json", "--all", "--no-pager", *match])
     return [json.loads(line) for line in r.stdout.splitlines() if line.strip()]
 
 
 def agent_pid(ct: Container) -> int:
     r = ct.run(["systemctl", "show", "-P", "MainPID", "farmnode.service"])
     return int(r.stdout.strip())
+
+
+def agent_ready(ct: Container, not_pid: int = 0) -> None:
+    """Until a new agent (not `not_pid`) has said READY=1.
+
+    `systemctl start` waits for READY (Type=notify); right after a kill it may return at once
+    (systemd has not reaped the old process yet) or fail (it merged with the crash), so it is
+    asked again until the agent it reports is a new one."""
+    for _ in range(200):
+        r = ct.run(["systemctl", "start", "farmnode.service"], timeout=60, check=False)
+        if r.returncode == 0 and agent_pid(ct) not in (0, not_pid):
+            return
+    log = ct.run(["journalctl", "-u", "farmnode.service", "-n", "40", "--no-pager"]).stdout
+    raise AssertionError(f"the agent did not come back:\n{log}")

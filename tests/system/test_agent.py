@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from pathlib import Path
@@ -125,11 +126,11 @@ def test_cancel_kills_whole_process_tree(ct: Container) -> None:
 
 def test_job_runs_as_its_user_with_env_and_cwd(ct: Container) -> None:
     a = assignment("command", {"command": ["/bin/sh", "-c", 'id -un; echo "$FOO"; pwd'],
-                               "cwd": "/tmp"}, [1], user="render", environ={"FOO": "bar baz"})
+                               "cwd": "/tmp"}, [1], user="jobuser", environ={"FOO": "bar baz"})
     result = assign_wait(ct, a)
     assert result["tasks"][0]["state"] == "done", result
     msgs = [e["MESSAGE"] for e in journal(ct, f"FARMNODE_TASK={a['tasks'][0]['id']}")]
-    assert msgs == ["render", "bar baz", "/tmp"]
+    assert msgs == ["jobuser", "bar baz", "/tmp"]
 
 
 def test_default_user_is_not_root_and_root_is_refused(ct: Container) -> None:
@@ -263,3 +264,19 @@ def test_introspection_matches_interface_xml(ct: Container) -> None:
         return re.sub(r"\s+", " ", s).strip()
 
     assert norm(got.group(0)) == norm(want.group(0))
+
+
+def test_odd_output_long_lines_crlf_binary_and_no_final_newline(ct: Container) -> None:
+    script = ("head -c 40000 /dev/zero | tr '\\0' x; echo; printf 'dos\\r\\n'; "
+              "printf 'caf\\303\\251 \\377\\n'; printf 'no newline at the end'")
+    a = assignment("command", {"command": ["/bin/sh", "-c", script]}, [1])
+    assert assign_wait(ct, a)["tasks"][0]["state"] == "done"
+    entries = [e for e in journal(ct, f"FARMNODE_TASK={a['tasks'][0]['id']}")
+               if e.get("FARMNODE_STREAM") == "stdout"]
+    msgs = [e["MESSAGE"] for e in entries]
+    # a 40000-byte line is split at 16 KiB; nothing is lost or merged
+    assert [len(m) for m in msgs[:3]] == [16384, 16384, 40000 - 2 * 16384]
+    assert "".join(msgs[:3]) == "x" * 40000
+    assert msgs[3:] == ["dos", "caf\u00e9 \ufffd", "no newline at the end"]
+    offsets = [(int(e["FARMNODE_OFFSET"]), int(e["FARMNODE_NEXT"])) for e in entries]
+    assert all(nxt == off2 for (_, nxt), (off2, _) in itertools.pairwise(offsets))

@@ -1,0 +1,99 @@
+"""The agent can die or restart at any moment and nothing is lost ([2])."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import time
+
+from container import Container
+
+from tests.system.conftest import agent_pid, agent_ready, assignment, farmnode, journal
+
+LINES = 4000
+
+
+def _counting_job(code: int) -> dict[str, object]:
+    # Numbered lines, a little at a time, so restarts land in the middle of the output.
+    script = (
+        f'i=1; while [ $i -le {LINES} ]; do echo "line $i"; '
+        'if [ $((i % 25)) -eq 0 ]; then sleep 0.1; fi; i=$((i+1)); done; '
+        f'echo "bye" >&2; exit {code}'
+    )
+    return assignment("command", {"command": ["/bin/sh", "-c", script]}, [1])
+
+
+def test_restarts_and_kill9_lose_nothing(ct: Container) -> None:
+    rng = random.Random(20261123)
+    jobs = [_counting_job(3 if i % 3 == 0 else 0) for i in range(8)]
+    ids = []
+    for a in jobs:
+        ids.append(farmnode(ct, "assign", "-", input=json.dumps(a)).stdout.strip())
+    for aid in ids:
+        farmnode(ct, "wait", aid, "--until", "running")
+    kills = restarts = 0
+    readopt = []
+    for _ in range(22):
+        # Random moments: anywhere in the output, in a restart's start-up, or in a conclusion.
+        time.sleep(rng.uniform(0.0, 0.6))
+        before = agent_pid(ct)
+        t0 = time.monotonic()
+        if rng.random() < 0.5:
+            ct.run(["kill", "-9", str(before)])
+            kills += 1
+        else:
+            ct.run(["systemctl", "restart", "farmnode.service"], timeout=60)
+            restarts += 1
+        agent_ready(ct, not_pid=before)
+        readopt.append(time.monotonic() - t0)
+        assert agent_pid(ct) != before
+    print(f"\n{kills} kill -9, {restarts} restarts; back to READY with tasks re-adopted in "
+          f"{min(readopt):.2f}/{sorted(readopt)[len(readopt) // 2]:.2f}/{max(readopt):.2f} s "
+          "(min/median/max)")
+    for aid in ids:
+        farmnode(ct, "wait", aid, check=False)
+
+    tasks = {t["id"]: t for t in json.loads(farmnode(ct, "--json", "tasks").stdout)}
+    agent_log = ct.run(["journalctl", "-u", "farmnode.service", "-o", "cat",
+                        "--no-pager"]).stdout
+    for i, a in enumerate(jobs):
+        task_id = a["tasks"][0]["id"]  # type: ignore[index]
+        rec = tasks[task_id]
+        want_code = 3 if i % 3 == 0 else 0
+        assert rec["exit_code"] == want_code, json.dumps(rec)
+        assert rec["state"] == ("failed" if want_code else "done"), rec
+        entries = journal(ct, f"FARMNODE_TASK={task_id}")
+        out = [e for e in entries if e.get("FARMNODE_STREAM") == "stdout"]
+        got = [e["MESSAGE"] for e in out]
+        missing = sorted(set(range(1, LINES + 1)) - {int(m.split()[1]) for m in got})
+        problems = [ln for ln in agent_log.splitlines() if "ERROR" in ln or "Traceback" in ln]
+        assert got == [f"line {n}" for n in range(1, LINES + 1)], (
+            f"task {task_id}: {len(got)} lines, missing {missing[:10]}; agent: {problems[-5:]}")
+        assert [int(e["FARMNODE_LINE"]) for e in out] == list(range(1, LINES + 1))
+        err = [e["MESSAGE"] for e in entries if e.get("FARMNODE_STREAM") == "stderr"]
+        assert err == ["bye"]
+        # every state change of the task was recorded once, whatever the agent went through
+        changes = re.findall(rf"task {task_id} \([0-9a-f-]+\): (\w+)", agent_log)
+        assert changes == ["running", rec["state"]], changes
+
+
+def test_stop_stops_tasks_gracefully(ct: Container) -> None:
+    a = assignment("command", {"command": ["/bin/sh", "-c",
+                                           "trap 'echo got TERM; exit 0' TERM; "
+                                           "echo ready; while :; do sleep 0.1; done"]}, [1])
+    aid = farmnode(ct, "assign", "-", input=json.dumps(a)).stdout.strip()
+    farmnode(ct, "wait", aid, "--until", "running")
+    task_id = a["tasks"][0]["id"]
+    ct.run(["systemctl", "stop", "farmnode.service"], timeout=120)
+    try:
+        unit = f"farmnode-task-{task_id}.scope"
+        assert ct.run(["systemctl", "is-active", unit], check=False).stdout.strip() != "active"
+    finally:
+        agent_ready(ct)
+    rec = json.loads(farmnode(ct, "--json", "tasks").stdout)
+    (t,) = [x for x in rec if x["id"] == task_id]
+    assert t["state"] == "cancelled" and t["reason"] == "agent stopped", t
+    msgs = [e["MESSAGE"] for e in journal(ct, f"FARMNODE_TASK={task_id}")]
+    # SIGTERM went to every process of the scope (sh reports its sleep 'Terminated')
+    assert msgs[0] == "ready" and "got TERM" in msgs, msgs

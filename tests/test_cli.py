@@ -1,0 +1,57 @@
+"""The `farmnode` command's own behaviour: parsing, exit codes, messages (no agent needed)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from farmnode.cli.main import EXIT_UNAVAILABLE, EXIT_USAGE, main
+
+
+def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "farmnode.cli.main", *args], input=stdin,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["cancel", "not-a-number"])
+    assert exc.value.code == 2
+    assert "invalid int value" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["state", "sleepy"])
+
+
+def test_bad_assignment_file_names_file_and_line(tmp_path: Path) -> None:
+    bad = tmp_path / "job.yaml"
+    bad.write_text("job: {id: 1\n")
+    r = run("assign", str(bad))
+    assert r.returncode == EXIT_USAGE
+    assert r.stderr.startswith(f"farmnode: {bad}:2:") and "invalid YAML" in r.stderr
+    r = run("assign", "-", stdin="[1, 2")
+    assert r.returncode == EXIT_USAGE and "<stdin>" in r.stderr
+    r = run("assign", str(tmp_path / "missing.yaml"))
+    assert r.returncode == EXIT_USAGE and "No such file" in r.stderr
+
+
+def test_run_refuses_bad_config_with_file_line_and_key(tmp_path: Path) -> None:
+    conf = tmp_path / "farmnode.yaml"
+    conf.write_text("agent_api_port: 50000\nagent_rma: 12\n")
+    r = run("run", "--config", str(conf))
+    assert r.returncode == EXIT_USAGE
+    assert f"{conf}:2: unknown key 'agent_rma'" in r.stderr
+    r = run("run", "--config", str(conf.with_name("none.yaml")), "--set", "agent_api_port=x")
+    assert r.returncode == EXIT_USAGE and "agent_api_port" in r.stderr
+    r = run("run", "--set", "novalue")
+    assert r.returncode == EXIT_USAGE and "KEY=VALUE" in r.stderr
+
+
+def test_no_bus_is_a_clear_error_not_a_traceback() -> None:
+    if Path("/run/dbus/system_bus_socket").exists():
+        pytest.skip("this host has a system bus")
+    r = run("status")
+    assert r.returncode == EXIT_UNAVAILABLE
+    assert "cannot connect to the system bus" in r.stderr and "Traceback" not in r.stderr
