@@ -33,7 +33,7 @@ test-host: setup
 
 test-system: setup
 	$(PY) tools/container.py build >/dev/null
-	$(VENV)/bin/pytest -q tests/system
+	FARMNODE_FLEET=1 $(VENV)/bin/pytest -q tests/system
 
 test-vm: setup
 	$(PY) tools/vm.py build >/dev/null

@@ -413,26 +413,12 @@ class Agent:
         self._queue_own_unit_job("stop")
 
     async def restart_agent(self, immediately: bool) -> bool:
-        """Restart now if idle or `immediately`; else take no new work and restart once the
-        running assignments have finished (PyFarm's /restart). True if restarting now."""
-        if immediately or not self.runs:
-            log.info("restart of the agent requested over D-Bus")
-            self._queue_own_unit_job("restart")
-            return True
-        if not self._shutting_down:
-            log.info("restart requested: waiting for %d assignment(s) to finish",
-                     len(self.runs))
-            self._shutting_down = True  # assign() refuses new work meanwhile (503)
-
-            def when_idle(state: AgentState) -> None:
-                if state is AgentState.ONLINE and not self.runs:
-                    loop = asyncio.get_running_loop()
-                    # not removed here: _set_state is iterating over the listeners
-                    loop.call_soon(self.state_listeners.remove, when_idle)
-                    self._queue_own_unit_job("restart")
-
-            self.state_listeners.append(when_idle)
-        return False
+        """Restart now. PyFarm waited for running work unless `immediately`; here running
+        tasks survive the agent's restart ([2]), so there is nothing to wait for."""
+        log.info("restart of the agent requested over D-Bus (immediately=%s; tasks keep "
+                 "running)", immediately)
+        self._queue_own_unit_job("restart")
+        return True
 
     def request_update(self, version: str) -> None:
         from farmnode.agent import control
