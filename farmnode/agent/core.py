@@ -86,6 +86,8 @@ class StatusSource(Protocol):
 
     def status(self) -> dict[str, Any]: ...
 
+    def note_master_contact(self) -> None: ...
+
 
 @dataclass(frozen=True)
 class TaskChange:
@@ -288,7 +290,9 @@ class Agent:
 
     def status(self) -> dict[str, Any]:
         me = psutil.Process()
-        children = me.children(recursive=False)
+        # Tasks are not the agent's children (they live in their scopes): PyFarm's
+        # consumed_ram/child_processes come from the scopes' cgroups instead.
+        running = [rec.accounting for rid in self.runs for rec in self.store.tasks(rid)[:1]]
         return {
             "state": str(self.state),
             "agent_id": self.agent_id,
@@ -298,7 +302,8 @@ class Agent:
             "ram": self.total_ram_mb(),
             "cpus": self.total_cpus(),
             "agent_process_ram": me.memory_info().rss // (1024 * 1024),
-            "child_processes": len(children),
+            "consumed_ram": sum(acc.get("memory_current", 0) for acc in running) // (1024 * 1024),
+            "child_processes": sum(acc.get("tasks_current", 0) for acc in running),
             "pids": [me.pid],
             "uptime": time.time() - self.started,
             "jobs": sorted({r.assignment.job.id for r in self.runs.values()}),
@@ -308,6 +313,11 @@ class Agent:
             # [4] master sync: last contact, queued reports, last error (None: standalone)
             **(self.master_link.status() if self.master_link else {"master_link": None}),
         }
+
+    def note_master_contact(self) -> None:
+        """The master called our HTTP API (its User-Agent): it has heard from us."""
+        if self.master_link is not None:
+            self.master_link.note_master_contact()
 
     # ---- lifecycle -------------------------------------------------------------------
     async def recover(self) -> None:

@@ -8,12 +8,13 @@ exactly these (tests/test_api_openapi.py).
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import falcon
 
+from farmnode.api import client, settings
 from farmnode.api import resources as r
-from farmnode.api import settings
 from farmnode.api.auth import CHALLENGE, accepted, parse_authorization
 from farmnode.api.errors import ApiError, body_of
 from farmnode.api.events import Events
@@ -50,10 +51,31 @@ def methods_of(resource: object) -> list[str]:
     return [m for m in HTTP_METHODS if callable(getattr(resource, f"on_{m}", None))]
 
 
+MASTER_USER_AGENT = "PyFarm/1.0 (master)"
+MASTER_CONTACT_EVERY = 5.0  # seconds: one D-Bus note per burst of master requests
+
+
 class Guard:
     """Before any responder: credentials (401, nothing runs), then PyFarm's 415 and 406."""
 
+    last_master_note = 0.0
+
+    def _note_master(self, req: falcon.Request) -> None:
+        # PyFarm counts "last master contact" from requests with the master's User-Agent; the
+        # agent's reannounce timer relies on it (a master that polls us has heard from us).
+        if req.user_agent != MASTER_USER_AGENT:
+            return
+        now = time.monotonic()
+        if now - Guard.last_master_note < MASTER_CONTACT_EVERY:
+            return
+        Guard.last_master_note = now
+        try:
+            client.call(lambda agent: agent.note_master_contact())
+        except Exception as exc:  # the agent being away must not fail the master's request
+            log.debug("could not note the master's contact: %s", exc)
+
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+        self._note_master(req)
         # A separator in a log identifier arrives decoded (%2F) and would route nowhere;
         # PyFarm answers 400 for it, so do we, before routing.
         if req.path.startswith(TASK_LOGS):

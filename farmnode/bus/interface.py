@@ -104,6 +104,11 @@ class Agent1Interface(DbusInterfaceCommonAsync, interface_name=INTERFACE):
         """online or disabled (a disabled node takes no new work)."""
         raise NotImplementedError
 
+    @dbus_method_async(flags=OPEN)
+    async def note_master_contact(self) -> None:
+        """The HTTP API saw a request from the master (PyFarm's User-Agent)."""
+        raise NotImplementedError
+
     # ---- control for the HTTP API ([3]) ----------------------------------------------
     @dbus_method_async(input_signature="xi", result_signature="b", flags=OPEN,
                        input_args_names=("task_id", "signal"), result_args_names=("sent",))

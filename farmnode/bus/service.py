@@ -108,6 +108,10 @@ class Agent1Service(Agent1Interface):
 
         await _translated(call)
 
+    @dbus_method_async_override()
+    async def note_master_contact(self) -> None:
+        self.agent.note_master_contact()
+
     @dbus_property_async_override()
     def state(self) -> str:
         return str(self.agent.state)

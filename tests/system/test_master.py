@@ -184,3 +184,22 @@ def test_offline_at_stop(ct: Container, master: MasterStub) -> None:
     ct.run(["systemctl", "restart", "farmnode.service"])
     master.wait_for(lambda rs: any(r.kind == "announce" for r in rs[m:]), 20, "the announce")
     assert not [r for r in master.requests[m:] if r.kind == "offline"]
+
+
+def test_master_polling_our_api_counts_as_contact(ct: Container, master: MasterStub) -> None:
+    # PyFarm counts "last master contact" from requests carrying the master's User-Agent.
+    master.vanish()  # our own requests to the master can no longer count as contact
+    try:
+        ct.sh("systemctl daemon-reload; systemctl start farmnode-api.socket")
+        listen = ct.run(["systemctl", "show", "-P", "Listen", "farmnode-api.socket"]).stdout
+        port = int(listen.split()[0].rsplit(":", 1)[1])
+        before = status(ct)["master_link"]["last_contact"]
+        ct.run(["python3", "-c",
+                "import urllib.request as u; u.urlopen(u.Request("
+                f"'http://127.0.0.1:{port}/api/v1/status', "
+                "headers={'User-Agent': 'PyFarm/1.0 (master)'}), timeout=30).read()"])
+        after = status(ct)["master_link"]["last_contact"]
+        assert after is not None and after != before
+    finally:
+        ct.run(["systemctl", "stop", "farmnode-api.socket", "farmnode-api.service"], check=False)
+        master.reappear()
