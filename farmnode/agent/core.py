@@ -342,6 +342,9 @@ class Agent:
             run.started_at = min(starts) if starts else None
             if fds:
                 log.info("re-adopting assignment %s (%s)", a.id, run.unit)
+                run.adopting = True
+                run.started = any(rec.state is TaskState.RUNNING
+                                  for rec in self.store.tasks(a.id))
                 self._launch(run, run.adopt(socket.socket(fileno=fds[0])))
             elif all(rec.state is TaskState.QUEUED for rec in self.store.tasks(a.id)):
                 log.info("restarting assignment %s: it never started", a.id)
@@ -354,6 +357,12 @@ class Agent:
                                        "the agent lost the task's output (it ran outside "
                                        "systemd or its fd store was flushed)", None, None)
                 self.store.finish_assignment(a.id)
+        adopted = [run for run in self.runs.values() if run.adopting]
+        if adopted:
+            # READY (sent after this) then means every inherited task is attached again.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*(r.attached.wait() for r in adopted)),
+                                       timeout=30)
         for name, fds in inherited.items():
             # Links of assignments already concluded: let their shims go.
             for fd in fds:

@@ -126,10 +126,14 @@ class AssignmentRun:
     jobtype: JobType | None = None
     started: bool = False
     started_at: float | None = None  # wall clock, for task_max_runtime across restarts
+    adopting: bool = False  # taken over from a previous agent process
     _finished: set[int] = field(default_factory=set)
     _fields: list[str] = field(default_factory=list)
     _proc: subprocess.Popen[bytes] | None = None
     _stopping: asyncio.Task[bool] | None = None
+    # Set once the run reads its link (an adopted one: after RESUME went out), so that the
+    # agent says READY only when every task it inherited is attached again.
+    attached: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
         self.unit = scope_unit_name(self.assignment)
@@ -183,10 +187,17 @@ class AssignmentRun:
                 # The output is still journaled; only the job type's parsing is lost.
                 log.warning("assignment %s: job type unavailable after restart: %s",
                             self.assignment.id, exc)
-            await self._serve(sock, resume=True)
+            if await self._serve(sock, resume=True):
+                # The previous agent died before opening the gate: nothing of the job ever
+                # ran, so it simply starts now.
+                log.info("assignment %s never started; starting it", self.assignment.id)
+                self.adopting = False
+                await self._start()
         except Exception as exc:
             log.exception("adopted assignment %s crashed", self.assignment.id)
             self._finish_all(TaskState.FAILED, f"agent error: {exc}", None)
+        finally:
+            self.attached.set()
 
     async def _start(self) -> None:
         a = self.assignment
@@ -244,7 +255,8 @@ class AssignmentRun:
         await self._serve(ours, resume=False)
 
     # ---- the link --------------------------------------------------------------------
-    async def _serve(self, sock: socket.socket, resume: bool) -> None:
+    async def _serve(self, sock: socket.socket, resume: bool) -> bool:
+        """Read the link to the end; True if the job never started (start it afresh)."""
         loop = asyncio.get_running_loop()
         sock.setblocking(False)
         streams = [StreamState(link.STDOUT), StreamState(link.STDERR)]
@@ -254,6 +266,7 @@ class AssignmentRun:
                     None, resume_point, self.assignment.id, st.index)
                 st.resuming = True
                 await loop.sock_sendall(sock, link.pack(link.RESUME, st.index, st.journaled))
+        self.attached.set()
         timer = self._arm_timeout(loop)
         record: dict[str, Any] | None = None
         while record is None:
@@ -289,8 +302,9 @@ class AssignmentRun:
             self._conclude(record)
             with contextlib.suppress(OSError):
                 await loop.sock_sendall(sock, link.pack(link.EXIT_ACK))
-        else:
-            self._conclude_without_exit()
+        never_started = False
+        if record is None:
+            never_started = self._conclude_without_exit()
         fdstore.remove(self.fd_name)
         sock.close()
         if self._proc is not None:
@@ -298,6 +312,7 @@ class AssignmentRun:
         self.status_path().unlink(missing_ok=True)
         # Background processes the job left behind end with it.
         await self.scopes.stop_scope(self.unit)
+        return never_started
 
     def _arm_timeout(self, loop: asyncio.AbstractEventLoop) -> asyncio.TimerHandle | None:
         limit = self.config.task_max_runtime
@@ -372,8 +387,10 @@ class AssignmentRun:
         st.journaled = next_offset
 
     # ---- the end ---------------------------------------------------------------------
-    def _conclude_without_exit(self) -> None:
-        """The link closed with no EXIT: the shim was killed, or never got the gate."""
+    def _conclude_without_exit(self) -> bool:
+        """The link closed with no EXIT: the shim was killed, or never got the gate.
+
+        True (and nothing concluded) for an adopted run whose job never started."""
         record: dict[str, Any] = {}
         with contextlib.suppress(OSError, ValueError):
             record = json.loads(self.status_path().read_text())
@@ -386,12 +403,15 @@ class AssignmentRun:
                 self._finish_all(TaskState.CANCELLED, self.cancelled_reason, killed)
             else:
                 self._finish_all(TaskState.FAILED, self.timed_out, killed)
+        elif not self.started and self.adopting:
+            return True
         elif not self.started:
-            self._finish_all(TaskState.FAILED, "the task never started (agent died while "
-                             "starting it)", None)
+            self._finish_all(TaskState.FAILED, "the task's shim ended before starting the job",
+                             None)
         else:
             self._finish_all(TaskState.FAILED, "the task's shim died without an exit status",
                              None)
+        return False
 
     def _conclude(self, record: dict[str, Any]) -> None:
         accounting = record.get("accounting")
