@@ -33,7 +33,7 @@ import re
 import signal
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 from farmnode.tasks.model import Assignment, Job, Task, TaskState
 
@@ -338,6 +338,15 @@ class JobType(abc.ABC):
         if self._environment is None:
             self._environment = {**self.default_environment(), **self.job.environ}
         return dict(self._environment)
+
+    def checked_data(self, allowed: frozenset[str]) -> dict[str, Any]:
+        """job.data, refusing keys this job type does not know (a typo must not be ignored)."""
+        data = self.job.data
+        unknown = sorted(set(data) - allowed)
+        if unknown:
+            names = ", ".join(sorted(allowed))
+            raise ValueError(f"job.data.{unknown[0]}: unknown key (allowed: {names})")
+        return data
 
     def make_command_data(
         self,

@@ -83,14 +83,6 @@ class BlenderJobType(JobType):
 
     # -- command ------------------------------------------------------------------------------
 
-    def _data(self) -> dict[str, Any]:
-        data = self.job.data
-        unknown = sorted(set(data) - _DATA_KEYS)
-        if unknown:
-            allowed = ", ".join(sorted(_DATA_KEYS))
-            raise ValueError(f"job.data.{unknown[0]}: unknown key (allowed: {allowed})")
-        return data
-
     def _int_frames(self) -> list[int]:
         frames = self.frames
         if not all(f.is_integer() for f in frames):
@@ -108,7 +100,7 @@ class BlenderJobType(JobType):
         return ["-f", ",".join(str(f) for f in frames)]
 
     def get_command_data(self) -> CommandData:
-        data = self._data()
+        data = self.checked_data(_DATA_KEYS)
         file = _opt_str(data, "file")
         if file is None:
             raise ValueError("job.data.file is required (the .blend to render)")

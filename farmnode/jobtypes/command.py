@@ -87,14 +87,6 @@ class CommandJobType(JobType):
 
     name: ClassVar[str] = "command"
 
-    def _data(self) -> dict[str, Any]:
-        data = self.job.data
-        unknown = sorted(set(data) - _DATA_KEYS)
-        if unknown:
-            allowed = ", ".join(sorted(_DATA_KEYS))
-            raise ValueError(f"job.data.{unknown[0]}: unknown key (allowed: {allowed})")
-        return data
-
     def _placeholder_values(self) -> dict[str, Callable[[], Any]]:
         def frame() -> int | float:
             frames = self.frames
@@ -124,7 +116,7 @@ class CommandJobType(JobType):
         }
 
     def get_command_data(self) -> CommandData:
-        data = self._data()
+        data = self.checked_data(_DATA_KEYS)
         if "command" not in data:
             raise ValueError("job.data.command is required (a list: program, arguments...)")
         template = _str_list(data["command"], "job.data.command")

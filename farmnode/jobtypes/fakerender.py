@@ -15,7 +15,7 @@ import re
 import shutil
 import sys
 from collections.abc import Callable
-from typing import Any, ClassVar, TypeGuard
+from typing import ClassVar, TypeGuard
 
 from farmnode.jobtypes.base import (
     PRIORITY_ERR,
@@ -111,7 +111,7 @@ class FakeRenderJobType(JobType):
 
     def fakerender_arguments(self) -> list[str]:
         """Flags for ``job.data`` and the frame range; ValueError names a bad key."""
-        data: dict[str, Any] = self.job.data
+        data = self.checked_data(frozenset(_OPTIONS))
         args = [
             "-s",
             format_frame(self.start),
@@ -121,9 +121,6 @@ class FakeRenderJobType(JobType):
             format_frame(self.by),
         ]
         for key in sorted(data):
-            if key not in _OPTIONS:
-                allowed = ", ".join(sorted(_OPTIONS))
-                raise ValueError(f"job.data.{key}: unknown key (allowed: {allowed})")
             args += _OPTIONS[key](key, data[key])
         return args
 
