@@ -280,3 +280,34 @@ def test_odd_output_long_lines_crlf_binary_and_no_final_newline(ct: Container) -
     assert msgs[3:] == ["dos", "caf\u00e9 \ufffd", "no newline at the end"]
     offsets = [(int(e["FARMNODE_OFFSET"]), int(e["FARMNODE_NEXT"])) for e in entries]
     assert all(nxt == off2 for (_, nxt), (off2, _) in itertools.pairwise(offsets))
+
+
+def test_bus_activation_starts_the_agent(ct: Container) -> None:
+    ct.run(["systemctl", "stop", "farmnode.service"])
+    try:
+        assert ct.run(["systemctl", "is-active", "farmnode.service"],
+                      check=False).stdout.strip() != "active"
+        # A call to the well-known name starts farmnode.service (SystemdService=) and waits.
+        r = ct.run([*BUSCTL, "GetStatus"])
+        assert '\\"state\\":\\"online' in r.stdout, r.stdout
+        assert ct.run(["systemctl", "is-active", "farmnode.service"]).stdout.strip() == "active"
+    finally:
+        ct.run(["systemctl", "start", "farmnode.service"])
+
+
+def test_logs_follow(ct: Container) -> None:
+    go = "/tmp/logs-follow-go"
+    script = f"echo first; while [ ! -e {go} ]; do sleep 0.05; done; echo second"
+    a = assignment("command", {"command": ["/bin/sh", "-c", script]}, [1])
+    aid = farmnode(ct, "assign", "-", input=json.dumps(a)).stdout.strip()
+    farmnode(ct, "wait", aid, "--until", "running")
+    follower = ct.popen(["farmnode", "logs", "-f", str(a["tasks"][0]["id"])])
+    try:
+        assert follower.stdout is not None
+        assert follower.stdout.readline().rstrip().endswith("stdout first")
+        ct.run(["touch", go])  # the second line is written only now: -f must bring it
+        assert follower.stdout.readline().rstrip().endswith("stdout second")
+    finally:
+        follower.kill()
+        follower.wait()
+    assert farmnode(ct, "wait", aid).returncode == 0

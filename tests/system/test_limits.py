@@ -56,6 +56,17 @@ def test_limits_above_the_node_are_refused_with_the_field(ct: Container) -> None
     assert r.returncode != 0 and "job.cpus" in r.stderr, r.stderr
 
 
+def test_pinned_cpus(ct: Container) -> None:
+    with agent_config(ct, "task_allowed_cpus: '0'"):
+        a = assignment("command", {"command": ["sleep", "600"]}, [1])
+        aid = farmnode(ct, "assign", "-", input=json.dumps(a)).stdout.strip()
+        farmnode(ct, "wait", aid, "--until", "running")
+        unit = f"farmnode-task-{a['tasks'][0]['id']}.scope"
+        assert ct.run(["systemctl", "show", "-P", "AllowedCPUs", unit]).stdout.strip() == "0"
+        farmnode(ct, "cancel", str(a["tasks"][0]["id"]))
+        farmnode(ct, "wait", aid, check=False)
+
+
 def test_reasons_for_each_kind_of_death(ct: Container) -> None:
     cases = {
         "exit code 4": ["/bin/sh", "-c", "exit 4"],
