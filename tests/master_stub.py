@@ -72,6 +72,8 @@ class Request:
     def kind(self) -> str:
         if self.task_id is not None:
             return "task"
+        if self.path.startswith("/api/v1/jobtypes/"):
+            return "jobtype"
         if self.path.rstrip("/") == "/api/v1/agents":
             return "announce"
         if self.agent_id is not None:
@@ -149,6 +151,8 @@ class MasterStub:
         self.requests: list[Request] = []
         self.agents: dict[str, dict[str, Any]] = {}
         self.tasks: dict[int, Task] = {}
+        # (name, version as text) -> PyFarm's job type record, served to agents that ask
+        self.jobtypes: dict[tuple[str, str], dict[str, Any]] = {}
         # Behaviour: "ok", "fail" (503), "reject" (400) or "stall" (hold the request).
         self.mode = "ok"
         # Per-request override: return (status, body) to answer that instead.
@@ -258,9 +262,14 @@ class MasterStub:
             return 503, {"error": "test master: failing on command"}
         if self.mode == "reject":
             return 400, {"error": "test master: rejecting on command"}
+        parts = req.path.strip("/").split("/")
+        if req.method == "GET" and len(parts) == 6 and parts[:3] == ["api", "v1", "jobtypes"] \
+                and parts[4] == "versions":
+            # PyFarm's GET /jobtypes/<name>/versions/<version>: the job type's Python source
+            found = self.jobtypes.get((parts[3], parts[5]))
+            return (200, found) if found else (404, {"error": "no such job type version"})
         if req.method != "POST" or not isinstance(req.body, dict):
             return 400, {"error": "expected a JSON object"}
-        parts = req.path.strip("/").split("/")
         with self._cond:
             if parts == ["api", "v1", "agents"]:
                 return self._announce(req)

@@ -25,6 +25,7 @@ import psutil
 from farmnode import __version__
 from farmnode.agent.runner import AssignmentRun, scope_unit_name
 from farmnode.config import Config
+from farmnode.jobtypes.remote import RemoteJobTypeError, cache_store
 from farmnode.systemd import fdstore, link
 from farmnode.systemd.cgroup import cgroup_path_dir, read_accounting, unit_cgroup_path
 from farmnode.systemd.scope import ScopeManager
@@ -87,6 +88,8 @@ class StatusSource(Protocol):
     def status(self) -> dict[str, Any]: ...
 
     def note_master_contact(self) -> None: ...
+
+    async def fetch_jobtype(self, name: str, version: int) -> dict[str, Any] | None: ...
 
 
 @dataclass(frozen=True)
@@ -185,8 +188,23 @@ class Agent:
         return a.id, True
 
     def _new_run(self, a: Assignment) -> AssignmentRun:
-        return AssignmentRun(a, self.config, self.scopes, self._report_state,
-                             self._report_progress, self._report_accounting)
+        run = AssignmentRun(a, self.config, self.scopes, self._report_state,
+                            self._report_progress, self._report_accounting)
+        run.fetch_jobtype = self._fetch_jobtype
+        return run
+
+    async def _fetch_jobtype(self, name: str, version: int) -> None:
+        """Refresh the cache from the master; the run then uses the newest cached source."""
+        if self.master_link is None:
+            return
+        record = await self.master_link.fetch_jobtype(name, version)
+        if record is None:
+            return
+        try:
+            cache_store(self.config.jobtype_cache_directory, name, version,
+                        str(record["classname"]), str(record["code"]))
+        except (KeyError, RemoteJobTypeError, OSError) as exc:
+            log.warning("job type %s v%d from the master not usable: %s", name, version, exc)
 
     def _start(self, a: Assignment) -> None:
         run = self._new_run(a)

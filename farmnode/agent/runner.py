@@ -17,14 +17,15 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from farmnode.config import Config
 from farmnode.jobtypes.base import CommandData, ExitStatus, JobType, Stream
-from farmnode.jobtypes.registry import load_jobtype
+from farmnode.jobtypes.registry import UnknownJobType, load_jobtype
+from farmnode.jobtypes.remote import cache_latest, remote_jobtype_class
 from farmnode.systemd import fdstore, link
 from farmnode.systemd.journal import TaskLogFields, resume_point, write_line
 from farmnode.systemd.scope import ScopeError, ScopeLimits, ScopeManager, scope_properties
@@ -127,6 +128,8 @@ class AssignmentRun:
     started: bool = False
     started_at: float | None = None  # wall clock, for task_max_runtime across restarts
     adopting: bool = False  # taken over from a previous agent process
+    # Refreshes the on-disk cache of a job type the master serves ([4]); None: standalone.
+    fetch_jobtype: Callable[[str, int], Awaitable[None]] | None = None
     _finished: set[int] = field(default_factory=set)
     _fields: list[str] = field(default_factory=list)
     _proc: subprocess.Popen[bytes] | None = None
@@ -166,7 +169,15 @@ class AssignmentRun:
 
     def _load_jobtype(self) -> JobType:
         a = self.assignment
-        cls = load_jobtype(a.jobtype.name, a.jobtype.version)
+        try:
+            cls = load_jobtype(a.jobtype.name, a.jobtype.version)
+        except UnknownJobType:
+            # Not built in: a job type downloaded from the master, run inside the scope.
+            hit = cache_latest(self.config.jobtype_cache_directory, a.jobtype.name,
+                               a.jobtype.version) if self.config.jobtype_enable_download else None
+            if hit is None:
+                raise
+            cls = remote_jobtype_class(*hit)
         self.jobtype = cls(a, self, expandvars=self.config.jobtype_expandvars,
                            default_user=self.config.task_default_user)
         return self.jobtype
@@ -201,6 +212,11 @@ class AssignmentRun:
 
     async def _start(self) -> None:
         a = self.assignment
+        if self.fetch_jobtype is not None and self.config.jobtype_enable_download:
+            try:
+                load_jobtype(a.jobtype.name, a.jobtype.version)
+            except UnknownJobType:
+                await self.fetch_jobtype(a.jobtype.name, a.jobtype.version)
         try:
             command = self._load_jobtype().get_command_data()
             ident = resolve_identity(command, self.config)

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -153,6 +154,24 @@ class MasterLink:
         # PyFarm's GET /status names these two at the top level.
         return {"master_link": link, "last_master_contact": link["last_contact"],
                 "last_announce": link["last_announce"]}
+
+    # ---- job types -------------------------------------------------------------------------
+    async def fetch_jobtype(self, name: str, version: int) -> dict[str, Any] | None:
+        """PyFarm's GET /jobtypes/<name>/versions/<version>: {name, version, classname,
+        code, ...}, or None (logged) when the master cannot say."""
+        path = f"/jobtypes/{urllib.parse.quote(name, safe='')}/versions/{int(version)}"
+        async with self._send_lock:
+            self.counters.requests += 1
+            try:
+                resp = await self.http.request("GET", path)
+            except TransportError as exc:
+                self._error(f"GET {path}: {exc}")
+                return None
+        if resp.ok and isinstance(resp.body, dict):
+            self.last_contact = time.time()
+            return resp.body
+        self._error(f"GET {path}: {resp.error_text()}")
+        return None
 
     # ---- sending ---------------------------------------------------------------------------
     async def _post(self, path: str, body: dict[str, Any], timeout: float | None = None,

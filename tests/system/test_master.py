@@ -8,6 +8,7 @@ compressed through the config (reannounce every 2 s instead of 120 s, retries fr
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ import pytest
 from container import Container
 
 from tests.master_stub import MasterStub, Request
-from tests.system.conftest import assign_wait, assignment, farmnode
+from tests.system.conftest import assign_wait, assignment, farmnode, journal
 
 DROPIN = "/etc/farmnode/conf.d/50-test-master.yaml"
 REANNOUNCE = 2.0
@@ -203,3 +204,81 @@ def test_master_polling_our_api_counts_as_contact(ct: Container, master: MasterS
     finally:
         ct.run(["systemctl", "stop", "farmnode-api.socket", "farmnode-api.service"], check=False)
         master.reappear()
+
+
+ECHOER = '''
+import os
+from farmnode.jobtypes.base import JobType
+
+# Where this code runs is the point: never as root in the agent.
+open(f"/tmp/echoer-imported-by-{os.getuid()}", "w").close()
+
+
+class Echoer(JobType):
+    name = "echoer"
+
+    def get_command_data(self):
+        return self.make_command_data("/bin/sh", ["-c", "echo hello; id -u; echo bye"])
+
+    def process_stdout_line(self, line):
+        if line == "hello":
+            for task in self.tasks:
+                self.set_task_progress(task.id, 0.5)
+
+    def format_stdout_line(self, line):
+        return f"[PREFIX] {line}"
+'''
+
+
+def test_jobtype_from_the_master_runs_in_the_scope_as_the_user(
+        ct: Container, master: MasterStub) -> None:
+    def serve(prefix: str) -> str:
+        code = ECHOER.replace("PREFIX", prefix)
+        master.jobtypes[("echoer", "1")] = {"name": "echoer", "version": 1, "classname": "Echoer",
+                                            "code": code, "max_batch": 1}
+        return code
+
+    dropin = "/etc/farmnode/conf.d/60-test-jobtypes.yaml"
+    ct.run(["tee", dropin], input="jobtype_enable_download: true\n")
+    ct.run(["systemctl", "restart", "farmnode.service"])
+    uid = ct.run(["id", "-u", "jobuser"]).stdout.strip()
+    try:
+        serve("echoer")
+        a = assignment("echoer", {}, [1], user="jobuser")
+        rec = assign_wait(ct, a)["tasks"][0]
+        assert rec["state"] == "done", rec
+        msgs = [e["MESSAGE"] for e in journal(ct, f"FARMNODE_TASK={a['tasks'][0]['id']}")]
+        assert msgs == ["[echoer] hello", f"[echoer] {uid}", "[echoer] bye"], msgs
+        imported = ct.sh("ls /tmp | grep echoer-imported-by- || true").stdout.split()
+        assert imported == [f"echoer-imported-by-{uid}"]  # never by root (the agent)
+        assert [r.status for r in master.of("jobtype")] == [200]
+        # A changed source under the same version is a new cache entry, and is used.
+        code2 = serve("echoer2")
+        b = assignment("echoer", {}, [1], user="jobuser")
+        assert assign_wait(ct, b)["tasks"][0]["state"] == "done"
+        msgs = [e["MESSAGE"] for e in journal(ct, f"FARMNODE_TASK={b['tasks'][0]['id']}")]
+        assert msgs[0] == "[echoer2] hello"
+        digest = hashlib.sha256(code2.encode()).hexdigest()
+        cached = ct.sh("ls /var/cache/farmnode/jobtypes/echoer/1/").stdout.split()
+        assert f"{digest}.py" in cached and len([c for c in cached if c.endswith(".py")]) == 2
+        # A job type that breaks fails its task with its own traceback; the agent is fine.
+        master.jobtypes[("broken", "1")] = {"name": "broken", "version": 1, "classname": "X",
+                                            "code": "raise RuntimeError('broken on purpose')"}
+        d = assignment("broken", {}, [1], user="jobuser")
+        rec = assign_wait(ct, d)["tasks"][0]
+        assert rec["state"] == "failed", rec
+        err = [e["MESSAGE"] for e in journal(ct, f"FARMNODE_TASK={d['tasks'][0]['id']}")
+               if e.get("FARMNODE_STREAM") == "stderr"]
+        assert any("broken on purpose" in m for m in err), err
+        # With the master away, the newest cached source still runs.
+        master.vanish()
+        try:
+            c = assignment("echoer", {}, [1], user="jobuser")
+            assert assign_wait(ct, c)["tasks"][0]["state"] == "done"
+            msgs = [e["MESSAGE"] for e in journal(ct, f"FARMNODE_TASK={c['tasks'][0]['id']}")]
+            assert msgs[0] == "[echoer2] hello"
+        finally:
+            master.reappear()
+    finally:
+        ct.run(["rm", "-f", dropin])
+        ct.run(["systemctl", "restart", "farmnode.service"])

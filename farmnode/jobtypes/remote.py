@@ -1,0 +1,113 @@
+"""Job types downloaded from the master: cached on disk, run inside the task's scope.
+
+PyFarm's master serves a job type's Python source (GET /jobtypes/<name>/versions/<v>). That
+code must never run in the root agent: the agent runs `farmnode.jobtypes.remote_host` as the
+task's command, inside the scope and as the task's user; the host imports the downloaded
+class, runs the real command and its line hooks, and writes what they decide — lines to log,
+task states, progress — as marked records on its stdout. `RemoteJobType` on the agent's side
+only decodes those records, so a hostile job type can do no more than the task's user can.
+
+Cache: <jobtype_cache_directory>/<name>/<version>/<sha256>.py with <sha256>.json (its class
+name); the newest download of a name+version is used when the master is unreachable, and a
+changed source under the same version is a new file (PyFarm never refreshed its cache).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any, ClassVar
+
+from farmnode.jobtypes.base import CommandData, ExitStatus, JobType, Stream
+from farmnode.tasks.model import TaskState
+
+MARK = "\x1e"  # ASCII record separator: never the start of a renderer's line
+HOST_MODULE = "farmnode.jobtypes.remote_host"
+_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
+
+
+class RemoteJobTypeError(RuntimeError):
+    pass
+
+
+def cache_store(cache_dir: str | Path, name: str, version: int, classname: str,
+                code: str) -> Path:
+    """Keep a downloaded job type; the same source is stored once."""
+    if not _NAME.match(name) or not classname.isidentifier():
+        raise RemoteJobTypeError(f"refusing job type record: name {name!r}, class {classname!r}")
+    digest = hashlib.sha256(code.encode()).hexdigest()
+    folder = Path(cache_dir) / name / str(version)
+    folder.mkdir(parents=True, exist_ok=True, mode=0o755)
+    path = folder / f"{digest}.py"
+    for target, text in ((path, code), (folder / f"{digest}.json",
+                                        json.dumps({"classname": classname}))):
+        if not target.exists():
+            tmp = target.with_suffix(target.suffix + ".tmp")
+            tmp.write_text(text)
+            os.chmod(tmp, 0o644)  # the task's user must be able to read it
+            os.replace(tmp, target)
+    os.utime(path)  # newest use wins when the master is away
+    return path
+
+
+def cache_latest(cache_dir: str | Path, name: str, version: int) -> tuple[Path, str] | None:
+    folder = Path(cache_dir) / name / str(version)
+    candidates = sorted(folder.glob("*.py"), key=lambda p: p.stat().st_mtime) \
+        if folder.is_dir() else []
+    for path in reversed(candidates):
+        meta = path.with_suffix(".json")
+        try:
+            return path, str(json.loads(meta.read_text())["classname"])
+        except (OSError, ValueError, KeyError):
+            continue
+    return None
+
+
+def remote_jobtype_class(module_path: Path, classname: str) -> type[JobType]:
+    """A JobType for the agent's side of one downloaded job type."""
+    return type(f"Remote{classname}", (RemoteJobType,),
+                {"module_path": str(module_path), "classname": classname})
+
+
+class RemoteJobType(JobType):
+    name: ClassVar[str] = "remote"
+    module_path: ClassVar[str] = ""
+    classname: ClassVar[str] = ""
+    _priority = 6
+
+    def get_command_data(self) -> CommandData:
+        from farmnode.tasks.schema import assignment_to_json
+
+        payload = {"id": self.assignment.id, "assignment": assignment_to_json(self.assignment)}
+        return self.make_command_data(
+            sys.executable, ["-I", "-m", HOST_MODULE, self.module_path, self.classname,
+                             json.dumps(payload)])
+
+    def handle_line(self, stream: Stream, line: str) -> str | None:
+        if stream is not Stream.STDOUT or not line.startswith(MARK):
+            self._priority = 4 if stream is Stream.STDERR else 6
+            return line  # the host's own words (e.g. a traceback of the job type)
+        try:
+            rec: dict[str, Any] = json.loads(line[len(MARK):])
+        except ValueError:
+            self._priority = 4
+            return line
+        if "line" in rec:
+            self._priority = int(rec.get("priority", 6))
+            text = rec["line"]
+            return None if text is None else str(text)
+        if "state" in rec:
+            self.set_task_state(int(rec["task"]), TaskState(rec["state"]), rec.get("reason"))
+        elif "progress" in rec:
+            self.set_task_progress(int(rec["task"]), float(rec["progress"]))
+        return None
+
+    def line_priority(self, stream: Stream, line: str) -> int:
+        return self._priority
+
+    def is_successful(self, status: ExitStatus) -> bool:
+        return status.code == 0
