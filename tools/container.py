@@ -237,14 +237,17 @@ def install_farmnode(ct: Container, wheel_dir: str = "/wheels") -> None:
 
 
 @contextlib.contextmanager
-def booted(name: str, install: bool = True) -> Iterator[Container]:
+def booted(name: str, install: bool = True,
+           binds: Sequence[tuple[Path, str]] = ()) -> Iterator[Container]:
+    """A booted container; `install`: farmnode from this checkout (bound at /src), else a
+    node with no farmnode and no source tree (the packages' tests and the demo)."""
     tree = ensure_tree()
     wheels = CACHE_ROOT / f"wheels-{name}"
-    binds: list[tuple[Path, str]] = [(REPO, "/src")]
+    mounts = list(binds)
     if install:
         build_farmnode_wheel(wheels)
-        binds.append((wheels, "/wheels"))
-    ct = Container(name=name, tree=tree, binds=binds)
+        mounts += [(REPO, "/src"), (wheels, "/wheels")]
+    ct = Container(name=name, tree=tree, binds=mounts)
     try:
         ct.boot()
         if install:

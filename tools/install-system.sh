@@ -1,6 +1,7 @@
 #!/bin/sh
 # Install farmnode's system files (units, D-Bus files, default config) from a source tree
-# into a root: used by the test containers now and by the packages (issue [5]) later.
+# into a root: used by the test containers and the VM; the packages (packaging/nfpm.yaml)
+# install the same files from the same sources.
 # usage: install-system.sh SRC ROOT
 set -eu
 src=$1; root=${2:-/}
