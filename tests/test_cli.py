@@ -55,3 +55,9 @@ def test_no_bus_is_a_clear_error_not_a_traceback() -> None:
     r = run("status")
     assert r.returncode == EXIT_UNAVAILABLE
     assert "cannot connect to the system bus" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_fakerender_help_works() -> None:
+    r = subprocess.run([sys.executable, "-m", "farmnode.jobtypes.fakerender_cmd", "--help"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "25% chance" in r.stdout, r.stderr

@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--segfault",
         action="store_true",
-        help=f"{SEGFAULT_CHANCE:.0%} chance of a real SIGSEGV during the first frame",
+        # %% : argparse %-formats help texts
+        help=f"{SEGFAULT_CHANCE:.0%}% chance of a real SIGSEGV during the first frame",
     )
     p.add_argument(
         "--lines", type=int, default=0, help='print N numbered lines "line <frame>:<k>" per frame'
