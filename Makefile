@@ -67,3 +67,10 @@ demo: deb
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info
+
+# Benchmarks (issue [6]): not part of check; a full run takes ~21 min here, BENCH_QUICK=1 ~3 min.
+# Writes bench/REPORT.md and bench/results.json.
+.PHONY: bench
+bench: setup
+	$(PY) tools/container.py build >/dev/null
+	$(PY) bench/run.py

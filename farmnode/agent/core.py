@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Callable, Coroutine
@@ -117,6 +118,13 @@ class Agent:
         self.master_link: StatusSource | None = None
         self._shutting_down = False
         self._detached = False
+        # The FQDN for GetStatus, resolved once off the event loop: getfqdn() asks DNS, and a
+        # lost reply stalled every GetStatus (and the whole loop) for 5 s (bench/REPORT.md).
+        self.hostname = socket.gethostname()
+        threading.Thread(target=self._resolve_hostname, name="fqdn", daemon=True).start()
+
+    def _resolve_hostname(self) -> None:
+        self.hostname = socket.getfqdn(self.hostname)
 
     def _load_agent_id(self) -> str:
         stored = self.store.get_meta("agent_id")
@@ -314,7 +322,7 @@ class Agent:
         return {
             "state": str(self.state),
             "agent_id": self.agent_id,
-            "agent_hostname": socket.getfqdn(),
+            "agent_hostname": self.hostname,
             "version": __version__,
             "free_ram": self.free_ram_mb(),
             "ram": self.total_ram_mb(),

@@ -308,6 +308,10 @@ class AssignmentRun:
                 st = streams[stream]
                 self._take(st, offset, payload)
                 await loop.sock_sendall(sock, link.pack(link.ACK, st.index, st.journaled))
+                # sock_recv/sock_sendall return without yielding while the link has data and
+                # room: a task spewing output would starve the loop (D-Bus, other tasks, the
+                # watchdog: 10 M lines got the agent killed). One yield per packet (~60 KB).
+                await asyncio.sleep(0)
             elif kind == link.EXIT:
                 record = json.loads(payload)
         if timer is not None:

@@ -22,11 +22,15 @@ import select
 import signal
 import socket
 import sys
-from dataclasses import dataclass, field
-from typing import Any
 
 from farmnode.systemd import link
 from farmnode.systemd.cgroup import own_cgroup_dir, read_accounting
+
+# Not typing.TYPE_CHECKING: importing typing costs ~2 ms of every task's start (mypy treats
+# any name TYPE_CHECKING as true).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 GATE_FD = 0
 LINK_FD = 1
@@ -96,14 +100,18 @@ def _exec_job(spec: dict[str, Any], out_w: int, err_w: int, err_fd: int) -> None
     os._exit(127)
 
 
-@dataclass
 class Stream:
-    index: int
-    fd: int
-    base: int = 0  # absolute offset of buf[0]
-    buf: bytearray = field(default_factory=bytearray)
-    sent: int = 0  # absolute offset up to which data went out on the link
-    eof: bool = False
+    # A plain class: dataclasses (with inspect) and typing cost the shim ~12 ms of start-up,
+    # which is on every task's launch path (bench/REPORT.md).
+    __slots__ = ("base", "buf", "eof", "fd", "index", "sent")
+
+    def __init__(self, index: int, fd: int) -> None:
+        self.index = index
+        self.fd = fd
+        self.base = 0  # absolute offset of buf[0]
+        self.buf = bytearray()
+        self.sent = 0  # absolute offset up to which data went out on the link
+        self.eof = False
 
     @property
     def end(self) -> int:
