@@ -266,6 +266,16 @@ class AssignmentRun:
             ours.close()
             self._finish_all(TaskState.FAILED, str(exc), None)
             return
+        if self.cancelled_reason:
+            # Cancelled while systemd was creating the scope (its stop found no unit yet):
+            # the gate stays shut, so nothing of the job ever runs.
+            os.close(gate_w)
+            await _wait_process(self._proc)
+            fdstore.remove(self.fd_name)
+            ours.close()
+            await self.scopes.stop_scope(self.unit)
+            self._finish_all(TaskState.CANCELLED, self.cancelled_reason, None)
+            return
         with os.fdopen(gate_w, "wb") as gate:
             gate.write(json.dumps(spec).encode())
         await self._serve(ours, resume=False)

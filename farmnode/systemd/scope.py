@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from sdbus import SdBus
 from sdbus.dbus_exceptions import DbusFailedError
+from sdbus.exceptions import SdBusUnmappedMessageError
 
 from farmnode.systemd.manager import (
     MANAGER_PATH,
@@ -20,6 +21,16 @@ from farmnode.systemd.manager import (
 )
 
 log = logging.getLogger(__name__)
+
+
+# systemd's errors for a unit that is gone or has no process left. sdbus raises errors it has
+# no class for as SdBusUnmappedMessageError(name, message).
+_GONE = ("NoSuchUnit", "NoSuchProcess", "not loaded", "No process", "not active")
+
+
+def _unit_gone(exc: Exception) -> bool:
+    text = " ".join(str(a) for a in exc.args) + " " + type(exc).__name__
+    return any(marker in text for marker in _GONE)
 
 
 class ScopeError(RuntimeError):
@@ -104,7 +115,7 @@ class ScopeManager:
         """Create the scope and return only once systemd has moved the PIDs into it."""
         try:
             job = await self.manager.start_transient_unit(unit, "fail", properties, [])
-        except DbusFailedError as exc:
+        except (DbusFailedError, SdBusUnmappedMessageError) as exc:
             raise ScopeError(f"systemd refused scope {unit}: {exc}") from exc
         result = await self.jobs.wait(job)
         if result != "done":
@@ -114,8 +125,8 @@ class ScopeManager:
         """Stop (TERM, TimeoutStopUSec, KILL the cgroup); False if the unit is already gone."""
         try:
             await self.manager.stop_unit(unit, "replace")
-        except DbusFailedError as exc:
-            if "not loaded" in str(exc) or "NoSuchUnit" in type(exc).__name__:
+        except (DbusFailedError, SdBusUnmappedMessageError) as exc:
+            if _unit_gone(exc):
                 return False
             raise
         return True
@@ -123,8 +134,8 @@ class ScopeManager:
     async def kill_scope(self, unit: str, signum: int) -> bool:
         try:
             await self.manager.kill_unit(unit, "all", signum)
-        except DbusFailedError as exc:
-            if "not loaded" in str(exc) or "NoSuchUnit" in type(exc).__name__:
+        except (DbusFailedError, SdBusUnmappedMessageError) as exc:
+            if _unit_gone(exc):
                 return False
             raise
         return True
@@ -139,7 +150,7 @@ class ScopeManager:
             if job_id == 0:
                 return None
             return str(await JobProxy.new_proxy(SYSTEMD, job_path, self.bus).job_type)
-        except DbusFailedError as exc:
+        except (DbusFailedError, SdBusUnmappedMessageError) as exc:
             log.warning("cannot tell why we are asked to stop (%s); treating it as a stop", exc)
             return None
 
