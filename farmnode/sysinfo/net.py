@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
-
-from pyroute2 import AsyncIPRoute
+from typing import Any
 
 IFF_LOOPBACK = 0x8
 ARPHRD_ETHER = 1
@@ -33,9 +32,17 @@ class Address:
     prefixlen: int
 
 
+def _iproute() -> Any:
+    # Imported on first use: pyroute2 costs ~11 MB of RSS at import, and only the master
+    # sync's host facts need it (a standalone node never does; bench/REPORT.md).
+    from pyroute2 import AsyncIPRoute
+
+    return AsyncIPRoute()
+
+
 async def links() -> list[Link]:
     out = []
-    async with AsyncIPRoute() as ipr:
+    async with _iproute() as ipr:
         async for msg in await ipr.link("dump"):
             if msg["flags"] & IFF_LOOPBACK or msg["ifi_type"] != ARPHRD_ETHER:
                 continue
@@ -59,7 +66,7 @@ async def mac_addresses() -> list[str]:
 async def ip_addresses() -> list[Address]:
     """Global-scope addresses (no loopback, no link-local), IPv4 first."""
     out = []
-    async with AsyncIPRoute() as ipr:
+    async with _iproute() as ipr:
         names = {m["index"]: m.get("ifname") or "" async for m in await ipr.link("dump")}
         async for msg in await ipr.addr("dump"):
             if msg["scope"] != RT_SCOPE_UNIVERSE:
