@@ -1,8 +1,10 @@
 """The task shim's link protocol, driven from the agent's side by hand (no systemd needed).
 
-The system tier shows it surviving real restarts; here each rule is pinned down alone:
-output forwarded with offsets, kept until acknowledged, resent from RESUME after RESUMED,
-EXIT with the status after all data, and the shim waiting for EXIT_ACK."""
+The system tier shows it surviving real restarts against the real journald; here each rule
+is pinned down alone, with a stand-in for journald's stream socket that records what the shim
+writes: output forwarded with offsets, kept until a WRITE covers it, WRITE payloads handed to
+journald exactly once, resent from RESUMED after RESUME, EXIT with the status after all data,
+the shim waiting for EXIT_ACK, raw output journaled by the shim once the agent is gone."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,8 +22,57 @@ import pytest
 from farmnode.systemd import link
 
 
+class FakeJournal:
+    """Accepts stream connections like /run/systemd/journal/stdout; keeps each one's bytes."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.server.bind(str(path))
+        self.server.listen(8)
+        self.streams: list[bytearray] = []
+        self.open = 0
+        self.lock = threading.Condition()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            buf = bytearray()
+            with self.lock:
+                self.streams.append(buf)
+                self.open += 1
+            threading.Thread(target=self._read, args=(conn, buf), daemon=True).start()
+
+    def _read(self, conn: socket.socket, buf: bytearray) -> None:
+        while data := conn.recv(65536):
+            with self.lock:
+                buf += data
+        conn.close()
+        with self.lock:
+            self.open -= 1
+            self.lock.notify_all()
+
+    def lines_of(self, identifier: str) -> list[bytes]:
+        """What one stream carried after its header (7 lines: identifier first), once every
+        connection is closed (the shim has exited)."""
+        with self.lock:
+            assert self.lock.wait_for(lambda: self.open == 0, timeout=10)
+            for buf in self.streams:
+                parts = bytes(buf).split(b"\n", 7)
+                if parts[0] == identifier.encode():
+                    assert parts[1:7] == [b"", b"6" if "out" in identifier else b"4",
+                                          b"1", b"0", b"0", b"0"]
+                    return parts[7].splitlines(keepends=True) if len(parts) > 7 else []
+        return []
+
+
 class Shim:
-    def __init__(self, tmp: Path, argv: list[str]) -> None:
+    def __init__(self, tmp: Path, argv: list[str], journal_socket: Path | None = None) -> None:
+        self.journal = FakeJournal(tmp / "journal.sock") if journal_socket is None else None
         self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         gate_r, gate_w = os.pipe()
         self.status = tmp / "status.json"
@@ -31,7 +83,9 @@ class Shim:
         theirs.close()
         spec = {"argv": argv, "env": {"PATH": "/usr/bin:/bin"}, "cwd": str(tmp),
                 "uid": os.getuid(), "gid": os.getgid(), "groups": os.getgroups(),
-                "status_path": str(self.status)}
+                "status_path": str(self.status),
+                "journal": [["farmnode-stdout", 6], ["farmnode-stderr", 4]],
+                "journal_socket": str(journal_socket or tmp / "journal.sock")}
         with os.fdopen(gate_w, "wb") as gate:
             gate.write(json.dumps(spec).encode())
         self.sock.settimeout(30)
@@ -43,8 +97,12 @@ class Shim:
                 return
             yield link.unpack(packet)
 
-    def send(self, kind: bytes, stream: int = 0, offset: int = 0) -> None:
-        self.sock.send(link.pack(kind, stream, offset))
+    def send(self, kind: bytes, stream: int = 0, offset: int = 0, payload: bytes = b"") -> None:
+        self.sock.send(link.pack(kind, stream, offset, payload))
+
+    def journaled(self, identifier: str = "farmnode-stdout") -> list[bytes]:
+        assert self.proc.poll() is not None and self.journal is not None
+        return self.journal.lines_of(identifier)
 
 
 @pytest.fixture
@@ -73,13 +131,17 @@ def test_forwards_output_and_exit_status_then_waits_for_ack(tmp: Path) -> None:
     assert record["exit_code"] == 3 and record["ends"] == [8, 4]
     assert json.loads(shim.status.read_text())["exit_code"] == 3
     assert shim.proc.poll() is None  # it waits until the agent has recorded the exit
+    shim.send(link.WRITE, 0, 8, b"<6>out\n<5>tail\n")
+    shim.send(link.WRITE, 1, 4, b"<3>err\n")
     shim.send(link.EXIT_ACK)
     assert shim.proc.wait(timeout=10) == 3
+    assert shim.journaled("farmnode-stdout") == [b"<6>out\n", b"<5>tail\n"]
+    assert shim.journaled("farmnode-stderr") == [b"<3>err\n"]
 
 
-def test_resume_resends_from_the_offset_after_resumed(tmp: Path) -> None:
+def test_resume_resends_what_is_not_journaled_after_resumed(tmp: Path) -> None:
     # The job prints, then waits for the agent to say go (a file), so the RESUME happens
-    # while the shim still holds the unacknowledged output.
+    # while the shim still holds output nobody has written to journald.
     go = tmp / "go"
     script = f"echo one; echo two; while [ ! -e {go} ]; do sleep 0.01; done; echo three"
     shim = Shim(tmp, ["/bin/sh", "-c", script])
@@ -89,22 +151,26 @@ def test_resume_resends_from_the_offset_after_resumed(tmp: Path) -> None:
             got += payload
         if got == b"one\ntwo\n":
             break
-    # As a new agent whose journal ends after "one\n": everything after it comes again.
-    shim.send(link.RESUME, 0, 4)
+    # The old agent wrote "one" and died; its WRITE is still carried out.
+    shim.send(link.WRITE, 0, 4, b"<6>one\n")
+    shim.send(link.RESUME, 0)
     kind, stream, offset, _ = next(p for p in shim.packets() if p[0] != link.DATA)
     assert (kind, stream, offset) == (link.RESUMED, 0, 4)
     kind, stream, offset, payload = next(shim.packets())
     assert (kind, stream, offset, payload) == (link.DATA, 0, 4, b"two\n")
-    shim.send(link.ACK, 0, 8)  # journaled up to "two\n": the shim may free it
-    shim.send(link.RESUME, 0, 0)  # below what it still has: it can only resend from 8
+    shim.send(link.WRITE, 0, 8, b"<6>two\n")
+    shim.send(link.WRITE, 0, 4, b"<6>stale\n")  # below what is journaled: never written
+    shim.send(link.RESUME, 0)
     kind, stream, offset, _ = next(p for p in shim.packets() if p[0] != link.DATA)
-    assert (kind, stream, offset) == (link.RESUMED, 0, 8)  # the agent learns of the gap
+    assert (kind, stream, offset) == (link.RESUMED, 0, 8)
     go.touch()
     kind, _, offset, payload = next(shim.packets())
     assert (kind, offset, payload) == (link.DATA, 8, b"three\n")
     assert next(p for p in shim.packets() if p[0] != link.DATA)[0] == link.EXIT
+    shim.send(link.WRITE, 0, 14, b"<6>three\n")
     shim.send(link.EXIT_ACK)
     assert shim.proc.wait(timeout=10) == 0
+    assert shim.journaled() == [b"<6>one\n", b"<6>two\n", b"<6>three\n"]
 
 
 def test_exec_failure_is_reported(tmp: Path) -> None:
@@ -115,8 +181,20 @@ def test_exec_failure_is_reported(tmp: Path) -> None:
     assert shim.proc.wait(timeout=10) == 127
 
 
-def test_gone_agent_leaves_the_status_file(tmp: Path) -> None:
-    shim = Shim(tmp, ["/bin/sh", "-c", "echo bye; exit 5"])
+def test_unreachable_journald_refuses_to_run_the_job(tmp: Path) -> None:
+    marker = tmp / "ran"
+    shim = Shim(tmp, ["/bin/sh", "-c", f"touch {marker}"], journal_socket=tmp / "nothing")
+    assert next(p for p in shim.packets() if p[0] != link.DATA)[0] == link.EXIT
+    assert "cannot connect to journald" in json.loads(shim.status.read_text())["error"]
+    shim.send(link.EXIT_ACK)
+    assert shim.proc.wait(timeout=10) == 125
+    assert not marker.exists()
+
+
+def test_gone_agent_leaves_the_status_file_and_journals_raw_output(tmp: Path) -> None:
+    shim = Shim(tmp, ["/bin/sh", "-c", "echo bye; printf 'no newline'; echo oops >&2; exit 5"])
     shim.sock.close()  # the service was stopped: its end of the link is gone for good
     assert shim.proc.wait(timeout=10) == 5
     assert json.loads(shim.status.read_text())["exit_code"] == 5
+    assert shim.journaled() == [b"<6>bye\n", b"<6>no newline\n"]
+    assert shim.journaled("farmnode-stderr") == [b"<4>oops\n"]

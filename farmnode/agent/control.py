@@ -23,6 +23,7 @@ from sdbus import SdBus
 from farmnode.bus.interface import PATCHABLE_CONFIG_KEYS
 from farmnode.config import ConfigError, load_config
 from farmnode.config.model import SETTINGS, Config
+from farmnode.systemd.journal import stream_of
 from farmnode.tasks.store import Store
 
 log = logging.getLogger(__name__)
@@ -170,23 +171,24 @@ def write_log(fd: int, matches: Mapping[str, str]) -> None:
     from systemd import journal
 
     reader = journal.Reader(flags=journal.SYSTEM)
+    lines = {"stdout": 0, "stderr": 0}
     try:
         for key, value in matches.items():
             reader.add_match(**{key: value})
         with os.fdopen(os.dup(fd), "w", encoding="utf-8") as out:
             for entry in reader:
-                stream = entry.get("FARMNODE_STREAM")
-                if stream not in ("stdout", "stderr"):
+                stream = stream_of(entry)
+                if stream is None:
                     continue
+                lines[stream] += 1
                 ts = entry["__REALTIME_TIMESTAMP"]
                 if isinstance(ts, datetime.datetime) and ts.tzinfo is None:
                     ts = ts.astimezone()
-                pid = entry.get("FARMNODE_PID")
                 out.write(json.dumps({
                     "time": ts.isoformat() if isinstance(ts, datetime.datetime) else str(ts),
                     "stream": 0 if stream == "stdout" else 1,
-                    "line": int(entry.get("FARMNODE_LINE", 0)),
-                    "pid": int(pid) if pid is not None else None,
+                    "line": lines[stream],
+                    "pid": None,
                     "message": _text(entry.get("MESSAGE", "")),
                 }, separators=(",", ":")) + "\n")
     finally:

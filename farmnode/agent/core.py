@@ -13,7 +13,6 @@ import enum
 import logging
 import os
 import socket
-import subprocess
 import threading
 import time
 import uuid
@@ -29,16 +28,13 @@ from farmnode.config import Config
 from farmnode.jobtypes.remote import RemoteJobTypeError, cache_store
 from farmnode.systemd import fdstore, link
 from farmnode.systemd.cgroup import cgroup_path_dir, read_accounting, unit_cgroup_path
+from farmnode.systemd.journal import exported_units, remove_unit_settings
 from farmnode.systemd.scope import ScopeManager
 from farmnode.tasks.model import Assignment, TaskState
 from farmnode.tasks.schema import AssignmentError, parse_assignment
 from farmnode.tasks.store import Store, TaskRecord
 
 log = logging.getLogger(__name__)
-
-
-def _journal_sync() -> None:
-    subprocess.run(["journalctl", "--sync"], check=False, timeout=30)
 
 
 class AgentState(enum.StrEnum):
@@ -349,16 +345,13 @@ class Agent:
     async def recover(self) -> None:
         """Take back what a previous agent process left running (restart, upgrade, crash).
 
-        Each running assignment's link comes back from systemd's fd store; the run resumes
-        reading it where the journal ends. An assignment with no link never got past its gate
-        (it is started afresh) or ran outside systemd (its scope is stopped, tasks failed).
+        Each running assignment's link comes back from systemd's fd store; its shim says how
+        far the output is journaled and resends the rest. An assignment with no link never got
+        past its gate (it is started afresh) or ran outside systemd (its scope is stopped, tasks
+        failed).
         """
         inherited = fdstore.inherited()
         active = self.store.active_assignments()
-        if active and inherited:
-            # Lines the dead agent sent may still sit in journald's queue: the resume points
-            # read from the journal must include them.
-            await asyncio.get_running_loop().run_in_executor(None, _journal_sync)
         for a in active:
             fds = inherited.pop(f"{fdstore.PREFIX}{a.id}", [])
             for extra in fds[1:]:
@@ -389,6 +382,10 @@ class Agent:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.gather(*(r.attached.wait() for r in adopted)),
                                        timeout=30)
+        # journald settings of task scopes whose run ended while no agent was there to
+        # remove them (they live in /run, so only since boot).
+        for unit in exported_units() - {run.unit for run in self.runs.values()}:
+            remove_unit_settings(unit)
         for name, fds in inherited.items():
             # Links of assignments already concluded: let their shims go.
             for fd in fds:

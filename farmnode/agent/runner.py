@@ -2,7 +2,8 @@
 
 A run is either started here (spawn the shim, store its link in systemd's fd store, create
 the scope, open the gate) or adopted after an agent restart (the link comes back from the fd
-store); from then on both are the same: read the link, journal lines, conclude on EXIT.
+store); from then on both are the same: read the link, run each line through the job type's
+hooks, tell the shim what to journal (link.py), conclude on EXIT.
 """
 
 from __future__ import annotations
@@ -27,7 +28,14 @@ from farmnode.jobtypes.base import CommandData, ExitStatus, JobType, Stream
 from farmnode.jobtypes.registry import UnknownJobType, load_jobtype
 from farmnode.jobtypes.remote import cache_latest, remote_jobtype_class
 from farmnode.systemd import fdstore, link
-from farmnode.systemd.journal import TaskLogFields, resume_point, write_line
+from farmnode.systemd.journal import (
+    DEFAULT_PRIORITIES,
+    IDENTIFIERS,
+    TaskLogFields,
+    export_unit_settings,
+    format_line,
+    remove_unit_settings,
+)
 from farmnode.systemd.scope import ScopeError, ScopeLimits, ScopeManager, scope_properties
 from farmnode.tasks.model import Assignment, TaskState
 
@@ -39,7 +47,8 @@ MB = 1024 * 1024
 
 def scope_unit_name(assignment: Assignment) -> str:
     # Named after the first task so `journalctl -u farmnode-task-<id>.scope` works for the
-    # common batch-of-one; every line also carries FARMNODE_TASK for each task of a batch.
+    # common batch-of-one; every line also carries FARMNODE_TASK for each task of a batch
+    # (farmnode.systemd.journal).
     return f"farmnode-task-{assignment.tasks[0].id}.scope"
 
 
@@ -98,17 +107,50 @@ def resolve_identity(command: CommandData, config: Config) -> Identity:
 
 @dataclass
 class StreamState:
-    """One output stream on the agent's side: what is journaled, what awaits a newline."""
+    """One output stream on the agent's side: what is handed to the shim, what awaits a
+    newline."""
 
     index: int
-    journaled: int = 0  # bytes of the stream journaled (the offset the shim may free below)
-    line_no: int = 0
+    journaled: int = 0  # bytes of the stream covered by WRITEs sent to the shim
     pending: bytes = b""  # received, not yet a whole line
     resuming: bool = False  # RESUME sent, RESUMED not yet seen: stale DATA may be queued
 
     @property
     def received(self) -> int:
         return self.journaled + len(self.pending)
+
+
+class WriteBatch:
+    """WRITE packets for the shim, each ≤ MAX_PAYLOAD and ending on a whole line, so that a
+    packet is journaled whole or (lost with a dying agent) resent whole."""
+
+    def __init__(self, stream: int) -> None:
+        self.stream = stream
+        self.packets: list[bytes] = []
+        self._parts: list[bytes] = []
+        self._size = 0
+        self._end = -1
+
+    def add(self, formatted: bytes, end: int) -> None:
+        if len(formatted) > link.MAX_PAYLOAD:
+            # Only a formatter can make a line this long (lines are split at MAX_LINE).
+            formatted = formatted[:link.MAX_PAYLOAD - 16] + b" [truncated]\n"
+        if self._size + len(formatted) > link.MAX_PAYLOAD:
+            self._close()
+        if formatted:
+            self._parts.append(formatted)
+            self._size += len(formatted)
+        self._end = end
+
+    def _close(self) -> None:
+        if self._end >= 0:
+            self.packets.append(link.pack(link.WRITE, self.stream, self._end,
+                                          b"".join(self._parts)))
+        self._parts, self._size, self._end = [], 0, -1
+
+    def done(self) -> list[bytes]:
+        self._close()
+        return self.packets
 
 
 @dataclass
@@ -131,7 +173,7 @@ class AssignmentRun:
     # Refreshes the on-disk cache of a job type the master serves ([4]); None: standalone.
     fetch_jobtype: Callable[[str, int], Awaitable[None]] | None = None
     _finished: set[int] = field(default_factory=set)
-    _fields: list[str] = field(default_factory=list)
+    _log_fields: TaskLogFields | None = None
     _proc: subprocess.Popen[bytes] | None = None
     _stopping: asyncio.Task[bool] | None = None
     # Set once the run reads its link (an adopted one: after RESUME went out), so that the
@@ -141,7 +183,7 @@ class AssignmentRun:
     def __post_init__(self) -> None:
         self.unit = scope_unit_name(self.assignment)
         a = self.assignment
-        self._fields = TaskLogFields(self.unit, a.job.id, a.id, a.task_ids).static_fields()
+        self._log_fields = TaskLogFields(self.unit, a.job.id, a.id, a.task_ids, a.jobtype.name)
 
     @property
     def fd_name(self) -> str:
@@ -239,6 +281,7 @@ class AssignmentRun:
             "argv": [command.command, *command.arguments], "env": env, "cwd": command.cwd,
             "uid": ident.uid, "gid": ident.gid, "groups": ident.groups,
             "status_path": str(self.status_path()),
+            "journal": [list(p) for p in zip(IDENTIFIERS, DEFAULT_PRIORITIES, strict=True)],
         }
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         gate_r, gate_w = os.pipe()
@@ -276,6 +319,19 @@ class AssignmentRun:
             await self.scopes.stop_scope(self.unit)
             self._finish_all(TaskState.CANCELLED, self.cancelled_reason, None)
             return
+        try:
+            assert self._log_fields is not None
+            export_unit_settings(self._log_fields)
+        except OSError as exc:
+            # Without them journald would rate-limit the task's lines: do not run it.
+            os.close(gate_w)
+            await _wait_process(self._proc)
+            fdstore.remove(self.fd_name)
+            ours.close()
+            await self.scopes.stop_scope(self.unit)
+            self._finish_all(TaskState.FAILED, f"cannot set the task's journald settings: {exc}",
+                             None)
+            return
         with os.fdopen(gate_w, "wb") as gate:
             gate.write(json.dumps(spec).encode())
         await self._serve(ours, resume=False)
@@ -288,10 +344,8 @@ class AssignmentRun:
         streams = [StreamState(link.STDOUT), StreamState(link.STDERR)]
         if resume:
             for st in streams:
-                st.journaled, st.line_no = await loop.run_in_executor(
-                    None, resume_point, self.assignment.id, st.index)
                 st.resuming = True
-                await loop.sock_sendall(sock, link.pack(link.RESUME, st.index, st.journaled))
+                await loop.sock_sendall(sock, link.pack(link.RESUME, st.index))
         self.attached.set()
         timer = self._arm_timeout(loop)
         record: dict[str, Any] | None = None
@@ -306,18 +360,15 @@ class AssignmentRun:
             if kind == link.STARTED:
                 self._mark_started()
             elif kind == link.RESUMED and stream < len(streams):
+                # The shim journaled up to offset (WRITEs of the previous agent included) and
+                # resends what follows.
                 st = streams[stream]
                 st.resuming = False
-                if offset > st.received:
-                    log.error("assignment %s stream %d: bytes %d..%d lost (the shim no longer "
-                              "had them)", self.assignment.id, st.index, st.received, offset)
-                    self._flush_pending(st)
-                    st.journaled = offset
+                st.journaled, st.pending = offset, b""
             elif kind == link.DATA and stream < len(streams):
                 self._mark_started()
-                st = streams[stream]
-                self._take(st, offset, payload)
-                await loop.sock_sendall(sock, link.pack(link.ACK, st.index, st.journaled))
+                for out in self._take(streams[stream], offset, payload):
+                    await loop.sock_sendall(sock, out)
                 # sock_recv/sock_sendall return without yielding while the link has data and
                 # room: a task spewing output would starve the loop (D-Bus, other tasks, the
                 # watchdog: 10 M lines got the agent killed). One yield per packet (~60 KB).
@@ -327,11 +378,16 @@ class AssignmentRun:
         if timer is not None:
             timer.cancel()
         if record is not None:
-            for st in streams:
-                self._flush_pending(st)
-            self._conclude(record)
             with contextlib.suppress(OSError):
+                for st in streams:
+                    for out in self._flush_pending(st):
+                        await loop.sock_sendall(sock, out)
                 await loop.sock_sendall(sock, link.pack(link.EXIT_ACK))
+                # The shim leaves once it has handed every line to journald: a task is
+                # reported finished only with all its output journaled.
+                while await loop.sock_recv(sock, 1024):
+                    pass
+            self._conclude(record)
         never_started = False
         if record is None:
             never_started = self._conclude_without_exit()
@@ -342,6 +398,7 @@ class AssignmentRun:
         self.status_path().unlink(missing_ok=True)
         # Background processes the job left behind end with it.
         await self.scopes.stop_scope(self.unit)
+        remove_unit_settings(self.unit)
         return never_started
 
     def _arm_timeout(self, loop: asyncio.AbstractEventLoop) -> asyncio.TimerHandle | None:
@@ -365,42 +422,48 @@ class AssignmentRun:
         for task in self.assignment.tasks:
             self.report_state(self.assignment.id, task.id, TaskState.RUNNING, None, None, None)
 
-    def _take(self, st: StreamState, offset: int, payload: bytes) -> None:
-        """Journal the whole lines in a DATA packet; bytes already journaled are skipped."""
+    def _take(self, st: StreamState, offset: int, payload: bytes) -> list[bytes]:
+        """The WRITEs for the whole lines in a DATA packet; bytes already had are skipped."""
+        if st.resuming:
+            return []  # queued before our RESUME; the shim resends it after RESUMED
         if offset + len(payload) <= st.received:
-            return  # already had it (resent after a restart)
+            return []  # already had it
+        batch = WriteBatch(st.index)
         if offset > st.received:
-            if st.resuming:
-                return  # queued before our RESUME; the shim resends it after RESUMED
             log.error("assignment %s stream %d: bytes %d..%d lost", self.assignment.id,
                       st.index, st.received, offset)
-            self._flush_pending(st)
+            self._flush_into(batch, st)
             st.journaled = offset
         buf = st.pending + payload[st.received - offset:]
         start = 0
         while True:
             nl = buf.find(b"\n", start, start + MAX_LINE + 1)
             if nl != -1:
-                self._journal(st, buf[start:nl], st.journaled + nl - start + 1)
+                self._line(batch, st, buf[start:nl], st.journaled + nl - start + 1)
                 start = nl + 1
             elif len(buf) - start > MAX_LINE:
-                self._journal(st, buf[start:start + MAX_LINE], st.journaled + MAX_LINE)
+                self._line(batch, st, buf[start:start + MAX_LINE], st.journaled + MAX_LINE)
                 start += MAX_LINE
             else:
                 break
         st.pending = buf[start:]
+        return batch.done()
 
-    def _flush_pending(self, st: StreamState) -> None:
-        """A last line with no newline (end of output, or before bytes that are lost)."""
+    def _flush_pending(self, st: StreamState) -> list[bytes]:
+        """A last line with no newline (end of output)."""
+        batch = WriteBatch(st.index)
+        self._flush_into(batch, st)
+        return batch.done()
+
+    def _flush_into(self, batch: WriteBatch, st: StreamState) -> None:
         if st.pending:
             pending, st.pending = st.pending, b""
-            self._journal(st, pending, st.journaled + len(pending))
+            self._line(batch, st, pending, st.journaled + len(pending))
 
-    def _journal(self, st: StreamState, raw: bytes, next_offset: int) -> None:
-        st.line_no += 1
+    def _line(self, batch: WriteBatch, st: StreamState, raw: bytes, next_offset: int) -> None:
         text = raw.decode("utf-8", errors="replace").rstrip("\r")
         out: str | None = text
-        priority = 6
+        priority = DEFAULT_PRIORITIES[st.index]
         if self.jobtype is not None:
             stream = Stream(st.index)
             try:
@@ -410,10 +473,8 @@ class AssignmentRun:
             except Exception as exc:
                 log.warning("job type %s line hook failed: %s", self.assignment.jobtype.name,
                             exc)
-                out, priority = text, 6
-        if out is not None:
-            write_line(self._fields, st.index, st.line_no, st.journaled, next_offset, priority,
-                       out)
+                out, priority = text, DEFAULT_PRIORITIES[st.index]
+        batch.add(format_line(priority, out) if out is not None else b"", next_offset)
         st.journaled = next_offset
 
     # ---- the end ---------------------------------------------------------------------

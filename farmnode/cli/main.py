@@ -196,29 +196,38 @@ async def _client(args: argparse.Namespace) -> int:
 def _logs(args: argparse.Namespace) -> int:
     from systemd import journal
 
+    from farmnode.systemd.journal import stream_of
+
     reader = journal.Reader(flags=journal.SYSTEM)
     reader.add_match(FARMNODE_TASK=str(args.task))
+    lines = {"stdout": 0, "stderr": 0}
+
+    def show(entry: dict[str, Any]) -> None:
+        stream = stream_of(entry)
+        if stream is None:
+            return
+        lines[stream] += 1
+        message = entry.get("MESSAGE", "")
+        if isinstance(message, bytes):
+            message = message.decode("utf-8", "replace")
+        if args.json:
+            print(json.dumps({
+                "time": entry["__REALTIME_TIMESTAMP"].isoformat(),
+                "stream": stream,
+                "line": lines[stream],
+                "message": message,
+            }), flush=True)
+        else:
+            ts = time.strftime("%H:%M:%S", entry["__REALTIME_TIMESTAMP"].timetuple())
+            print(f"{ts} {stream:<6} {message}", flush=True)
+
     for entry in reader:
-        _print_entry(args, entry)
+        show(entry)
     while args.follow:
         if reader.wait(1.0) == journal.APPEND:
             for entry in reader:
-                _print_entry(args, entry)
+                show(entry)
     return EXIT_OK
-
-
-def _print_entry(args: argparse.Namespace, entry: dict[str, Any]) -> None:
-    if args.json:
-        print(json.dumps({
-            "time": entry["__REALTIME_TIMESTAMP"].isoformat(),
-            "stream": entry.get("FARMNODE_STREAM"),
-            "line": int(entry.get("FARMNODE_LINE", 0)),
-            "message": entry.get("MESSAGE", ""),
-        }), flush=True)
-    else:
-        ts = time.strftime("%H:%M:%S", entry["__REALTIME_TIMESTAMP"].timetuple())
-        print(f"{ts} {entry.get('FARMNODE_STREAM', '?'):<6} {entry.get('MESSAGE', '')}",
-              flush=True)
 
 
 def _run_agent(args: argparse.Namespace) -> int:

@@ -1,16 +1,45 @@
-"""Writing task output to journald, attributed to the task's scope.
+"""How task output reaches journald, and how it is found there again.
 
-journald attributes a stream to its opener, so lines are sent as native entries by the agent
-(root) with OBJECT_SYSTEMD_UNIT naming the scope, which `journalctl -u <scope>` honours.
-FARMNODE_TASK is repeated for every task of a batch so that `journalctl FARMNODE_TASK=<id>`
-finds the lines of any of them.
+The shim inside each task's scope writes the job's lines to journald over two stdout-stream
+connections (journald's protocol for services' stdout/stderr: one `write()` carries many
+lines), so journald attributes them to the scope itself (`_SYSTEMD_UNIT`, `journalctl -u`)
+and ingests them at its stream speed, about twice that of one native entry per line
+(bench/REPORT.md). The agent runs the job type's line hooks and tells the shim what to write,
+priority prefix included (`<6>line`); see link.py.
+
+A scope has no `LogRateLimitIntervalSec=`/`LogExtraFields=` of its own (those belong to
+services), and journald's default rate limit would drop lines of a chatty task. So the agent
+gives each task scope what systemd gives a service with those settings: the files journald
+reads for a unit under /run/systemd/units/ (rate limit as two symlinks, extra fields as
+le64-length-prefixed `FIELD=value` records). They are written before the gate opens (journald
+reads them when it first sees the shim) and removed when the scope is gone. The layout is
+systemd's own (src/core/unit.c writes it for services, journald-context.c reads it); the
+system tests check that journald honours it on the systemd we run on: if it stopped, a chatty
+task's lines would be rate-limited and those tests would fail.
+
+Every entry carries FARMNODE_JOB, FARMNODE_ASSIGNMENT, FARMNODE_JOBTYPE and one FARMNODE_TASK
+per task of the batch, so `journalctl FARMNODE_TASK=<id>` finds the lines of any of them;
+SYSLOG_IDENTIFIER says the stream (farmnode-stdout / farmnode-stderr).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
-from systemd import journal
+UNITS_DIR = Path("/run/systemd/units")
+STREAM_NAMES = ("stdout", "stderr")
+IDENTIFIERS = ("farmnode-stdout", "farmnode-stderr")
+DEFAULT_PRIORITIES = (6, 4)  # info for stdout, warning for stderr (JobType.line_priority)
+# journald's rate limit for a task's scope, as farmnode.service sets it for itself:
+# LogRateLimitIntervalSec=0 does not lift it on 252 (DESIGN.md), a huge burst per second does.
+RATELIMIT_INTERVAL_USEC = 1_000_000
+RATELIMIT_BURST = 1_000_000_000
+_FILES = ("log-extra-fields", "log-rate-limit-interval", "log-rate-limit-burst")
 
 
 @dataclass(frozen=True)
@@ -19,48 +48,79 @@ class TaskLogFields:
     job_id: int
     assignment_id: str
     task_ids: tuple[int, ...]
+    jobtype: str = ""
 
-    def static_fields(self) -> list[str]:
-        fields = [
-            f"OBJECT_SYSTEMD_UNIT={self.unit}",
-            f"FARMNODE_JOB={self.job_id}",
-            f"FARMNODE_ASSIGNMENT={self.assignment_id}",
-            "SYSLOG_IDENTIFIER=farmnode-task",
-        ]
-        fields += [f"FARMNODE_TASK={t}" for t in self.task_ids]
-        return fields
+    def fields(self) -> list[str]:
+        out = [f"FARMNODE_JOB={self.job_id}", f"FARMNODE_ASSIGNMENT={self.assignment_id}"]
+        if self.jobtype:
+            out.append(f"FARMNODE_JOBTYPE={self.jobtype}")
+        out += [f"FARMNODE_TASK={t}" for t in self.task_ids]
+        return out
 
 
-STREAM_NAMES = ("stdout", "stderr")
+def export_unit_settings(fields: TaskLogFields, units_dir: Path = UNITS_DIR) -> None:
+    """Give the task's scope its journald settings (see the module docstring)."""
+    units_dir.mkdir(parents=True, exist_ok=True)
+    records = b"".join(struct.pack("<Q", len(f.encode())) + f.encode() for f in fields.fields())
+    _atomic_write(units_dir / f"log-extra-fields:{fields.unit}", records)
+    _atomic_symlink(str(RATELIMIT_INTERVAL_USEC),
+                    units_dir / f"log-rate-limit-interval:{fields.unit}")
+    _atomic_symlink(str(RATELIMIT_BURST), units_dir / f"log-rate-limit-burst:{fields.unit}")
 
 
-def write_line(static: list[str], stream: int, line_no: int, offset: int, next_offset: int,
-               priority: int, message: str) -> None:
-    """One output line. FARMNODE_OFFSET/FARMNODE_NEXT are the bytes of the stream it came
-    from: the last entry's FARMNODE_NEXT is where a restarted agent resumes (link.py)."""
-    journal.sendv(
-        f"MESSAGE={message}",
-        f"PRIORITY={priority}",
-        f"FARMNODE_STREAM={STREAM_NAMES[stream]}",
-        f"FARMNODE_LINE={line_no}",
-        f"FARMNODE_OFFSET={offset}",
-        f"FARMNODE_NEXT={next_offset}",
-        *static,
-    )
+def remove_unit_settings(unit: str, units_dir: Path = UNITS_DIR) -> None:
+    for name in _FILES:
+        with contextlib.suppress(FileNotFoundError):
+            (units_dir / f"{name}:{unit}").unlink()
 
 
-def resume_point(assignment_id: str, stream: int) -> tuple[int, int]:
-    """(offset, line number) after the last line journaled for the stream, (0, 0) if none.
+def exported_units(units_dir: Path = UNITS_DIR, prefix: str = "farmnode-task-") -> set[str]:
+    """Task scopes that have settings exported (to clean up those whose scope is gone)."""
+    out = set()
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.scandir(units_dir):
+            name, sep, unit = entry.name.partition(":")
+            if sep and name in _FILES and unit.startswith(prefix):
+                out.add(unit)
+    return out
 
-    The caller must have made journald process what was sent to it (journalctl --sync)."""
-    reader = journal.Reader()
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
-        reader.add_match(FARMNODE_ASSIGNMENT=assignment_id,
-                         FARMNODE_STREAM=STREAM_NAMES[stream])
-        reader.seek_tail()
-        entry = reader.get_previous()
-        if not entry:
-            return 0, 0
-        return int(entry["FARMNODE_NEXT"]), int(entry["FARMNODE_LINE"])
+        os.write(fd, data)
     finally:
-        reader.close()
+        os.close(fd)
+    os.rename(tmp, path)
+
+
+def _atomic_symlink(target: str, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    os.symlink(target, tmp)
+    os.rename(tmp, path)
+
+
+def stream_of(entry: Mapping[str, object]) -> str | None:
+    """'stdout'/'stderr' for a task's output entry, None for any other entry."""
+    ident = entry.get("SYSLOG_IDENTIFIER")
+    if ident in IDENTIFIERS:
+        return STREAM_NAMES[IDENTIFIERS.index(str(ident))]
+    return None
+
+
+def format_line(priority: int, text: str) -> bytes:
+    """One line as the shim writes it to journald's stream (level prefix on).
+
+    journald ends a stream line at NUL as at a newline: a NUL is shown as U+FFFD, and a
+    formatter's embedded newline starts another entry with the same priority (unprefixed, a
+    job's own "<3>" at its start would be taken for a priority)."""
+    prefix = b"<%d>" % min(max(priority, 0), 7)
+    if "\0" in text:
+        text = text.replace("\0", "\ufffd")
+    raw = text.encode("utf-8", "surrogateescape")
+    if b"\n" in raw:
+        raw = raw.replace(b"\n", b"\n" + prefix)
+    return prefix + raw + b"\n"

@@ -1,14 +1,16 @@
 """The shim ↔ agent link: packets on an AF_UNIX SOCK_SEQPACKET socketpair.
 
 The shim (inside the task's scope) reads the job's stdout/stderr and forwards every byte with
-its offset in the stream, keeping what the agent has not acknowledged. The agent journals
-whole lines and acknowledges the offset journaled up to. The agent's end of the socket lives
-in systemd's fd store, so when the agent dies or restarts the shim simply waits; the new agent
-reads, from the journal itself, how far each stream was journaled and sends RESUME with that
-offset; the shim resends from there and the agent drops anything below it. The journal is
-the only record of progress, so a line is journaled exactly once whatever moment the agent
-dies at. SEQPACKET keeps packet boundaries: a packet half-read by a dying agent is simply
-gone and resent, never a torn frame.
+its offset in the stream, keeping what has not been journaled yet. The agent splits lines,
+runs the job type's hooks and answers WRITE: the bytes to hand to journald (formatted lines
+with their priority prefix) and the stream offset they cover up to. The shim writes them to
+its journald stream connection and frees what is below that offset. So the shim is the only
+writer to journald and knows exactly how far each stream is journaled: nothing is written
+twice or skipped, whatever moment the agent dies at. The agent's end of the socket lives in
+systemd's fd store, so when the agent dies or restarts the shim simply waits (WRITEs the old
+agent sent are still queued and are carried out); the new agent sends RESUME, the shim answers
+RESUMED with its journaled offset and resends from there. SEQPACKET keeps packet boundaries:
+a packet half-read by a dying agent is simply gone and resent, never a torn frame.
 
 Standard library only (the shim imports this).
 """
@@ -24,12 +26,12 @@ MAX_PAYLOAD = 60 * 1024  # below the default socket buffer, so one packet always
 DATA = b"D"  # stream, offset of the first byte, payload: the bytes
 STARTED = b"S"  # the gate opened and the job was spawned; payload: {"pid": n} JSON
 EXIT = b"X"  # payload: the status record (JSON); offset unused; sent after all DATA
-RESUMED = b"Z"  # stream, offset: answer to RESUME; DATA from here on restarts at offset.
-# DATA queued before RESUMED (read by no one when the old agent died) may lie beyond what the
-# journal has; the agent drops such packets until RESUMED says where the resend begins.
+RESUMED = b"Z"  # stream, offset: answer to RESUME: journaled up to offset, DATA resent from it.
+# DATA queued before RESUMED (read by no one when the old agent died) is dropped by the agent
+# until RESUMED says where the resend begins.
 # agent → shim
-RESUME = b"R"  # stream, offset: resend everything from offset (the journal's end)
-ACK = b"A"  # stream, offset: journaled up to offset; the shim may free what is below
+RESUME = b"R"  # stream: a new agent; offset unused
+WRITE = b"W"  # stream, offset: journal the payload; it covers the stream up to offset
 EXIT_ACK = b"K"  # the agent has recorded the exit: the shim may go
 
 STDOUT, STDERR = 0, 1

@@ -1,15 +1,18 @@
-"""The first process of every task scope: waits at the gate, runs the job, forwards its output.
+"""The first process of every task scope: waits at the gate, runs the job, journals its output.
 
 The agent starts this shim, moves it into a new scope with StartTransientUnit, and only when
 systemd has confirmed the scope (JobRemoved) writes the job's spec to the gate (the shim's
 stdin), so no process of the job ever runs outside its scope. The job gets /dev/null as stdin.
 
-The shim stays as the job's parent inside the scope. It reads the job's stdout and stderr and
-forwards them to the agent over the link (its stdout, a SOCK_SEQPACKET socket; see link.py),
-keeping every byte until the agent acknowledges it, so an agent that dies or restarts loses
-nothing. It ignores the stop signals meant for the job, records the job's exit status and the
-scope's final accounting (a file in the runtime directory and an EXIT packet), and leaves once
-the agent has recorded the exit — or once the agent's end of the link is gone for good.
+The shim stays as the job's parent inside the scope. It reads the job's stdout and stderr,
+forwards them to the agent over the link (its stdout, a SOCK_SEQPACKET socket; see link.py)
+and writes to journald what the agent answers (the lines after the job type's hooks), over
+one journald stream connection per output stream: opened from inside the scope, so journald
+files the lines under the scope. It keeps every byte until it is journaled, so an agent that
+dies or restarts loses nothing; if the agent's end of the link is gone for good, it journals
+the raw output itself. It ignores the stop signals meant for the job, records the job's exit
+status and the scope's final accounting (a file in the runtime directory and an EXIT packet),
+and leaves once the agent has recorded the exit — or once the job ended and the agent is gone.
 Standard library only: this starts once per task and must be cheap.
 """
 
@@ -100,15 +103,78 @@ def _exec_job(spec: dict[str, Any], out_w: int, err_w: int, err_fd: int) -> None
     os._exit(127)
 
 
+JOURNAL_SOCKET = "/run/systemd/journal/stdout"
+RECV_SIZE = 256 * 1024  # a SEQPACKET read shorter than the packet would lose its tail
+
+
+class JournalStream:
+    """One journald stdout-stream connection (the protocol systemd uses for services)."""
+
+    def __init__(self, path: str, identifier: str, priority: int) -> None:
+        self.path = path
+        self.identifier = identifier
+        self.priority = priority
+        self.sock: socket.socket | None = None
+        self.at_line_start = True  # for raw output (no agent): where a prefix goes
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(self.path)
+            sock.shutdown(socket.SHUT_RD)
+            # identifier, unit id, priority, level prefix, to syslog, kmsg, console: journald
+            # then reads "<N>" at the start of each line as that line's priority.
+            sock.sendall(f"{self.identifier}\n\n{self.priority}\n1\n0\n0\n0\n".encode())
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+    def write(self, data: bytes) -> None:
+        """Blocking: a journald slower than the job slows the job, never drops a line."""
+        for attempt in range(50):
+            try:
+                if self.sock is None:
+                    self.connect()
+                assert self.sock is not None
+                self.sock.sendall(data)
+                return
+            except OSError:
+                # journald keeps its streams across its own restarts; a broken one is
+                # reopened (bytes of the failed write may be in the old one already).
+                if self.sock is not None:
+                    self.sock.close()
+                    self.sock = None
+                if attempt:
+                    select.select([], [], [], 0.1)
+
+    def write_raw(self, data: bytes) -> None:
+        """The job's own bytes with the default priority (when no agent formats them)."""
+        prefix = b"<%d>" % self.priority
+        out = data.replace(b"\n", b"\n" + prefix)
+        if self.at_line_start:
+            out = prefix + out
+        if data.endswith(b"\n"):
+            out = out[:-len(prefix)]
+        self.at_line_start = data.endswith(b"\n")
+        self.write(out)
+
+    def finish_raw(self) -> None:
+        if not self.at_line_start:
+            self.write(b"\n")
+            self.at_line_start = True
+
+
 class Stream:
     # A plain class: dataclasses (with inspect) and typing cost the shim ~12 ms of start-up,
     # which is on every task's launch path (bench/REPORT.md).
-    __slots__ = ("base", "buf", "eof", "fd", "index", "sent")
+    __slots__ = ("base", "buf", "eof", "fd", "index", "journal", "sent")
 
-    def __init__(self, index: int, fd: int) -> None:
+    def __init__(self, index: int, fd: int, journal: JournalStream) -> None:
         self.index = index
         self.fd = fd
-        self.base = 0  # absolute offset of buf[0]
+        self.journal = journal
+        self.base = 0  # absolute offset of buf[0]: everything below it is journaled
         self.buf = bytearray()
         self.sent = 0  # absolute offset up to which data went out on the link
         self.eof = False
@@ -124,6 +190,13 @@ class Stream:
             self.base += drop
         self.sent = max(self.sent, self.base)
 
+    def journal_raw(self) -> None:
+        if self.buf:
+            self.journal.write_raw(bytes(self.buf))
+            self.base += len(self.buf)
+            self.sent = self.base
+            self.buf.clear()
+
 
 class Forwarder:
     def __init__(self, sock: socket.socket, streams: list[Stream], pid: int) -> None:
@@ -136,7 +209,7 @@ class Forwarder:
         self.exit_acked = False
         self.resumed: list[Stream] = []  # RESUMED answers owed, sent before any more DATA
         # The agent's end is closed for good (the service was stopped and its fd store
-        # flushed): keep the job's pipes drained until it ends; the status file remains.
+        # flushed): the shim journals the job's raw output itself until the job ends.
         self.link_gone = False
 
     def _send(self, packet: bytes) -> bool:
@@ -146,13 +219,19 @@ class Forwarder:
         except BlockingIOError:
             return False
         except (BrokenPipeError, ConnectionResetError):
-            self.link_gone = True
+            self._lose_link()
             return False
+
+    def _lose_link(self) -> None:
+        if not self.link_gone:
+            self.link_gone = True
+            for s in self.streams:
+                s.journal_raw()
 
     def _pump_out(self) -> None:
         while self.resumed:
             s = self.resumed[0]
-            if not self._send(link.pack(link.RESUMED, s.index, s.sent)):
+            if not self._send(link.pack(link.RESUMED, s.index, s.base)):
                 return
             self.resumed.pop(0)
         for s in self.streams:
@@ -173,26 +252,28 @@ class Forwarder:
     def _handle_link(self) -> None:
         while True:
             try:
-                packet = self.sock.recv(65536)
+                packet = self.sock.recv(RECV_SIZE)
             except BlockingIOError:
                 return
             except ConnectionResetError:
                 packet = b""
             if not packet:
-                self.link_gone = True
+                self._lose_link()
                 return
-            kind, stream, offset, _ = link.unpack(packet)
+            kind, stream, offset, payload = link.unpack(packet)
             if kind == link.EXIT_ACK:
                 self.exit_acked = True
                 return
             if stream >= len(self.streams):
                 continue
             s = self.streams[stream]
-            if kind == link.ACK:
-                s.free_below(offset)
+            if kind == link.WRITE:
+                if offset >= s.base:  # below it: already journaled (never sent twice)
+                    if payload:
+                        s.journal.write(payload)
+                    s.free_below(offset)
             elif kind == link.RESUME:
-                s.free_below(offset)
-                s.sent = max(offset, s.base)
+                s.sent = s.base
                 if s not in self.resumed:
                     self.resumed.append(s)
                 self.exit_sent = False  # a new agent: say it again after the data
@@ -203,15 +284,15 @@ class Forwarder:
         except BlockingIOError:
             return
         if data:
-            if not self.link_gone:
-                s.buf += data
-            else:
+            if self.link_gone:
+                s.journal.write_raw(data)
                 s.base += len(data)
                 s.sent = s.base
+            else:
+                s.buf += data
         else:
             s.eof = True
             os.close(s.fd)
-
     def _reap(self, status_path: str, exec_error: str) -> None:
         _, wstatus = os.waitpid(self.pid, 0)
         os.close(self.pidfd)
@@ -265,6 +346,22 @@ class Forwarder:
                     self._reap(status_path, exec_error)
                 elif (st := wanted.get(fd)) is not None:
                     self._drain(st)
+        if self.link_gone:
+            for s in self.streams:
+                s.journal.finish_raw()
+
+
+def _refuse(sock: socket.socket, status_path: str, reason: str) -> int:
+    """The job cannot run: record why, tell the agent, wait until it has recorded it."""
+    record = {"error": reason, "accounting": read_accounting(own_cgroup_dir())}
+    _write_status(status_path, record)
+    try:
+        sock.send(link.pack(link.EXIT, payload=json.dumps(record).encode()))
+        while (packet := sock.recv(RECV_SIZE)) and link.unpack(packet)[0] != link.EXIT_ACK:
+            pass
+    except OSError:
+        pass  # the agent is gone; the status file tells the next one
+    return 125
 
 
 def main() -> int:
@@ -284,6 +381,17 @@ def main() -> int:
     null_out = os.open(os.devnull, os.O_WRONLY)
     os.dup2(null_out, LINK_FD)  # a stray print must never corrupt the link
     os.close(null_out)
+    # The socket is configurable only for the host tests' stand-in journald.
+    journal_socket = str(spec.get("journal_socket") or JOURNAL_SOCKET)
+    journals = [JournalStream(journal_socket, str(ident), int(prio))
+                for ident, prio in spec["journal"]]
+    try:
+        for j in journals:
+            j.connect()
+    except OSError as exc:
+        # Output that could not be kept: the job does not run at all.
+        return _refuse(sock, status_path, f"cannot connect to journald ({journal_socket}): "
+                                          f"{exc.strerror or exc}")
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
     exec_r, exec_w = os.pipe()  # close-on-exec: EOF without data means exec succeeded
@@ -305,7 +413,8 @@ def main() -> int:
     sock.setblocking(False)
     for fd in (out_r, err_r):
         os.set_blocking(fd, False)
-    fwd = Forwarder(sock, [Stream(link.STDOUT, out_r), Stream(link.STDERR, err_r)], pid)
+    fwd = Forwarder(sock, [Stream(link.STDOUT, out_r, journals[0]),
+                           Stream(link.STDERR, err_r, journals[1])], pid)
     fwd.run(status_path, exec_error)
     record = fwd.exit_record or {}
     if "signal" in record:

@@ -268,7 +268,7 @@ def test_jobtype_from_the_master_runs_in_the_scope_as_the_user(
         rec = assign_wait(ct, d)["tasks"][0]
         assert rec["state"] == "failed", rec
         err = [e["MESSAGE"] for e in journal(ct, f"FARMNODE_TASK={d['tasks'][0]['id']}")
-               if e.get("FARMNODE_STREAM") == "stderr"]
+               if e.get("SYSLOG_IDENTIFIER") == "farmnode-stderr"]
         assert any("broken on purpose" in m for m in err), err
         # With the master away, the newest cached source still runs.
         master.vanish()
