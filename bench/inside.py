@@ -337,12 +337,6 @@ def step_throughput(args: argparse.Namespace) -> dict[str, Any]:
         ident = f"fnbench-{time.monotonic_ns()}"
         sh(*UNLIMITED, "--", "systemd-cat", "-t", ident, *gen)
         match = [f"SYSLOG_IDENTIFIER={ident}"]
-    elif mode == "native":
-        # journald's ingestion of native entries with farmnode's fields, from a bare loop
-        ident = f"fnbench-{time.monotonic_ns()}"
-        sh(*UNLIMITED, "--", "/opt/farmnode/bin/python", "/src/bench/inside.py", "native-writer",
-           "--lines", str(args.lines), "--ident", ident)
-        match = [f"FARMNODE_ASSIGNMENT={ident}"]
     else:
         if mode == "blender":
             # the blender job type runs "<blender> -b <file> -s 1 -e 1 -j 1 -a"
@@ -352,7 +346,7 @@ def step_throughput(args: argparse.Namespace) -> dict[str, Any]:
             a = assignment(gen)
         aid = sh("farmnode", "assign", "-", input=json.dumps(a)).strip().split()[-1]
         farmnode_wait(aid)
-        match = [f"FARMNODE_ASSIGNMENT={aid}", "FARMNODE_STREAM=stdout"]
+        match = [f"FARMNODE_ASSIGNMENT={aid}", "SYSLOG_IDENTIFIER=farmnode-stdout"]
     journal_sync()
     t1 = time.time()
     agent1, journald1 = cpu_usec("farmnode.service"), cpu_usec("systemd-journald.service")
@@ -369,23 +363,11 @@ def step_throughput(args: argparse.Namespace) -> dict[str, Any]:
     # watchdog) and stayed answering
     result["agent_restarted"] = (
         sh("systemctl", "show", "-P", "MainPID", "farmnode.service").strip() != pid0)
-    if mode not in ("floor", "floor_blender", "native"):
+    if mode not in ("floor", "floor_blender"):
         tasks = sh("farmnode", "--json", "tasks", check=False)
         result["task_states"] = [t["state"] for t in json.loads(tasks or "[]")
                                  if t["assignment_id"] == aid]
     return result
-
-
-def step_native_writer(args: argparse.Namespace) -> dict[str, Any]:
-    from farmnode.systemd.journal import TaskLogFields, write_line
-
-    fields = TaskLogFields("fnbench-native.scope", 1, args.ident, (1,)).static_fields()
-    offset = 0
-    for i in range(1, args.lines + 1):
-        text = str(i)
-        write_line(fields, 0, i, offset, offset + len(text) + 1, 6, text)
-        offset += len(text) + 1
-    return {}
 
 
 @contextlib.contextmanager
@@ -518,7 +500,7 @@ def step_restart(args: argparse.Namespace) -> dict[str, Any]:
 
 STEPS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "setup": step_setup, "latency": step_latency, "throughput": step_throughput,
-    "native-writer": step_native_writer, "footprint": step_footprint, "scale": step_scale,
+"footprint": step_footprint, "scale": step_scale,
     "restart": step_restart,
 }
 

@@ -250,7 +250,7 @@ def throughput(ct: Container, plan: Plan) -> list[dict[str, Any]]:
             runs.append(inside(ct, "throughput", "--mode", mode, "--lines", plan.big_lines,
                                timeout=3600))
     for rep in range(plan.small_reps):
-        for mode in ("floor", "command", "floor_blender", "blender", "native"):
+        for mode in ("floor", "command", "floor_blender", "blender"):
             # interleaved: noise hits every mode alike
             log(f"    {mode}: {plan.small_lines} lines, round {rep + 1}")
             runs.append(inside(ct, "throughput", "--mode", mode, "--lines", plan.small_lines))
