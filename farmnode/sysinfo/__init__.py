@@ -1,5 +1,5 @@
 """sysinfo: facts about this host for the master — CPUs, RAM, disks, NICs, GPUs (issue [4]).
-May import the standard library, psutil and pyroute2 only.
+May import the standard library and psutil only.
 
 `collect()` gathers everything at once (announce); the sync loop re-reads the cheap,
 changing facts (free RAM, disks) itself through `farmnode.sysinfo.host`.
@@ -73,7 +73,7 @@ async def collect() -> HostFacts:
     try:
         macs = await net.mac_addresses()
         addrs = await net.ip_addresses()
-    except Exception as exc:  # netlink refused (seccomp, odd namespace): announce anyway
+    except Exception as exc:  # sysfs or getifaddrs failed (odd namespace): announce anyway
         log.warning("cannot read network interfaces: %s", exc)
         errors.append(f"network: {exc}")
     return HostFacts(mac_addresses=tuple(macs), ip_addresses=tuple(addrs),
