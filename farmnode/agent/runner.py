@@ -329,6 +329,7 @@ class AssignmentRun:
             fdstore.remove(self.fd_name)
             ours.close()
             await self.scopes.stop_scope(self.unit)
+            remove_unit_settings(self.unit)
             self._finish_all(TaskState.FAILED, f"cannot set the task's journald settings: {exc}",
                              None)
             return
