@@ -1,12 +1,24 @@
-"""gunicorn settings for farmnode-api.service (`gunicorn -c python:farmnode.api.gunicorn_conf`).
+"""gunicorn settings for farmnode-api.service (`python3 -m farmnode.api -c
+python:farmnode.api.gunicorn_conf ...`, see farmnode.api.__main__).
 
 The listening sockets come from systemd (LISTEN_FDS): no `bind` here. Threads rather than
 processes: requests mostly wait on D-Bus, and an event stream holds one thread.
 """
 
+from __future__ import annotations
+
+import gc
+from typing import Any
+
 worker_class = "gthread"
 workers = 1
 threads = 32
+# The app (Falcon, sdbus, the config loader) is imported once, by the master, before the
+# worker is forked: an import error fails the start itself (before READY=1, not in a worker
+# after systemd was told the service is up), and a worker that dies is replaced without
+# importing anything. Nothing in the app opens a file, a thread or a bus connection at
+# import time (client.py opens one per thread, on first use): nothing crosses the fork.
+preload_app = True
 # Event streams would hold a graceful stop for this long; they reconnect (retry: 2000).
 graceful_timeout = 5
 keepalive = 5
@@ -18,3 +30,12 @@ accesslog = "-"
 errorlog = "-"
 access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms "%(a)s"'
 proc_name = "farmnode-api"
+
+
+def when_ready(server: Any) -> None:
+    """In the master, after the app is loaded and before the worker is forked: keep what
+    the start imported out of the garbage collector's reach (it is never garbage; the
+    worker's collector then neither scans nor copies those pages) and switch the collector
+    back on, which `python3 -m farmnode.api` switched off for the start."""
+    gc.freeze()
+    gc.enable()

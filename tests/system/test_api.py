@@ -144,7 +144,17 @@ def test_socket_activation_starts_gunicorn_on_first_request(api: Api) -> None:
     assert api.service("ActiveState") == "active"
     pid = api.service("MainPID")
     cmdline = api.ct.run(["cat", f"/proc/{pid}/cmdline"]).stdout.replace("\0", " ")
-    assert "gunicorn" in cmdline and "--bind" not in cmdline
+    assert "-m farmnode.api " in cmdline and "--bind" not in cmdline, cmdline
+    # The main process is gunicorn's master and took systemd's socket (LISTEN_PID matched).
+    listening = f"Listening at: http://[::]:{api.port} ({pid})"
+    for _ in range(50):
+        api.ct.run(["journalctl", "--sync"])
+        log = api.ct.run(["journalctl", "-u", "farmnode-api.service", "-o", "cat",
+                          "--no-pager", f"_PID={pid}"]).stdout
+        if listening in log:
+            break
+        time.sleep(0.1)
+    assert "Starting gunicorn" in log and listening in log, log[-2000:]
     user = api.ct.run(["ps", "-o", "user:32=,group:32=", "-p", pid]).stdout.split()
     assert user == ["farmnode-api", "farmnode"]
     # IPv6 on the same socket
