@@ -312,6 +312,8 @@ def step_latency(args: argparse.Namespace) -> dict[str, Any]:
     for _ in range(args.cold_reps):
         # The socket stays; the service goes: the next connection starts gunicorn again.
         sh("systemctl", "stop", "farmnode-api.service")
+        # systemd's default start limit (5 starts in 10 s) would refuse the later rounds
+        sh("systemctl", "reset-failed", "farmnode-api.service", check=False)
         api.close()
         api = Http(args.port)
         farmnode_job(http_assign, "http_first")
