@@ -380,10 +380,16 @@ class Agent:
         inherited = fdstore.inherited()
         active = self.store.active_assignments()
         for a in active:
-            fds = inherited.pop(f"{fdstore.PREFIX}{a.id}", [])
+            run = self._new_run(a)
+            fds = inherited.pop(fdstore.link_name(a.id, link.VERSION), [])
+            if not fds:
+                fds = inherited.pop(fdstore.link_name(a.id, 1), [])
+                if fds:
+                    log.info("assignment %s: its shim speaks link protocol 1 (an older "
+                             "farmnode started it); journaling its lines the old way", a.id)
+                    run.link_version = 1
             for extra in fds[1:]:
                 os.close(extra)
-            run = self._new_run(a)
             starts = [rec.started for rec in self.store.tasks(a.id) if rec.started]
             run.started_at = min(starts) if starts else None
             if fds:

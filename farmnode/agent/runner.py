@@ -34,6 +34,8 @@ from farmnode.systemd.journal import (
     TaskLogFields,
     export_unit_settings,
     format_line,
+    legacy_resume_point,
+    legacy_write_line,
     remove_unit_settings,
 )
 from farmnode.systemd.scope import ScopeError, ScopeLimits, ScopeManager, scope_properties
@@ -112,6 +114,7 @@ class StreamState:
 
     index: int
     journaled: int = 0  # bytes of the stream covered by WRITEs sent to the shim
+    line_no: int = 0  # link protocol 1 only (FARMNODE_LINE)
     pending: bytes = b""  # received, not yet a whole line
     resuming: bool = False  # RESUME sent, RESUMED not yet seen: stale DATA may be queued
 
@@ -130,6 +133,9 @@ class WriteBatch:
         self._parts: list[bytes] = []
         self._size = 0
         self._end = -1
+
+    def add_line(self, st: StreamState, priority: int, text: str | None, end: int) -> None:
+        self.add(format_line(priority, text) if text is not None else b"", end)
 
     def add(self, formatted: bytes, end: int) -> None:
         if len(formatted) > link.MAX_PAYLOAD:
@@ -153,6 +159,25 @@ class WriteBatch:
         return self.packets
 
 
+class NativeBatch(WriteBatch):
+    """Link protocol 1 (a shim an older agent started): the agent journals each line itself
+    and acknowledges the offset journaled up to."""
+
+    def __init__(self, stream: int, fields: TaskLogFields) -> None:
+        super().__init__(stream)
+        self.fields = fields
+
+    def add_line(self, st: StreamState, priority: int, text: str | None, end: int) -> None:
+        st.line_no += 1
+        if text is not None:
+            legacy_write_line(self.fields, st.index, st.line_no, st.journaled, end, priority,
+                              text)
+        self._end = end
+
+    def done(self) -> list[bytes]:
+        return [link.pack(link.ACK, self.stream, self._end)] if self._end >= 0 else []
+
+
 @dataclass
 class AssignmentRun:
     """One assignment's life. `report_*` are the agent core's entries for state changes."""
@@ -170,6 +195,7 @@ class AssignmentRun:
     started: bool = False
     started_at: float | None = None  # wall clock, for task_max_runtime across restarts
     adopting: bool = False  # taken over from a previous agent process
+    link_version: int = link.VERSION  # of the shim's protocol (an adopted one may be older)
     # Refreshes the on-disk cache of a job type the master serves ([4]); None: standalone.
     fetch_jobtype: Callable[[str, int], Awaitable[None]] | None = None
     _finished: set[int] = field(default_factory=set)
@@ -187,7 +213,7 @@ class AssignmentRun:
 
     @property
     def fd_name(self) -> str:
-        return f"{fdstore.PREFIX}{self.assignment.id}"
+        return fdstore.link_name(self.assignment.id, self.link_version)
 
     # TaskReporter for the job type
     def set_task_state(self, task_id: int, state: TaskState, reason: str | None = None) -> None:
@@ -344,9 +370,15 @@ class AssignmentRun:
         sock.setblocking(False)
         streams = [StreamState(link.STDOUT), StreamState(link.STDERR)]
         if resume:
+            if self.link_version == 1:
+                # Lines the dead agent sent may still sit in journald's queue.
+                await loop.run_in_executor(None, _journal_sync)
             for st in streams:
+                if self.link_version == 1:
+                    st.journaled, st.line_no = await loop.run_in_executor(
+                        None, legacy_resume_point, self.assignment.id, st.index)
                 st.resuming = True
-                await loop.sock_sendall(sock, link.pack(link.RESUME, st.index))
+                await loop.sock_sendall(sock, link.pack(link.RESUME, st.index, st.journaled))
         self.attached.set()
         timer = self._arm_timeout(loop)
         record: dict[str, Any] | None = None
@@ -365,6 +397,9 @@ class AssignmentRun:
                 # resends what follows.
                 st = streams[stream]
                 st.resuming = False
+                if self.link_version == 1 and offset > st.journaled:
+                    log.error("assignment %s stream %d: bytes %d..%d lost (the shim no longer "
+                              "had them)", self.assignment.id, st.index, st.journaled, offset)
                 st.journaled, st.pending = offset, b""
             elif kind == link.DATA and stream < len(streams):
                 self._mark_started()
@@ -429,7 +464,7 @@ class AssignmentRun:
             return []  # queued before our RESUME; the shim resends it after RESUMED
         if offset + len(payload) <= st.received:
             return []  # already had it
-        batch = WriteBatch(st.index)
+        batch = self._batch(st)
         if offset > st.received:
             log.error("assignment %s stream %d: bytes %d..%d lost", self.assignment.id,
                       st.index, st.received, offset)
@@ -452,9 +487,15 @@ class AssignmentRun:
 
     def _flush_pending(self, st: StreamState) -> list[bytes]:
         """A last line with no newline (end of output)."""
-        batch = WriteBatch(st.index)
+        batch = self._batch(st)
         self._flush_into(batch, st)
         return batch.done()
+
+    def _batch(self, st: StreamState) -> WriteBatch:
+        if self.link_version == 1:
+            assert self._log_fields is not None
+            return NativeBatch(st.index, self._log_fields)
+        return WriteBatch(st.index)
 
     def _flush_into(self, batch: WriteBatch, st: StreamState) -> None:
         if st.pending:
@@ -475,7 +516,7 @@ class AssignmentRun:
                 log.warning("job type %s line hook failed: %s", self.assignment.jobtype.name,
                             exc)
                 out, priority = text, DEFAULT_PRIORITIES[st.index]
-        batch.add(format_line(priority, out) if out is not None else b"", next_offset)
+        batch.add_line(st, priority, out, next_offset)
         st.journaled = next_offset
 
     # ---- the end ---------------------------------------------------------------------
@@ -550,6 +591,10 @@ def _spawn_shim(gate_r: int, link_fd: int) -> subprocess.Popen[bytes]:
         stdin=gate_r, stdout=link_fd, stderr=subprocess.DEVNULL, start_new_session=True,
         close_fds=True,
     )
+
+
+def _journal_sync() -> None:
+    subprocess.run(["journalctl", "--sync"], check=False, timeout=30)
 
 
 async def _wait_process(proc: subprocess.Popen[bytes]) -> None:

@@ -11,7 +11,13 @@ import os
 
 from systemd import daemon
 
-PREFIX = "task-"
+# A task link's name says its protocol (link.py): an agent adopting a link a different
+# version stored (an upgrade with tasks running) must know which one the shim speaks.
+PREFIXES = {1: "task-", 2: "link2-"}
+
+
+def link_name(assignment_id: str, version: int) -> str:
+    return f"{PREFIXES[version]}{assignment_id}"
 
 
 def available() -> bool:

@@ -103,8 +103,45 @@ def _atomic_symlink(target: str, path: Path) -> None:
     os.rename(tmp, path)
 
 
+# ---- link protocol 1 ------------------------------------------------------------------------
+# A shim started by an agent older than the stream path does not write to journald: after
+# an upgrade the agent journals that task's lines itself, as that agent did, until it ends.
+
+def legacy_write_line(fields: TaskLogFields, stream: int, line_no: int, offset: int,
+                      next_offset: int, priority: int, message: str) -> None:
+    """One line as a native entry; the last entry's FARMNODE_NEXT is where to resume."""
+    from systemd import journal
+
+    journal.sendv(
+        f"MESSAGE={message}", f"PRIORITY={priority}", f"FARMNODE_STREAM={STREAM_NAMES[stream]}",
+        f"FARMNODE_LINE={line_no}", f"FARMNODE_OFFSET={offset}", f"FARMNODE_NEXT={next_offset}",
+        f"OBJECT_SYSTEMD_UNIT={fields.unit}", "SYSLOG_IDENTIFIER=farmnode-task",
+        *fields.fields(),
+    )
+
+
+def legacy_resume_point(assignment_id: str, stream: int) -> tuple[int, int]:
+    """(offset, line number) after the last native line of the stream, (0, 0) if none; the
+    caller must have made journald process what was sent to it (journalctl --sync)."""
+    from systemd import journal
+
+    reader = journal.Reader()
+    try:
+        reader.add_match(FARMNODE_ASSIGNMENT=assignment_id, FARMNODE_STREAM=STREAM_NAMES[stream])
+        reader.seek_tail()
+        entry = reader.get_previous()
+        if not entry:
+            return 0, 0
+        return int(entry["FARMNODE_NEXT"]), int(entry["FARMNODE_LINE"])
+    finally:
+        reader.close()
+
+
 def stream_of(entry: Mapping[str, object]) -> str | None:
     """'stdout'/'stderr' for a task's output entry, None for any other entry."""
+    legacy = entry.get("FARMNODE_STREAM")  # written through link protocol 1
+    if legacy in STREAM_NAMES:
+        return str(legacy)
     ident = entry.get("SYSLOG_IDENTIFIER")
     if ident in IDENTIFIERS:
         return STREAM_NAMES[IDENTIFIERS.index(str(ident))]

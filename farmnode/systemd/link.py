@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import struct
 
+VERSION = 2  # of this protocol; version 1 (before WRITE) is in the note at the end
 HEADER = struct.Struct("!cBQ")  # kind, stream, offset
 MAX_PAYLOAD = 60 * 1024  # below the default socket buffer, so one packet always fits
 
@@ -33,6 +34,10 @@ RESUMED = b"Z"  # stream, offset: answer to RESUME: journaled up to offset, DATA
 RESUME = b"R"  # stream: a new agent; offset unused
 WRITE = b"W"  # stream, offset: journal the payload; it covers the stream up to offset
 EXIT_ACK = b"K"  # the agent has recorded the exit: the shim may go
+# Version 1: the agent journaled lines itself (native entries carrying FARMNODE_OFFSET/NEXT),
+# sent RESUME with the offset after the last journaled line and ACK(stream, offset) instead
+# of WRITE. A shim of version 1 keeps running through an upgrade; the agent still speaks it.
+ACK = b"A"
 
 STDOUT, STDERR = 0, 1
 

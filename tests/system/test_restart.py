@@ -97,3 +97,36 @@ def test_stop_stops_tasks_gracefully(ct: Container) -> None:
     msgs = [e["MESSAGE"] for e in journal(ct, f"FARMNODE_TASK={task_id}")]
     # SIGTERM went to every process of the scope (sh reports its sleep 'Terminated')
     assert msgs[0] == "ready" and "got TERM" in msgs, msgs
+
+
+def test_upgrade_from_link_protocol_1_loses_nothing(ct: Container) -> None:
+    """A task started by the farmnode before the stream output path (link protocol 1, whose
+    shim leaves journaling to the agent; tests/data/link1 is that build, commit f95727e)
+    runs on through an upgrade: the new agent speaks its protocol until it ends."""
+    wheel = "/src/tests/data/link1/farmnode-0.1.0-py3-none-any.whl"
+    pip = "/opt/farmnode/bin/pip install -q --no-deps --no-index --force-reinstall"
+    ct.sh(f"{pip} {wheel}\nsystemctl restart farmnode.service")
+    try:
+        a = _counting_job(0)
+        task_id = a["tasks"][0]["id"]  # type: ignore[index]
+        aid = farmnode(ct, "assign", "-", input=json.dumps(a)).stdout.strip()
+        farmnode(ct, "wait", aid, "--until", "running")
+        old_lines = [e for e in journal(ct, f"FARMNODE_TASK={task_id}")
+                     if e.get("FARMNODE_STREAM") == "stdout"]
+        assert old_lines and "FARMNODE_NEXT" in old_lines[0]  # the old agent's native entries
+    finally:
+        # the upgrade, in the middle of the output
+        ct.sh(f"{pip} /wheels/farmnode-*.whl\nsystemctl restart farmnode.service")
+    assert farmnode(ct, "wait", aid, check=False).returncode == 0
+    rec = next(t for t in json.loads(farmnode(ct, "--json", "tasks").stdout)
+               if t["id"] == task_id)
+    assert rec["state"] == "done" and rec["exit_code"] == 0, rec
+    entries = journal(ct, f"FARMNODE_TASK={task_id}")
+    out = [e["MESSAGE"] for e in entries if e.get("FARMNODE_STREAM") == "stdout"]
+    assert out == [f"line {n}" for n in range(1, LINES + 1)], (len(out), out[-3:])
+    assert [e["MESSAGE"] for e in entries if e.get("FARMNODE_STREAM") == "stderr"] == ["bye"]
+    assert len(old_lines) < LINES  # the upgrade did land mid-output
+    agent_log = ct.run(["journalctl", "-u", "farmnode.service", "-o", "cat", "--no-pager"]).stdout
+    assert f"assignment {aid}: its shim speaks link protocol 1" in agent_log
+    # and `farmnode logs` (the new CLI) reads both kinds of entry
+    assert "line 4000" in farmnode(ct, "logs", str(task_id)).stdout
