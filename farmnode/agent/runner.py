@@ -410,6 +410,10 @@ class AssignmentRun:
                 # watchdog: 10 M lines got the agent killed). One yield per packet (~60 KB).
                 await asyncio.sleep(0)
             elif kind == link.EXIT:
+                if any(st.resuming for st in streams):
+                    # Sent to the previous agent before our RESUME: output behind it may have
+                    # been dropped as stale here. The shim says EXIT again after the resend.
+                    continue
                 record = json.loads(payload)
         if timer is not None:
             timer.cancel()
