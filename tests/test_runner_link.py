@@ -52,6 +52,11 @@ def packets(sock: socket.socket) -> list[tuple[bytes, int, int, bytes]]:
     return out
 
 
+def nonce_of(seen: list[tuple[bytes, int, int, bytes]]) -> bytes:
+    (nonce,) = {p[2] for p in seen if p[0] == link.RESUME}  # one per agent, both streams
+    return int(nonce).to_bytes(8, "big")
+
+
 def test_stale_exit_before_resumed_is_not_taken(tmp_path: Path) -> None:
     """The shim sent its last stderr line and EXIT to an agent that died unread; the new
     agent must not conclude on that EXIT (it drops the stale DATA before RESUMED) but on the
@@ -69,8 +74,9 @@ def test_stale_exit_before_resumed_is_not_taken(tmp_path: Path) -> None:
         while sum(1 for p in seen if p[0] == link.RESUME) < 2:
             await asyncio.sleep(0.01)
             seen += packets(shim)
-        shim.send(link.pack(link.RESUMED, link.STDOUT, 0))
-        shim.send(link.pack(link.RESUMED, link.STDERR, 0))
+        nonce = nonce_of(seen)
+        shim.send(link.pack(link.RESUMED, link.STDOUT, 0, nonce))
+        shim.send(link.pack(link.RESUMED, link.STDERR, 0, nonce))
         shim.send(link.pack(link.DATA, link.STDERR, 0, b"bye\n"))
         shim.send(link.pack(link.EXIT, payload=record))
         while not any(p[0] == link.EXIT_ACK for p in seen):
@@ -94,7 +100,8 @@ def test_stale_exit_before_resumed_is_not_taken(tmp_path: Path) -> None:
 
 
 def test_resumed_offset_is_where_writes_continue(tmp_path: Path) -> None:
-    """A new agent learns from RESUMED how far the shim journaled, and its WRITEs cover the
+    """A new agent learns from the RESUMED with its own nonce how far the shim journaled
+    (not from one meant for an agent that died while resuming), and its WRITEs cover the
     resent bytes from there on."""
     run, states, _ = make_run(tmp_path)
     agent_end, shim = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -104,8 +111,12 @@ def test_resumed_offset_is_where_writes_continue(tmp_path: Path) -> None:
         while sum(1 for p in seen if p[0] == link.RESUME) < 2:
             await asyncio.sleep(0.01)
             seen += packets(shim)
-        shim.send(link.pack(link.RESUMED, link.STDOUT, 8))  # "one\ntwo\n" is journaled
-        shim.send(link.pack(link.RESUMED, link.STDERR, 0))
+        nonce = nonce_of(seen)
+        # the answers to an agent that died while resuming, and what followed them, first
+        shim.send(link.pack(link.RESUMED, link.STDOUT, 4, b"\0" * 8))
+        shim.send(link.pack(link.DATA, link.STDOUT, 4, b"two\nthree\nfo"))
+        shim.send(link.pack(link.RESUMED, link.STDOUT, 8, nonce))  # "one\ntwo\n" journaled
+        shim.send(link.pack(link.RESUMED, link.STDERR, 0, nonce))
         shim.send(link.pack(link.DATA, link.STDOUT, 8, b"three\nfo"))
         shim.send(link.pack(link.EXIT, payload=json.dumps({"exit_code": 0}).encode()))
         while not any(p[0] == link.EXIT_ACK for p in seen):

@@ -153,9 +153,9 @@ def test_resume_resends_what_is_not_journaled_after_resumed(tmp: Path) -> None:
             break
     # The old agent wrote "one" and died; its WRITE is still carried out.
     shim.send(link.WRITE, 0, 4, b"<6>one\n")
-    shim.send(link.RESUME, 0)
-    kind, stream, offset, _ = next(p for p in shim.packets() if p[0] != link.DATA)
-    assert (kind, stream, offset) == (link.RESUMED, 0, 4)
+    shim.send(link.RESUME, 0, 77)  # the nonce comes back with the answer
+    kind, stream, offset, nonce = next(p for p in shim.packets() if p[0] != link.DATA)
+    assert (kind, stream, offset, nonce) == (link.RESUMED, 0, 4, (77).to_bytes(8, "big"))
     kind, stream, offset, payload = next(shim.packets())
     assert (kind, stream, offset, payload) == (link.DATA, 0, 4, b"two\n")
     shim.send(link.WRITE, 0, 8, b"<6>two\n")

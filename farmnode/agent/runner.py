@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import pwd
+import secrets
 import socket
 import subprocess
 import sys
@@ -369,6 +370,7 @@ class AssignmentRun:
         loop = asyncio.get_running_loop()
         sock.setblocking(False)
         streams = [StreamState(link.STDOUT), StreamState(link.STDERR)]
+        nonce = secrets.randbits(63)
         if resume:
             if self.link_version == 1:
                 # Lines the dead agent sent may still sit in journald's queue.
@@ -378,7 +380,10 @@ class AssignmentRun:
                     st.journaled, st.line_no = await loop.run_in_executor(
                         None, legacy_resume_point, self.assignment.id, st.index)
                 st.resuming = True
-                await loop.sock_sendall(sock, link.pack(link.RESUME, st.index, st.journaled))
+                # protocol 1 takes the resume point in the offset field; 2 a nonce to echo
+                await loop.sock_sendall(sock, link.pack(
+                    link.RESUME, st.index,
+                    st.journaled if self.link_version == 1 else nonce))
         self.attached.set()
         timer = self._arm_timeout(loop)
         record: dict[str, Any] | None = None
@@ -395,6 +400,8 @@ class AssignmentRun:
             elif kind == link.RESUMED and stream < len(streams):
                 # The shim journaled up to offset (WRITEs of the previous agent included) and
                 # resends what follows.
+                if self.link_version != 1 and payload != nonce.to_bytes(8, "big"):
+                    continue  # the answer to an agent that died while resuming
                 st = streams[stream]
                 st.resuming = False
                 if self.link_version == 1 and offset > st.journaled:

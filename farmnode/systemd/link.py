@@ -27,11 +27,12 @@ MAX_PAYLOAD = 60 * 1024  # below the default socket buffer, so one packet always
 DATA = b"D"  # stream, offset of the first byte, payload: the bytes
 STARTED = b"S"  # the gate opened and the job was spawned; payload: {"pid": n} JSON
 EXIT = b"X"  # payload: the status record (JSON); offset unused; sent after all DATA
-RESUMED = b"Z"  # stream, offset: answer to RESUME: journaled up to offset, DATA resent from it.
-# DATA queued before RESUMED (read by no one when the old agent died) is dropped by the agent
-# until RESUMED says where the resend begins.
+RESUMED = b"Z"  # stream, offset: answer to RESUME: journaled up to offset, DATA resent from it;
+# payload: the RESUME's nonce (8 bytes). Packets queued before it (read by no one when the old
+# agent died: DATA, EXIT, even the RESUMED of an agent that died while resuming) are stale:
+# the agent drops them until the RESUMED that carries its own nonce.
 # agent → shim
-RESUME = b"R"  # stream: a new agent; offset unused
+RESUME = b"R"  # stream, offset: a new agent; the offset field carries its nonce
 WRITE = b"W"  # stream, offset: journal the payload; it covers the stream up to offset
 EXIT_ACK = b"K"  # the agent has recorded the exit: the shim may go
 # Version 1: the agent journaled lines itself (native entries carrying FARMNODE_OFFSET/NEXT),

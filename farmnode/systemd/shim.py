@@ -168,7 +168,7 @@ class JournalStream:
 class Stream:
     # A plain class: dataclasses (with inspect) and typing cost the shim ~12 ms of start-up,
     # which is on every task's launch path (bench/REPORT.md).
-    __slots__ = ("base", "buf", "eof", "fd", "index", "journal", "sent")
+    __slots__ = ("base", "buf", "eof", "fd", "index", "journal", "nonce", "sent")
 
     def __init__(self, index: int, fd: int, journal: JournalStream) -> None:
         self.index = index
@@ -178,6 +178,7 @@ class Stream:
         self.buf = bytearray()
         self.sent = 0  # absolute offset up to which data went out on the link
         self.eof = False
+        self.nonce = 0  # of the last RESUME, echoed in RESUMED
 
     @property
     def end(self) -> int:
@@ -231,7 +232,8 @@ class Forwarder:
     def _pump_out(self) -> None:
         while self.resumed:
             s = self.resumed[0]
-            if not self._send(link.pack(link.RESUMED, s.index, s.base)):
+            if not self._send(link.pack(link.RESUMED, s.index, s.base,
+                                        s.nonce.to_bytes(8, "big"))):
                 return
             self.resumed.pop(0)
         for s in self.streams:
@@ -274,6 +276,7 @@ class Forwarder:
                     s.free_below(offset)
             elif kind == link.RESUME:
                 s.sent = s.base
+                s.nonce = offset
                 if s not in self.resumed:
                     self.resumed.append(s)
                 self.exit_sent = False  # a new agent: say it again after the data
