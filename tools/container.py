@@ -17,6 +17,7 @@ Used by tests/system (pytest fixture), bench/ and the demo; also a small CLI:
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
 import shutil
@@ -128,10 +129,35 @@ def ensure_tree() -> Path:
         if not (tree / ".farmnode-tree-complete").exists():
             raise
     for old in CACHE_ROOT.glob("tree-*"):
-        if old != tree:
-            shutil.rmtree(old, ignore_errors=True)
+        if old != tree and old.is_dir():
+            _remove_unused_tree(old)
     _log(f"built {tree} in {time.monotonic() - t0:.0f}s")
     return tree
+
+
+def _tree_lock(tree: Path) -> Path:
+    return tree.with_name(f"{tree.name}.lock")
+
+
+@contextlib.contextmanager
+def using_tree(tree: Path) -> Iterator[None]:
+    """A shared lock on the tree for as long as a container runs from it."""
+    with open(_tree_lock(tree), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_SH)
+        yield
+
+
+def _remove_unused_tree(tree: Path) -> None:
+    # Another run (a concurrent session whose recipe is older) may have containers booted
+    # from it: deleting the tree under them broke them. Only a tree nobody holds goes.
+    with open(_tree_lock(tree), "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            _log(f"kept {tree}: a container runs from it")
+            return
+        shutil.rmtree(tree, ignore_errors=True)
+        _tree_lock(tree).unlink(missing_ok=True)
 
 
 class CommandFailed(RuntimeError):
@@ -248,15 +274,16 @@ def booted(name: str, install: bool = True,
         build_farmnode_wheel(wheels)
         mounts += [(REPO, "/src"), (wheels, "/wheels")]
     ct = Container(name=name, tree=tree, binds=mounts)
-    try:
-        ct.boot()
-        if install:
-            install_farmnode(ct)
-        yield ct
-    finally:
-        ct.shutdown()
-        shutil.rmtree(wheels, ignore_errors=True)
-        ct.log_path.unlink(missing_ok=True)
+    with using_tree(tree):
+        try:
+            ct.boot()
+            if install:
+                install_farmnode(ct)
+            yield ct
+        finally:
+            ct.shutdown()
+            shutil.rmtree(wheels, ignore_errors=True)
+            ct.log_path.unlink(missing_ok=True)
 
 
 def main(argv: list[str]) -> int:

@@ -24,7 +24,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from container import CACHE_ROOT, Container, build_farmnode_wheel, ensure_tree, install_farmnode
+from container import (
+    CACHE_ROOT,
+    Container,
+    build_farmnode_wheel,
+    ensure_tree,
+    install_farmnode,
+    using_tree,
+)
 
 from tests.master_stub import MasterStub
 from tests.system.conftest import assignment
@@ -134,7 +141,7 @@ def fleet() -> Iterator[tuple[MasterStub, list[Container]]]:
     mids = CACHE_ROOT / f"fleet-ids-{os.getpid()}"
     mids.mkdir(exist_ok=True)
     cts: list[Container] = []
-    with inotify_instances(8192), network(FLEET_SIZE) as names, \
+    with using_tree(tree), inotify_instances(8192), network(FLEET_SIZE) as names, \
             MasterStub(MASTER_IP, allow_loopback=False) as master:
         try:
             with concurrent.futures.ThreadPoolExecutor(4) as pool:
@@ -153,6 +160,8 @@ def fleet() -> Iterator[tuple[MasterStub, list[Container]]]:
         finally:
             with concurrent.futures.ThreadPoolExecutor(8) as pool:
                 list(pool.map(lambda c: c.shutdown(), cts))
+            for ct in cts:
+                ct.log_path.unlink(missing_ok=True)
             shutil.rmtree(wheels, ignore_errors=True)
             shutil.rmtree(mids, ignore_errors=True)
 
