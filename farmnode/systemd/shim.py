@@ -72,6 +72,16 @@ def _set_oom_score_adj(value: int) -> None:
         pass
 
 
+def _set_name(name: str) -> None:
+    # ps, top and journald's _COMM (the lines it writes come from this process) show this
+    # instead of "python3".
+    try:
+        with open("/proc/self/comm", "w") as f:
+            f.write(name)
+    except OSError:
+        pass
+
+
 def _exec_job(spec: dict[str, Any], out_w: int, err_w: int, err_fd: int) -> None:
     """In the forked child: wire stdio, drop privileges, enter cwd, exec. Never returns."""
     stage = "setup"
@@ -378,6 +388,7 @@ def main() -> int:
     os.close(devnull)
     status_path = str(spec["status_path"])
     _set_oom_score_adj(-1000)
+    _set_name("farmnode-shim")
     for sig in SHIELDED:
         signal.signal(sig, signal.SIG_IGN)
     sock = socket.socket(fileno=os.dup(LINK_FD))

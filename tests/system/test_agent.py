@@ -68,7 +68,8 @@ def test_ten_frame_job_over_cli_and_busctl(ct: Container) -> None:
         numbered = [e["MESSAGE"] for e in entries if e["MESSAGE"].startswith("line ")]
         assert numbered == [f"line {frame}:{k}" for k in range(1, lines + 1)], numbered
         # written from inside the scope, with the task's fields from its journald settings
-        assert all(e["_SYSTEMD_UNIT"] == unit for e in entries)
+        assert all(e["_SYSTEMD_UNIT"] == unit and e["_COMM"] == "farmnode-shim"
+                   for e in entries)
         assert all(e["FARMNODE_ASSIGNMENT"] == aid and e["FARMNODE_TASK"] == str(task_id)
                    and e["FARMNODE_JOBTYPE"] == "fakerender" for e in entries)
         assert {e["PRIORITY"] for e in entries if e["SYSLOG_IDENTIFIER"] == "farmnode-stdout"} \
