@@ -61,3 +61,32 @@ def test_fakerender_help_works() -> None:
     r = subprocess.run([sys.executable, "-m", "farmnode.jobtypes.fakerender_cmd", "--help"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "25% chance" in r.stdout, r.stderr
+
+
+def test_wait_reads_the_tasks_again_when_the_agent_changes() -> None:
+    """A change a dying agent stored but never signalled is not missed: on a new owner of the
+    bus name (`_subscribe` queues RESYNC) `_wait` reads the tasks again. The agent's side is
+    a stand-in here; tests/system/test_restart.py waits across real restarts."""
+    import argparse
+    import asyncio
+    import json
+
+    from farmnode.cli.main import RESYNC, _wait
+
+    listing = [{"id": 5, "assignment_id": "a1", "state": "running", "reason": None,
+                "progress": 0.5}]
+
+    class Agent:
+        async def list_tasks(self, active: bool) -> str:
+            return json.dumps(listing)
+
+    async def scenario() -> int:
+        changes: asyncio.Queue[tuple[str, int, str, str, float]] = asyncio.Queue()
+        waiting = asyncio.create_task(_wait(argparse.Namespace(json=False), Agent(), changes,
+                                            "a1", "finished"))
+        await asyncio.sleep(0.05)
+        listing[0].update(state="done", progress=1.0)  # stored, never signalled
+        changes.put_nowait(RESYNC)
+        return await asyncio.wait_for(waiting, 5)
+
+    assert asyncio.run(scenario()) == 0

@@ -123,8 +123,23 @@ async def _subscribe(bus: Any) -> asyncio.Queue[tuple[str, int, str, str, float]
     changes: asyncio.Queue[tuple[str, int, str, str, float]] = asyncio.Queue()
     slot = await bus.match_signal_async(BUS_NAME, OBJECT_PATH, INTERFACE, "TaskChanged",
                                         lambda m: changes.put_nowait(m.get_contents()))
-    changes.slot = slot  # type: ignore[attr-defined]  # keeps the match alive with the queue
+
+    def owner_changed(m: Any) -> None:
+        # A new agent process (restart, upgrade, crash): a change its predecessor stored but
+        # never signalled would be missed, so the waiter reads the tasks again.
+        name, _old, new = m.get_contents()
+        if name == BUS_NAME and new:
+            changes.put_nowait(RESYNC)
+
+    owner_slot = await bus.match_signal_async(
+        "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
+        "NameOwnerChanged", owner_changed)
+    # keeps the matches alive with the queue
+    changes.slots = (slot, owner_slot)  # type: ignore[attr-defined]
     return changes
+
+
+RESYNC = ("", -1, "", "", 0.0)  # in the queue of changes: read every task again
 
 
 FINISHED = ("done", "failed", "cancelled")
@@ -147,15 +162,24 @@ async def _wait(args: argparse.Namespace, proxy: Any,
             return all(t["state"] != "queued" for t in tasks.values())
         return all(t["state"] in FINISHED for t in tasks.values())
 
-    while not reached():
-        aid, task_id, state, reason, progress = await changes.get()
-        if aid != assignment_id or task_id not in tasks:
-            continue
+    def show(task_id: int, state: str, reason: str, progress: float) -> None:
         t = tasks[task_id]
         if (t["state"], t["progress"]) != (state, progress) and not args.json:
             print(f"task {task_id}: {state} {progress * 100:.0f}%"
                   + (f" ({reason})" if reason else ""), flush=True)
         t.update(state=state, reason=reason or None, progress=progress)
+
+    while not reached():
+        change = await changes.get()
+        if change == RESYNC:
+            for t in json.loads(await proxy.list_tasks(False)):
+                if t["id"] in tasks and t["assignment_id"] == assignment_id:
+                    show(t["id"], t["state"], t["reason"] or "", t["progress"])
+            continue
+        aid, task_id, state, reason, progress = change
+        if aid != assignment_id or task_id not in tasks:
+            continue
+        show(task_id, state, reason, progress)
     final = [t for t in json.loads(await proxy.list_tasks(False))
              if t["assignment_id"] == assignment_id]
     if args.json:

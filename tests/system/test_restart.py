@@ -130,3 +130,32 @@ def test_upgrade_from_link_protocol_1_loses_nothing(ct: Container) -> None:
     assert f"assignment {aid}: its shim speaks link protocol 1" in agent_log
     # and `farmnode logs` (the new CLI) reads both kinds of entry
     assert "line 4000" in farmnode(ct, "logs", str(task_id)).stdout
+
+
+def test_wait_follows_an_assignment_across_agent_restarts(ct: Container) -> None:
+    """`farmnode wait` (and `assign --wait`) outlive the agent: an upgrade or a crash while an
+    admin waits must not leave the command hanging or answering wrong."""
+    go = "/tmp/wait-across-go"
+    script = f"echo started; while [ ! -e {go} ]; do sleep 0.05; done; echo finished"
+    a = assignment("command", {"command": ["/bin/sh", "-c", script]}, [1])
+    aid = farmnode(ct, "assign", "-", input=json.dumps(a)).stdout.strip()
+    farmnode(ct, "wait", aid, "--until", "running")
+    waiter = ct.popen(["farmnode", "wait", aid])
+    try:
+        assert waiter.stdout is not None
+        assert waiter.stdout.readline().startswith(f"assignment {aid}")  # it has subscribed
+        before = agent_pid(ct)
+        ct.run(["systemctl", "restart", "farmnode.service"], timeout=60)
+        agent_ready(ct, not_pid=before)
+        before = agent_pid(ct)
+        ct.run(["kill", "-9", str(before)])
+        # the task ends while no agent is there: the next one concludes it
+        ct.run(["touch", go])
+        agent_ready(ct, not_pid=before)
+        out, err = waiter.communicate(timeout=60)
+    finally:
+        if waiter.poll() is None:
+            waiter.kill()
+        ct.run(["rm", "-f", go])
+    assert waiter.returncode == 0, (out, err)
+    assert f"task {a['tasks'][0]['id']}: done" in out, out  # type: ignore[index]
