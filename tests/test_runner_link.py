@@ -10,6 +10,7 @@ import dataclasses
 import json
 import socket
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from farmnode.agent.runner import AssignmentRun
@@ -40,21 +41,38 @@ def make_run(tmp_path: Path) -> tuple[AssignmentRun, list[tuple[int, TaskState]]
     return run, states, scopes
 
 
-def packets(sock: socket.socket) -> list[tuple[bytes, int, int, bytes]]:
-    out = []
-    sock.setblocking(False)
-    try:
-        while packet := sock.recv(1 << 18):
-            out.append(link.unpack(packet))
-    except BlockingIOError:
-        pass
-    sock.setblocking(True)
-    return out
+Packet = tuple[bytes, int, int, bytes]
 
 
-def nonce_of(seen: list[tuple[bytes, int, int, bytes]]) -> bytes:
-    (nonce,) = {p[2] for p in seen if p[0] == link.RESUME}  # one per agent, both streams
-    return int(nonce).to_bytes(8, "big")
+async def serve_against(run: AssignmentRun, queued: list[bytes],
+                        answer: Callable[[bytes], list[bytes]]) -> list[Packet]:
+    """Run the agent's side (an adopted run) against a scripted shim: `queued` is what a
+    dead agent left unread in the link; `answer(nonce)` is what the shim sends once both
+    RESUMEs arrived. Returns every packet the agent sent, up to its EXIT_ACK."""
+    loop = asyncio.get_running_loop()
+    agent_end, shim = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    shim.setblocking(False)
+    for packet in queued:
+        shim.send(packet)
+
+    async def play_shim() -> list[Packet]:
+        seen: list[Packet] = []
+
+        async def until(kind: bytes, count: int) -> None:
+            while sum(1 for p in seen if p[0] == kind) < count:
+                seen.append(link.unpack(await loop.sock_recv(shim, 1 << 18)))
+
+        await until(link.RESUME, 2)
+        (nonce,) = {p[2] for p in seen if p[0] == link.RESUME}  # one per agent
+        for packet in answer(int(nonce).to_bytes(8, "big")):
+            shim.send(packet)
+        await until(link.EXIT_ACK, 1)
+        shim.close()
+        return seen
+
+    shim_task = asyncio.create_task(play_shim())
+    await run._serve(agent_end, resume=True)
+    return await shim_task
 
 
 def test_stale_exit_before_resumed_is_not_taken(tmp_path: Path) -> None:
@@ -62,35 +80,14 @@ def test_stale_exit_before_resumed_is_not_taken(tmp_path: Path) -> None:
     agent must not conclude on that EXIT (it drops the stale DATA before RESUMED) but on the
     one the shim sends after resending."""
     run, states, scopes = make_run(tmp_path)
-    agent_end, shim = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     record = json.dumps({"exit_code": 0, "ends": [0, 4]}).encode()
-    # what the old agent left unread in the link
-    shim.send(link.pack(link.DATA, link.STDERR, 0, b"bye\n"))
-    shim.send(link.pack(link.EXIT, payload=record))
-
-    async def play_shim() -> list[tuple[bytes, int, int, bytes]]:
-        loop = asyncio.get_running_loop()
-        seen: list[tuple[bytes, int, int, bytes]] = []
-        while sum(1 for p in seen if p[0] == link.RESUME) < 2:
-            await asyncio.sleep(0.01)
-            seen += packets(shim)
-        nonce = nonce_of(seen)
-        shim.send(link.pack(link.RESUMED, link.STDOUT, 0, nonce))
-        shim.send(link.pack(link.RESUMED, link.STDERR, 0, nonce))
-        shim.send(link.pack(link.DATA, link.STDERR, 0, b"bye\n"))
-        shim.send(link.pack(link.EXIT, payload=record))
-        while not any(p[0] == link.EXIT_ACK for p in seen):
-            await asyncio.sleep(0.01)
-            seen += packets(shim)
-        await loop.run_in_executor(None, shim.close)
-        return seen
-
-    async def scenario() -> list[tuple[bytes, int, int, bytes]]:
-        shim_task = asyncio.create_task(play_shim())
-        await run._serve(agent_end, resume=True)
-        return await shim_task
-
-    seen = asyncio.run(scenario())
+    stale = [link.pack(link.DATA, link.STDERR, 0, b"bye\n"), link.pack(link.EXIT, payload=record)]
+    seen = asyncio.run(serve_against(run, stale, lambda nonce: [
+        link.pack(link.RESUMED, link.STDOUT, 0, nonce),
+        link.pack(link.RESUMED, link.STDERR, 0, nonce),
+        link.pack(link.DATA, link.STDERR, 0, b"bye\n"),
+        link.pack(link.EXIT, payload=record),
+    ]))
     kinds = [p[0] for p in seen]
     writes = [(p[1], p[2], p[3]) for p in seen if p[0] == link.WRITE]
     assert writes == [(link.STDERR, 4, b"<4>bye\n")]
@@ -104,33 +101,15 @@ def test_resumed_offset_is_where_writes_continue(tmp_path: Path) -> None:
     (not from one meant for an agent that died while resuming), and its WRITEs cover the
     resent bytes from there on."""
     run, states, _ = make_run(tmp_path)
-    agent_end, shim = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-
-    async def play_shim() -> list[tuple[bytes, int, int, bytes]]:
-        seen: list[tuple[bytes, int, int, bytes]] = []
-        while sum(1 for p in seen if p[0] == link.RESUME) < 2:
-            await asyncio.sleep(0.01)
-            seen += packets(shim)
-        nonce = nonce_of(seen)
-        # the answers to an agent that died while resuming, and what followed them, first
-        shim.send(link.pack(link.RESUMED, link.STDOUT, 4, b"\0" * 8))
-        shim.send(link.pack(link.DATA, link.STDOUT, 4, b"two\nthree\nfo"))
-        shim.send(link.pack(link.RESUMED, link.STDOUT, 8, nonce))  # "one\ntwo\n" journaled
-        shim.send(link.pack(link.RESUMED, link.STDERR, 0, nonce))
-        shim.send(link.pack(link.DATA, link.STDOUT, 8, b"three\nfo"))
-        shim.send(link.pack(link.EXIT, payload=json.dumps({"exit_code": 0}).encode()))
-        while not any(p[0] == link.EXIT_ACK for p in seen):
-            await asyncio.sleep(0.01)
-            seen += packets(shim)
-        shim.close()
-        return seen
-
-    async def scenario() -> list[tuple[bytes, int, int, bytes]]:
-        shim_task = asyncio.create_task(play_shim())
-        await run._serve(agent_end, resume=True)
-        return await shim_task
-
-    seen = asyncio.run(scenario())
+    seen = asyncio.run(serve_against(run, [], lambda nonce: [
+        # the answer to an agent that died while resuming, and what followed it, first
+        link.pack(link.RESUMED, link.STDOUT, 4, b"\0" * 8),
+        link.pack(link.DATA, link.STDOUT, 4, b"two\nthree\nfo"),
+        link.pack(link.RESUMED, link.STDOUT, 8, nonce),  # "one\ntwo\n" is journaled
+        link.pack(link.RESUMED, link.STDERR, 0, nonce),
+        link.pack(link.DATA, link.STDOUT, 8, b"three\nfo"),
+        link.pack(link.EXIT, payload=json.dumps({"exit_code": 0}).encode()),
+    ]))
     writes = [(p[1], p[2], p[3]) for p in seen if p[0] == link.WRITE]
     # offsets count from the resume point; the unterminated tail is journaled at the exit
     assert writes == [(link.STDOUT, 14, b"<6>three\n"), (link.STDOUT, 16, b"<6>fo\n")]

@@ -330,20 +330,12 @@ class AssignmentRun:
         try:
             await self.scopes.start_scope(self.unit, props)
         except ScopeError as exc:
-            os.close(gate_w)  # the shim exits 125 without running anything
-            await _wait_process(self._proc)
-            fdstore.remove(self.fd_name)
-            ours.close()
+            await self._abandon(gate_w, ours, scope_exists=False)
             self._finish_all(TaskState.FAILED, str(exc), None)
             return
         if self.cancelled_reason:
-            # Cancelled while systemd was creating the scope (its stop found no unit yet):
-            # the gate stays shut, so nothing of the job ever runs.
-            os.close(gate_w)
-            await _wait_process(self._proc)
-            fdstore.remove(self.fd_name)
-            ours.close()
-            await self.scopes.stop_scope(self.unit)
+            # Cancelled while systemd was creating the scope (its stop found no unit yet).
+            await self._abandon(gate_w, ours, scope_exists=True)
             self._finish_all(TaskState.CANCELLED, self.cancelled_reason, None)
             return
         try:
@@ -351,18 +343,24 @@ class AssignmentRun:
             export_unit_settings(self._log_fields)
         except OSError as exc:
             # Without them journald would rate-limit the task's lines: do not run it.
-            os.close(gate_w)
-            await _wait_process(self._proc)
-            fdstore.remove(self.fd_name)
-            ours.close()
-            await self.scopes.stop_scope(self.unit)
-            remove_unit_settings(self.unit)
+            await self._abandon(gate_w, ours, scope_exists=True)
             self._finish_all(TaskState.FAILED, f"cannot set the task's journald settings: {exc}",
                              None)
             return
         with os.fdopen(gate_w, "wb") as gate:
             gate.write(json.dumps(spec).encode())
         await self._serve(ours, resume=False)
+
+    async def _abandon(self, gate_w: int, ours: socket.socket, scope_exists: bool) -> None:
+        """Give up before the gate opens: nothing of the job ever runs (the shim exits 125)."""
+        os.close(gate_w)
+        assert self._proc is not None
+        await _wait_process(self._proc)
+        fdstore.remove(self.fd_name)
+        ours.close()
+        if scope_exists:
+            await self.scopes.stop_scope(self.unit)
+            remove_unit_settings(self.unit)
 
     # ---- the link --------------------------------------------------------------------
     async def _serve(self, sock: socket.socket, resume: bool) -> bool:
