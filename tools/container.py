@@ -147,6 +147,39 @@ def using_tree(tree: Path) -> Iterator[None]:
         yield
 
 
+_host_net_depth = 0
+
+
+@contextlib.contextmanager
+def host_network() -> Iterator[None]:
+    """An exclusive lock on the host's network for containers that share it.
+
+    Such containers all bind the agent's port 50000 (and tests put masters on fixed ports), so
+    two test runs on one machine (two checkouts, a bench beside a test) would take each other's
+    ports. Re-entrant within a process: a test session boots a second container beside its
+    first (the package test)."""
+    global _host_net_depth
+    if _host_net_depth:
+        _host_net_depth += 1
+        try:
+            yield
+        finally:
+            _host_net_depth -= 1
+        return
+    CACHE_ROOT.mkdir(parents=True, exist_ok=True)
+    with open(CACHE_ROOT / "host-network.lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            _log("waiting for another run's containers on the host network to finish")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        _host_net_depth = 1
+        try:
+            yield
+        finally:
+            _host_net_depth = 0
+
+
 def _remove_unused_tree(tree: Path) -> None:
     # Another run (a concurrent session whose recipe is older) may have containers booted
     # from it: deleting the tree under them broke them. Only a tree nobody holds goes.
@@ -274,7 +307,7 @@ def booted(name: str, install: bool = True,
         build_farmnode_wheel(wheels)
         mounts += [(REPO, "/src"), (wheels, "/wheels")]
     ct = Container(name=name, tree=tree, binds=mounts)
-    with using_tree(tree):
+    with using_tree(tree), host_network():
         try:
             ct.boot()
             if install:
