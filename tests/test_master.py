@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
+import threading
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -22,6 +23,7 @@ from farmnode.master.link import MasterLink
 from farmnode.tasks.model import Assignment, Job, JobTypeRef, Task, TaskState
 from farmnode.tasks.store import Store
 from tests.master_stub import MasterStub, Request
+from tests.master_stub import Task as MasterTask
 
 
 class FakeAgent:
@@ -157,14 +159,15 @@ def test_task_reports_in_order_and_state_change_reannounces(master: MasterStub,
         store.finish_assignment(a.id)
         agent.changed(TaskState.DONE)
         await wait(master, lambda rs: len([r for r in rs if r.kind == "task"]) >= 6, "reports")
-        # the assignment has gone from what the master is told once its tasks are reported
-        await wait(master, lambda rs: any(r.kind == "reannounce"
-                                          and not r.body["current_assignments"] for r in rs),
-                   "a reannounce without the assignment")
+        # its leaving the list is no reason to reannounce; the next reannounce (here: a state
+        # change) no longer lists it, its tasks' reports having been answered
         agent.set_state("disabled")
         await wait(master, lambda rs: any(r.kind == "reannounce"
                                           and r.body["state"] == "disabled" for r in rs),
                    "the state change")
+        dis = master.of("reannounce")[-1]
+        assert dis.body["current_assignments"] == {}
+        assert len(master.of("reannounce")) == 2
         await link.stop()
 
     run(scenario)
@@ -373,3 +376,206 @@ def test_report_mapping() -> None:
     assert body(rep("agent_state", state="online")) is None
     assert protocol.backoff(1, 5, 300) <= 5 and protocol.backoff(20, 5, 300) <= 300
     assert protocol.backoff(20, 5, 300) >= 150
+
+
+class Scheduler:
+    """Plays PyFarm's scheduler and the agent's assign endpoint: an assign the agent accepts
+    (202) makes the task the agent's and `sent_to_agent` on the master, so from then on the
+    master fails it when a (re)announce does not list it."""
+
+    def __init__(self, master: MasterStub, store: Store, agent: FakeAgent,
+                 link: MasterLink) -> None:
+        self.master, self.store, self.agent, self.link = master, store, agent, link
+        self.answers: list[tuple[int, int]] = []  # (task id, status)
+
+    def assign(self, a: Assignment) -> int:
+        """On the event loop, as the agent core's assign is."""
+        status = 503 if self.link.assign_refusal() else 202
+        self.answers.append((a.tasks[0].id, status))
+        if status == 202:
+            self.store.add_assignment(a, f"farmnode-task-{a.tasks[0].id}.scope")
+            self.agent.changed(TaskState.QUEUED)
+            with self.master._cond:
+                for t in a.tasks:
+                    self.master.tasks[t.id] = MasterTask(t.id, a.job.id, self.agent.agent_id)
+        return status
+
+
+def finish(store: Store, agent: FakeAgent, a: Assignment, state: TaskState) -> None:
+    """What the core does as the last task of an assignment ends, in its order and with no
+    await between: the task's final state (queued for the master), then the node's state."""
+    for t in a.tasks:
+        store.set_task_state(a.id, t.id, state)
+    agent.changed(state)
+    agent.set_state("online")
+    store.finish_assignment(a.id)
+
+
+def test_next_assign_right_after_done_is_never_failed_as_missing(master: MasterStub,
+                                                                tmp_path: Path) -> None:
+    """The scheduler sends the next task while the master answers our `done`: the node says
+    online with the finished assignment still listed before `done`, and no reannounce races
+    that assign, so the master never finds its new task missing."""
+    agent = FakeAgent()
+    store = Store(tmp_path / "db", outbox=True)
+    link = MasterLink(config(master, agent_master_reannounce=3600), store, agent)
+    sched = Scheduler(master, store, agent, link)
+    jobs = [make_assignment(5, [500 + i]) for i in range(4)]
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+
+        def on_done(req: Request) -> tuple[int, Any] | None:
+            # In the master's thread, before it answers `done`: the scheduler's next assign
+            # reaches the agent (and is answered) first.
+            if req.kind == "task" and (req.body or {}).get("state") == "done":
+                nxt = next((a for a in jobs if a.tasks[0].id == req.task_id + 1), None)
+                if nxt is not None:
+                    async def send() -> int:
+                        return sched.assign(nxt)
+                    asyncio.run_coroutine_threadsafe(send(), loop).result(10)
+            return None
+
+        master.override = on_done
+        link.start()
+        await wait_count(master, "announce", 1)
+        # the announce counts as a reannounce: refused until its answer is read
+        await until(lambda: link.assign_refusal() is None, "the announce answered")
+        assert sched.assign(jobs[0]) == 202
+        for a in jobs:
+            tid = a.tasks[0].id
+            await wait(master, lambda rs, a=a: any(
+                r.kind == "reannounce" and a.id in r.body["current_assignments"] for r in rs),
+                f"assignment {tid} announced")
+            agent.set_state("running")
+            store.set_task_state(a.id, tid, TaskState.RUNNING)
+            agent.changed()
+            await wait(master, lambda rs, tid=tid: any(
+                r.task_id == tid and (r.body or {}).get("state") == "running" for r in rs),
+                f"task {tid} running")
+            finish(store, agent, a, TaskState.DONE)
+            await wait(master, lambda rs, tid=tid: any(
+                r.task_id == tid and (r.body or {}).get("state") == "done" for r in rs),
+                f"task {tid} done")
+        await link.stop()
+
+    run(scenario)
+    assert sched.answers == [(500, 202), (501, 202), (502, 202), (503, 202)]
+    assert not any("missing" in h for t in master.tasks.values() for h in t.history), \
+        {t.id: t.history for t in master.tasks.values()}
+    assert [master.tasks[500 + i].state for i in range(4)] == ["done"] * 4
+    reqs = master.requests
+    for a in jobs:
+        tid = a.tasks[0].id
+        done_at = next(i for i, r in enumerate(reqs)
+                       if r.task_id == tid and r.body.get("state") == "done")
+        # PyFarm's order: online, with the finished assignment listed (its task done),
+        # before `done`
+        online = [r for r in reqs[:done_at] if r.kind == "reannounce"
+                  and r.body["state"] == "online" and a.id in r.body["current_assignments"]]
+        assert online, f"no online reannounce listing {tid} before its done"
+        assert online[-1].body["current_assignments"][a.id]["tasks"][0]["local_state"] == \
+            "done"
+
+
+def test_assign_while_a_reannounce_is_out_is_refused(master: MasterStub,
+                                                     tmp_path: Path) -> None:
+    """The body in flight cannot list an assignment accepted after it was built: 503 until
+    the master has answered it; then the assign is accepted and the next reannounce lists
+    it."""
+    agent = FakeAgent()
+    store = Store(tmp_path / "db", outbox=True)
+    link = MasterLink(config(master, agent_master_reannounce=3600), store, agent)
+    sched = Scheduler(master, store, agent, link)
+    a = make_assignment(6, [600])
+    entered, release = threading.Event(), threading.Event()
+
+    def hold(req: Request) -> tuple[int, Any] | None:
+        if req.kind == "reannounce" and req.body["state"] == "disabled":
+            entered.set()
+            release.wait(10)
+        return None
+
+    async def scenario() -> None:
+        master.override = hold
+        link.start()
+        await wait_count(master, "announce", 1)
+        await until(lambda: link.assign_refusal() is None, "the announce answered")
+        agent.set_state("disabled")
+        assert await asyncio.to_thread(entered.wait, 10)
+        assert sched.assign(a) == 503
+        release.set()
+        await wait_count(master, "reannounce", 1)
+        await until(lambda: link.assign_refusal() is None, "the answer read")
+        agent.state = "online"
+        assert sched.assign(a) == 202
+        await wait(master, lambda rs: any(r.kind == "reannounce"
+                                          and a.id in r.body["current_assignments"]
+                                          for r in rs), "the assignment listed")
+        await link.stop()
+
+    run(scenario)
+    assert not any("missing" in h for t in master.tasks.values() for h in t.history)
+
+
+def test_unanswered_reannounce_keeps_refusing_until_one_is_answered(master: MasterStub,
+                                                                    tmp_path: Path) -> None:
+    """A reannounce lost on the way back (reset, timeout) may still be read by the master
+    later: assigns stay refused until a reannounce is answered."""
+    agent = FakeAgent()
+    store = Store(tmp_path / "db", outbox=True)
+    link = MasterLink(config(master, agent_master_reannounce=3600), store, agent)
+
+    async def scenario() -> None:
+        link.start()
+        await wait_count(master, "announce", 1)
+        await until(lambda: link.assign_refusal() is None, "the announce answered")
+        master.vanish()
+        agent.set_state("online")
+        await until(lambda: link.last_error is not None and "POST" in link.last_error
+                    and link.counters.reannounces >= 2, "a reannounce without answer")
+        assert link.assign_refusal() is not None
+        master.reappear()
+        await wait(master, lambda rs: any(r.kind == "reannounce" and r.status == 200
+                                          and r.body["state"] == "online" for r in rs),
+                   "an answered reannounce")
+        await until(lambda: link.assign_refusal() is None, "the answer read")
+        await link.stop()
+
+    run(scenario)
+
+
+def test_stop_says_offline_before_the_stopped_tasks_are_reported(
+        master: MasterStub, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A real stop: offline first (the master releases the tasks and assigns nothing more),
+    then the tasks' reports; a report the master refuses is logged with its answer and
+    dropped, and the link goes on."""
+    agent = FakeAgent()
+    store = Store(tmp_path / "db", outbox=True)
+    link = MasterLink(config(master, agent_master_reannounce=3600), store, agent)
+    a = make_assignment(7, [700])
+
+    async def scenario() -> None:
+        link.start()
+        await wait_count(master, "announce", 1)
+        store.add_assignment(a, "u")
+        store.set_task_state(a.id, 700, TaskState.RUNNING)
+        agent.set_state("running")
+        agent.changed()
+        await wait(master, lambda rs: any(r.task_id == 700 for r in rs), "running reported")
+        assert await link.go_offline()
+        store.set_task_state(a.id, 700, TaskState.CANCELLED, "agent stopped")
+        await link.stop()
+
+    run(scenario)
+    reqs = master.requests
+    offline = [i for i, r in enumerate(reqs) if r.kind == "offline"]
+    cancel = [i for i, r in enumerate(reqs) if r.task_id == 700 and r.body.get("state")
+              == "queued"]
+    assert len(offline) == 1 and len(cancel) == 1 and offline[0] < cancel[0]
+    assert reqs[offline[0]].body["current_assignments"]  # what we still held
+    # the master had released the task at offline and refuses the late report: logged
+    # with its body, dropped
+    assert reqs[cancel[0]].status == 400
+    assert "can only be changed by the agent owning this task" in caplog.text
+    assert store.pending_count() == 0

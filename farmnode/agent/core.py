@@ -90,6 +90,8 @@ class StatusSource(Protocol):
 
     async def fetch_jobtype(self, name: str, version: int) -> dict[str, Any] | None: ...
 
+    def assign_refusal(self) -> str | None: ...
+
 
 @dataclass(frozen=True)
 class TaskChange:
@@ -177,6 +179,10 @@ class Agent:
         """Validate and start an assignment; (id, False) for an identical repeat."""
         if self._shutting_down or self.state in (AgentState.DISABLED, AgentState.OFFLINE):
             raise NotAccepting(f"agent is {self.state} and takes no new work")
+        refusal = self.master_link.assign_refusal() if self.master_link else None
+        if refusal:
+            # PyFarm's answer while it reannounces: the master tries again.
+            raise NotAccepting(refusal)
         try:
             a = parse_assignment(payload)
         except AssignmentError as exc:
@@ -245,7 +251,14 @@ class Agent:
 
     def _update_running_state(self) -> None:
         if self.state in (AgentState.ONLINE, AgentState.RUNNING):
-            self._set_state(AgentState.RUNNING if self.runs else AgentState.ONLINE)
+            busy = any(self._unfinished(run) for run in self.runs.values())
+            self._set_state(AgentState.RUNNING if busy else AgentState.ONLINE)
+
+    def _unfinished(self, run: AssignmentRun) -> bool:
+        # A run whose tasks all have their final state is only cleaning up: the node is
+        # online from that moment, and the master hears so before it hears `done` (PyFarm's
+        # order; the master sends the next task when it hears `done`).
+        return any(not rec.state.finished for rec in self.store.tasks(run.assignment.id))
 
     async def cancel_task(self, task_id: int, reason: str = "cancelled") -> bool:
         """Stop the whole assignment holding the task; False if it is not running here."""
@@ -292,6 +305,8 @@ class Agent:
             log.info("task %d (%s): %s%s", task_id, assignment_id, state,
                      f" ({reason})" if reason else "")
             self._emit(assignment_id, task_id)
+            if state.finished:
+                self._update_running_state()
 
     def _report_accounting(self, assignment_id: str, accounting: dict[str, Any]) -> None:
         self.store.set_accounting(assignment_id, accounting)
@@ -439,6 +454,10 @@ class Agent:
             await asyncio.sleep(self.config.task_accounting_interval)
             if self.runs:
                 self.sample_accounting()
+
+    def stop_accepting(self) -> None:
+        """From the moment a stop or restart begins, assigns are refused (503)."""
+        self._shutting_down = True
 
     async def detach(self) -> None:
         """Leave for a restart: tasks keep running, their links stay in the fd store."""

@@ -85,6 +85,8 @@ async def serve(config: Config) -> None:
         link.start()
     accounting = asyncio.create_task(agent.account_periodically())
     await stop.wait()
+    # Refused from the first moment: a task accepted now would be stopped or orphaned.
+    agent.stop_accepting()
     job = await scopes.own_pending_job(os.getpid())
     log.info("asked to stop; systemd's job on this unit: %s", job)
     accounting.cancel()
@@ -94,7 +96,12 @@ async def serve(config: Config) -> None:
         log.info("restarting: leaving %d assignment(s) running", len(agent.runs))
         await agent.detach()
     else:
-        _notify("STOPPING=1\nSTATUS=stopping tasks")
+        _notify("STOPPING=1\nSTATUS=telling the master we go offline")
+        if link is not None:
+            # Offline first: the master releases our tasks and assigns us nothing more.
+            # Requeued first, it would hand them straight back to this stopping node.
+            await link.go_offline()
+        _notify("STATUS=stopping tasks")
         log.info("stopping: cancelling %d assignment(s)", len(agent.runs))
         await agent.shutdown()
     if link is not None:

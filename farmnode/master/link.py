@@ -1,10 +1,21 @@
 """The master sync loop: announce, reannounce, deliver the outbox, say offline at stop.
 
-One coroutine does all sending, so requests leave one at a time and in a fixed order:
-outbox reports first (oldest first, which keeps every task's reports in order), then a
-reannounce if one is due. Building the reannounce right after the outbox came up empty, with
-no await between, means `current_assignments` never omits an assignment whose final task
-state the master has not received yet (PyFarm's master fails such tasks).
+One coroutine does all sending, so requests leave one at a time and in a fixed order: a
+reannounce first when one is due, then outbox reports (oldest first, which keeps every
+task's reports in order). PyFarm's master fails every task it has sent us (`sent_to_agent`)
+that a (re)announce does not list, so:
+
+- `current_assignments` lists every active assignment and every finished one whose reports
+  the master has not all answered: until then it may still think the task is ours.
+- A finished assignment leaving the list is no reason to reannounce (PyFarm's agent does
+  not either): that reannounce would race the scheduler's next assign, which it sends as
+  soon as it hears `done`. It leaves with the next reannounce that is due anyway.
+- The agent's state change at the end of a task (running → online) is reannounced before
+  the task's `done` report goes, as PyFarm's agent does: the master hands out the next task
+  only after `done`, so that reannounce cannot race it.
+- While a (re)announce is out, its body may lack an assignment accepted meanwhile, and the
+  master would fail that task when it reads the body: the agent refuses assigns (503, PyFarm's
+  answer; the master re-sends the task when our reannounce shows it missing and unsent).
 
 Delivery: a report leaves the outbox only after the master answered 2xx, or 4xx (the master
 refused it and always will; PyFarm gives up on 4xx too) — so a crash or a restart at any
@@ -71,6 +82,11 @@ def _iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
 
 
+def _body_text(resp: Response) -> str:
+    # The master's whole answer, bounded: a hostile or broken master must not flood the log.
+    return repr(resp.body)[:500]
+
+
 @dataclass
 class LinkCounters:
     requests: int = 0
@@ -110,6 +126,12 @@ class MasterLink:
         self._failures = 0
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        # Set when a (re)announce body is built, cleared when the master has answered one:
+        # an assign accepted in between might be missing from what the master reads.
+        # A request with no answer (timeout, reset) may still reach the master later, so
+        # only an answered one clears it.
+        self._view_in_flight = False
+        self._offline_told = False
 
     # ---- inputs (agent core listeners; the HTTP API for master contact) --------------------
     def start(self) -> None:
@@ -136,6 +158,12 @@ class MasterLink:
     def note_master_contact(self) -> None:
         """The master called us (its User-Agent): it has heard from us recently enough."""
         self.last_contact = time.time()
+
+    def assign_refusal(self) -> str | None:
+        """Why an assign must be refused now (503), or None."""
+        if self._view_in_flight:
+            return "reannouncing to the master; try again"
+        return None
 
     # ---- status (GetStatus) --------------------------------------------------------------
     def status(self) -> dict[str, Any]:
@@ -197,11 +225,28 @@ class MasterLink:
         self.last_error, self.last_error_at = text, time.time()
 
     def _current_assignments(self) -> dict[str, Any]:
+        """Active assignments, and finished ones whose reports are still queued."""
+        listed = self.store.active_assignments()
+        seen = {a.id for a in listed}
+        for aid in self.store.assignments_with_pending_reports():
+            if aid not in seen and (a := self.store.assignment(aid)) is not None:
+                listed.append(a)
+                seen.add(aid)
         out = {}
-        for a in self.store.active_assignments():
+        for a in listed:
             states = {r.id: str(r.state) for r in self.store.tasks(a.id)}
             out[a.id] = protocol.assignment_json(a, states)
         return out
+
+    async def _post_view(self, path: str, body: dict[str, Any]) -> Response:
+        """POST a body carrying current_assignments, built just before with no await between;
+        assigns are refused until the master has answered (see the module's docstring)."""
+        self._view_in_flight = True
+        # _Retry (no answer, or a 5xx, which may come after the master's handler had
+        # committed) leaves the flag set: refused until a later one is answered.
+        resp = await self._post(path, body)
+        self._view_in_flight = False
+        return resp
 
     async def _announce(self) -> None:
         facts = await self._facts()
@@ -216,7 +261,7 @@ class MasterLink:
             farm_name=self.config.farm_name,
             hostname=None if self.config.agent_hostname == "auto" else self.config.agent_hostname)
         self.counters.announces += 1
-        resp = await self._post("/agents/", body)
+        resp = await self._post_view("/agents/", body)
         if not resp.ok:
             self._error(f"announce refused: {resp.error_text()}")
             log.error("the master refused our announce (%s); asking again in %gs",
@@ -244,7 +289,7 @@ class MasterLink:
                                         current_assignments=assignments, disks=host.disks())
         self.counters.reannounces += 1
         try:
-            resp = await self._post(f"/agents/{self.master_agent_id}", body)
+            resp = await self._post_view(f"/agents/{self.master_agent_id}", body)
         except _Retry:
             self._force_reason = self._force_reason or forced
             raise
@@ -263,13 +308,19 @@ class MasterLink:
             log.debug("reannounced (%s)", reason)
         self._after_announce(body["free_ram"], assignments)
 
-    async def _drain(self, timeout: float | None = None) -> None:
-        """Send every queued report, oldest first; raises _Retry when the master fails."""
+    async def _drain(self, timeout: float | None = None, yield_to_reannounce: bool = False,
+                     ) -> None:
+        """Send every queued report, oldest first; raises _Retry when the master fails.
+        `yield_to_reannounce`: return early once a reannounce is due, so a state change
+        (e.g. running -> online at a task's end) reaches the master before the reports
+        queued after it."""
         while True:
             reports = self.store.pending_reports(BATCH)
             if not reports:
                 return
             for report in reports:
+                if yield_to_reannounce and self._reannounce_reason() is not None:
+                    return
                 req = protocol.report_request(report, self.master_agent_id)
                 if req is None:
                     log.debug("outbox %d (%s): nothing to send", report.seq, report.kind)
@@ -281,16 +332,19 @@ class MasterLink:
                 else:
                     self.counters.reports_dropped += 1
                     self._error(f"report {report.seq} refused: {resp.error_text()}")
-                    log.warning("the master refused report %d for task %s (%s %s): dropped",
-                                report.seq, report.task_id, req.body, resp.error_text())
+                    # The master will refuse it again: log what it said, drop it, go on.
+                    log.warning("the master refused report %d (POST %s %s): %d %s; dropped",
+                                report.seq, req.path, req.body, resp.status,
+                                _body_text(resp))
                 self.store.ack_report(report.seq)
 
     def _reannounce_reason(self) -> str | None:
         """Why a reannounce is due now; None if not (may note when to look again)."""
         if self._force_reason:
             return self._force_reason
-        if {a.id for a in self.store.active_assignments()} != self._announced_assignments:
-            return "assignments changed"
+        if {a.id for a in self.store.active_assignments()} - self._announced_assignments:
+            # Only additions: see the module's docstring for why a removal waits.
+            return "new assignment"
         if time.time() - self._heard() >= self.config.agent_master_reannounce:
             return "periodic"
         if self._ram_reported is not None:
@@ -337,10 +391,12 @@ class MasterLink:
                     if not self.announced:  # refused (4xx): ask again on schedule
                         await self._sleep(self.config.agent_master_reannounce, wakeable=False)
                         continue
-                await self._drain()
                 reason = self._reannounce_reason()
                 if reason:
                     await self._reannounce(reason)
+                    continue
+                await self._drain(yield_to_reannounce=True)
+                if self._reannounce_reason():
                     continue
             except _Retry as exc:
                 self._failures += 1
@@ -354,33 +410,52 @@ class MasterLink:
             await self._sleep(self._next_check(), wakeable=True)
 
     # ---- shutdown --------------------------------------------------------------------------
+    async def _halt_loop(self, budget: float) -> None:
+        """End the sync loop; a request in flight may finish first (its report is then
+        acked, not sent twice)."""
+        self._stopping = True
+        if self._task is None:
+            return
+        try:
+            async with asyncio.timeout(budget):
+                await self._send_lock.acquire()
+            self._send_lock.release()
+        except TimeoutError:
+            pass
+        self._task.cancel()
+        try:
+            await self._task
+        except asyncio.CancelledError:
+            pass
+        except Exception:
+            log.exception("master link failed")
+        self._task = None
+
+    async def go_offline(self) -> bool:
+        """The first step of a real stop, before any task is stopped: end the loop and tell
+        the master we are offline, retried within `agent_shutdown_timeout`. The master then
+        releases our tasks and sends us nothing more; told the other way round (tasks
+        requeued first, offline after), it hands them straight back. True if the master
+        answered."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.agent_shutdown_timeout
+        await self._halt_loop(self.config.agent_shutdown_timeout / 4)
+        self._offline_told = await self._post_offline(deadline)
+        return self._offline_told
+
     async def stop(self, timeout: float | None = None, offline: bool = True) -> None:
         """Deliver what is queued and (unless `offline` is False: the agent restarts and its
-        tasks run on) say offline, all within `agent_shutdown_timeout`."""
+        tasks run on; or go_offline() already said it) say offline, all within
+        `agent_shutdown_timeout`."""
         budget = self.config.agent_shutdown_timeout if timeout is None else timeout
         loop = asyncio.get_running_loop()
         deadline = loop.time() + budget
-        self._stopping = True
-        if self._task is not None:
-            # Let a request in flight finish (its report is then acked, not sent twice).
-            try:
-                async with asyncio.timeout(budget / 2):
-                    await self._send_lock.acquire()
-                self._send_lock.release()
-            except TimeoutError:
-                pass
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            except Exception:
-                log.exception("master link failed")
+        await self._halt_loop(budget / 2)
         try:
             if self.announced:
                 with contextlib.suppress(_Retry):
                     await self._drain(timeout=max(0.1, deadline - loop.time()))
-            if offline:
+            if offline and not self._offline_told:
                 await self._post_offline(deadline)
         finally:
             left = self.store.pending_count()
@@ -388,7 +463,7 @@ class MasterLink:
                 log.warning("%d report(s) stay queued for the master until next start", left)
             self.http.close()
 
-    async def _post_offline(self, deadline: float) -> None:
+    async def _post_offline(self, deadline: float) -> bool:
         loop = asyncio.get_running_loop()
         body = protocol.offline_body(free_ram=self.agent.free_ram_mb(),
                                      current_assignments=self._current_assignments())
@@ -404,8 +479,9 @@ class MasterLink:
                 continue
             if resp.ok:
                 log.info("told the master we are offline")
-            else:
-                log.warning("the master refused our offline state: %s", resp.error_text())
-            return
+                return True
+            log.warning("the master refused our offline state: %s", _body_text(resp))
+            return False
         log.warning("could not tell the master we are offline within %gs",
                     self.config.agent_shutdown_timeout)
+        return False

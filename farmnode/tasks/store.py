@@ -233,6 +233,13 @@ class Store:
     def ack_report(self, seq: int) -> None:
         self.db.execute("DELETE FROM outbox WHERE seq=?", (seq,))
 
+    def assignments_with_pending_reports(self) -> list[str]:
+        """Ids of assignments the outbox still holds reports for, oldest report first."""
+        rows = self.db.execute(
+            "SELECT json_extract(payload, '$.assignment_id') AS aid, min(seq) AS first"
+            " FROM outbox WHERE aid IS NOT NULL GROUP BY aid ORDER BY first").fetchall()
+        return [str(r["aid"]) for r in rows]
+
     def pending_count(self) -> int:
         return int(self.db.execute("SELECT count(*) FROM outbox").fetchone()[0])
 
