@@ -69,3 +69,24 @@ def test_a_log_under_the_cap_is_whole() -> None:
     output = [OutputLine(1.0, 1, "only line")]
     got = list(tasklog.entries([], output, [], pid=None, max_bytes=1000))
     assert rows(got) == [["1970-01-01T00:00:01.000000", "None", "1", "1", "only line"]]
+
+
+def test_building_a_huge_log_holds_a_bounded_amount_of_memory() -> None:
+    """A log many times the cap is streamed: the peak is the kept tail, not the log."""
+    import time
+    import tracemalloc
+
+    n, cap = 100_000, 1024 * 1024  # ~10 MB of CSV through a 1 MB cap
+    output = (OutputLine(1000.0 + i, i % 2, f"frame {i} sample {i * 7} " + "y" * 60)
+              for i in range(n))
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    size = sum(len(r.encode()) for r in tasklog.csv_rows(
+        tasklog.entries([], output, [], pid=1, max_bytes=cap)))
+    elapsed = time.perf_counter() - t0
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert cap - 1024 <= size < cap + 4096
+    assert peak < cap, peak  # the tail's rows, with their overhead
+    print(f"\n{n} lines through a {cap >> 20} MB cap: {size} bytes out, "
+          f"peak {peak >> 10} KiB traced, {n / elapsed:,.0f} lines/s")

@@ -20,7 +20,6 @@ part that says why a render failed) and the exit lines; memory stays at the tail
 from __future__ import annotations
 
 import csv
-import io
 import re
 import uuid
 from collections import deque
@@ -179,8 +178,10 @@ def entries(internal: Iterable[InternalLine], output: Iterable[OutputLine],
     tail_size = 0
     omitted = omitted_bytes = first_omitted = 0
 
+    writer = _Row()
+
     def row(entry: LogEntry) -> int:
-        return len(csv_row(entry).encode("utf-8"))
+        return len(csv_row(entry, writer).encode("utf-8"))
 
     for il in internal:
         line += 1
@@ -221,17 +222,28 @@ def entries(internal: Iterable[InternalLine], output: Iterable[OutputLine],
         yield LogEntry(utc_iso(il.time), il.pid, INTERNAL, line, il.message)
 
 
-def csv_row(entry: LogEntry) -> str:
+class _Row:
+    """csv.writer's quoting for one row at a time, without a writer per row."""
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.writer = csv.writer(self)
+
+    def write(self, text: str) -> None:
+        self.text = text
+
+
+def csv_row(entry: LogEntry, _row: _Row | None = None) -> str:
     """One CSV line (RFC 4180 quoting, CRLF, as csv.writer and PyFarm's writer do)."""
-    buf = io.StringIO()
-    csv.writer(buf).writerow([entry.time, str(entry.pid), entry.stream, entry.line,
-                              entry.message])
-    return buf.getvalue()
+    row = _row or _Row()
+    row.writer.writerow((entry.time, str(entry.pid), entry.stream, entry.line, entry.message))
+    return row.text
 
 
 def csv_rows(rows: Iterable[LogEntry]) -> Iterator[str]:
+    writer = _Row()
     for entry in rows:
-        yield csv_row(entry)
+        yield csv_row(entry, writer)
 
 
 # Where the job's output comes from: journald in the agent (farmnode.systemd.journal
