@@ -42,6 +42,12 @@ ANNOUNCE_REQUIRED = {"id", "hostname", "ram", "free_ram", "cpus", "port"}
 TASK_KEYS = {"state", "progress", "time_started", "last_error", "agent_id"}
 AGENT_STATES = {"online", "offline", "running", "disabled"}
 TASK_STATES = {"queued", "running", "done", "failed", "paused"}
+# PyFarm's TaskLog model (columns and relationships): what a log registration may carry.
+TASKLOG_COLUMNS = {"id", "identifier", "agent_id", "created_on", "agent", "task_associations"}
+# PyFarm's master parses POST/PUT bodies of these types itself (raw); JSON is decoded, any
+# other type with a body is refused with 415 before a view runs.
+RAW_MIMETYPES = {"application/x-www-form-urlencoded", "multipart/form-data", "application/zip",
+                 "text/csv"}
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,7 @@ class Request:
     peer: str
     at: float  # time.monotonic()
     status: int = 0
+    content_type: str = ""
 
     @property
     def agent_id(self) -> str | None:
@@ -69,9 +76,25 @@ class Request:
         return None
 
     @property
+    def log(self) -> tuple[int, int, int, str | None] | None:
+        """(job, task, attempt, identifier) of a call to a task attempt's logs."""
+        parts = self.path.strip("/").split("/")
+        if (len(parts) in (9, 10, 11) and parts[:3] == ["api", "v1", "jobs"]
+                and parts[4] == "tasks" and parts[6] == "attempts" and parts[8] == "logs"
+                and all(p.isdigit() for p in (parts[3], parts[5], parts[7]))
+                and (len(parts) < 11 or parts[10] == "logfile")):
+            return (int(parts[3]), int(parts[5]), int(parts[7]),
+                    parts[9] if len(parts) > 9 else None)
+        return None
+
+    @property
     def kind(self) -> str:
         if self.task_id is not None:
             return "task"
+        if self.log is not None:
+            if self.path.endswith("/logfile"):
+                return "log_upload"
+            return "log_state" if self.log[3] else "log_register"
         if self.path.startswith("/api/v1/jobtypes/"):
             return "jobtype"
         if self.path.rstrip("/") == "/api/v1/agents":
@@ -79,6 +102,21 @@ class Request:
         if self.agent_id is not None:
             return "offline" if (self.body or {}).get("state") == "offline" else "reannounce"
         return "other"
+
+
+@dataclass
+class TaskLog:
+    """A registered log: its associations (task, attempt) -> state, and the uploaded file."""
+
+    identifier: str
+    agent_id: str
+    created_on: float
+    associations: dict[tuple[int, int], str | None] = field(default_factory=dict)
+    content: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"identifier": self.identifier, "agent_id": self.agent_id,
+                "created_on": self.created_on, "id": hash(self.identifier) & 0xffff}
 
 
 @dataclass
@@ -118,12 +156,21 @@ class _Handler(BaseHTTPRequestHandler):
     def _handle(self, method: str) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
-        try:
-            body = json.loads(raw) if raw else None
-        except ValueError:
+        mimetype = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        body: Any = None
+        bad: tuple[int, Any] | None = None
+        if mimetype == "application/json" and raw:
+            try:
+                body = json.loads(raw)
+            except ValueError:
+                bad = 400, {"error": "failed to decode json"}
+        elif raw:
             body = raw.decode(errors="replace")
+            if method in ("POST", "PUT") and mimetype not in RAW_MIMETYPES:
+                bad = 415, {"error": f"Unsupported media type {mimetype!r}"}
         status, reply = self.server.stub._dispatch(
-            method, self.path, body, self.headers.get("User-Agent", ""), self.client_address[0])
+            method, self.path, body, self.headers.get("User-Agent", ""), self.client_address[0],
+            mimetype, bad)
         if status == 0:  # vanished mid-request: no answer at all
             self.close_connection = True
             return
@@ -140,6 +187,9 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         self._handle("GET")
 
+    def do_PUT(self) -> None:
+        self._handle("PUT")
+
 
 class MasterStub:
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *,
@@ -151,6 +201,7 @@ class MasterStub:
         self.requests: list[Request] = []
         self.agents: dict[str, dict[str, Any]] = {}
         self.tasks: dict[int, Task] = {}
+        self.task_logs: dict[str, TaskLog] = {}
         # (name, version as text) -> PyFarm's job type record, served to agents that ask
         self.jobtypes: dict[tuple[str, str], dict[str, Any]] = {}
         # Behaviour: "ok", "fail" (503), "reject" (400) or "stall" (hold the request).
@@ -240,16 +291,18 @@ class MasterStub:
                                                      or (status == 200 and r.status == 201))]
 
     # ---- the master -----------------------------------------------------------------------
-    def _dispatch(self, method: str, path: str, body: Any, ua: str,
-                  peer: str) -> tuple[int, Any]:
-        req = Request(method, path, body, ua, peer, time.monotonic())
+    def _dispatch(self, method: str, path: str, body: Any, ua: str, peer: str,
+                  content_type: str = "", bad: tuple[int, Any] | None = None,
+                  ) -> tuple[int, Any]:
+        req = Request(method, path, body, ua, peer, time.monotonic(), 0, content_type)
         if self.mode == "stall":
             self._unstall.wait(120)
             if self._server is None:
                 return 0, None
-        status, reply = self._answer(req)
+        status, reply = bad or self._answer(req)
         with self._cond:
-            self.requests.append(Request(method, path, body, ua, peer, req.at, status))
+            self.requests.append(Request(method, path, body, ua, peer, req.at, status,
+                                         content_type))
             self._cond.notify_all()
         return status, reply
 
@@ -268,6 +321,9 @@ class MasterStub:
             # PyFarm's GET /jobtypes/<name>/versions/<version>: the job type's Python source
             found = self.jobtypes.get((parts[3], parts[5]))
             return (200, found) if found else (404, {"error": "no such job type version"})
+        if req.log is not None and req.method in ("POST", "PUT"):
+            with self._cond:
+                return self._task_log(req, *req.log)
         if req.method != "POST" or not isinstance(req.body, dict):
             return 400, {"error": "expected a JSON object"}
         with self._cond:
@@ -353,8 +409,7 @@ class MasterStub:
                     t.state, t.agent_id = None, None
         return 200, agent
 
-    def _update_task(self, job_id: int, task_id: int, req: Request) -> tuple[int, Any]:
-        data = dict(req.body)
+    def _task(self, job_id: int, task_id: int, req: Request) -> Task | None:
         task = self.tasks.get(task_id)
         if task is None:
             # Our tests assign through the agent, not the master: the first report from an
@@ -362,6 +417,78 @@ class MasterStub:
             owner = next((a for a, d in self.agents.items() if d.get("remote_ip") == req.peer),
                          None)
             task = self.tasks[task_id] = Task(task_id, job_id, owner)
+        # PyFarm looks a task up by (id, job_id): another job's task is not found
+        return task if task.job_id == job_id else None
+
+    def _task_log(self, req: Request, job_id: int, task_id: int, attempt: int,
+                  identifier: str | None) -> tuple[int, Any]:
+        """PyFarm's tasklogs API: register a log with a task attempt, upload its file, set
+        the attempt's state on it — each only for a log registered with that attempt."""
+        if req.method == "PUT" and identifier is None:
+            return 405, {"error": "method not allowed"}
+        if req.method == "POST" and identifier is None:
+            # validate_with_model(TaskLog, type_checks={"agent_id": isuuid})
+            if req.content_type != "application/json":
+                return 415, {"error": f"Unsupported media type {req.content_type!r}"}
+            if not isinstance(req.body, dict):
+                return 400, {"error": "dictionary expected"}
+            unknown = set(req.body) - TASKLOG_COLUMNS
+            if unknown:
+                return 400, {"error": f"request contains field(s) that do not exist: {unknown}"}
+            if "identifier" not in req.body:
+                return 400, {"error": "request is missing field(s): {'identifier'}"}
+            ident = req.body["identifier"]
+            if not isinstance(ident, str):
+                return 400, {"error": "field 'identifier' has the wrong type"}
+            if "agent_id" in req.body:
+                try:
+                    uuid.UUID(req.body["agent_id"])
+                except (ValueError, TypeError, AttributeError):
+                    return 400, {"error": "type check failed for 'agent_id'"}
+        task = self._task(job_id, task_id, req)
+        if task is None:
+            return 404, {"error": "Specified task not found"}
+        if req.method == "POST" and identifier is None:
+            ident = req.body["identifier"]
+            if "/" in ident or ident in ("", ".", ".."):
+                return 400, {"error": "Identifier is not acceptable"}
+            tlog = self.task_logs.get(ident)
+            if tlog is not None and (task_id, attempt) in tlog.associations:
+                return 409, {"error": "This log is already registered for this task."}
+            if tlog is None:
+                tlog = self.task_logs[ident] = TaskLog(ident, req.body.get("agent_id", ""),
+                                                       time.time())
+            tlog.associations[(task_id, attempt)] = None
+            return 201, tlog.to_json()
+        assert identifier is not None
+        tlog = self.task_logs.get(identifier)
+        if tlog is None:
+            return 404, {"error": "Specified log not found"}
+        if (task_id, attempt) not in tlog.associations:
+            return 404, {"error": "Specified log not found in task"}
+        if req.method == "PUT":
+            # the raw body, whatever its type (Flask's request.data): the file on the master
+            tlog.content = req.body if isinstance(req.body, str) else ""
+            return 201, ""
+        if not isinstance(req.body, dict):
+            # PyFarm's view reads g.json unchecked: anything else is a 500 there
+            return 500, {"error": "internal error: no JSON object"}
+        if "state" in req.body:
+            state = req.body["state"]
+            if state not in TASK_STATES:
+                return 500, {"error": f"internal error: {state!r} is not a WorkState"}
+            tlog.associations[(task_id, attempt)] = None if state == "queued" else state
+        if "identifier" in req.body:
+            return 400, {"error": "The tasklog identifier cannot be changed"}
+        if "created_on" in req.body:
+            return 400, {"error": "The created_on timestampt cannot be changed"}
+        return 200, tlog.to_json()
+
+    def _update_task(self, job_id: int, task_id: int, req: Request) -> tuple[int, Any]:
+        data = dict(req.body)
+        task = self._task(job_id, task_id, req)
+        if task is None:
+            return 404, {"error": "Specified task not found"}
         unknown = set(data) - TASK_KEYS
         if unknown:
             return 400, {"error": f"Unknown columns in request: {unknown}"}

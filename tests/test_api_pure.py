@@ -52,6 +52,7 @@ def test_credentials_are_checked() -> None:
 
 
 def test_csv_in_pyfarm_column_order() -> None:
+    # PyFarm wrote str(pid): "None" for the agent's own lines
     lines = [json.dumps({"time": "2026-01-01T00:00:00+00:00", "stream": 1, "line": 7,
                          "pid": 42, "message": 'a, "quoted"\tline'}).encode(), b"\n",
              json.dumps({"time": "t", "stream": 0, "line": 1, "pid": None,
@@ -59,7 +60,7 @@ def test_csv_in_pyfarm_column_order() -> None:
     text = "".join(formats.csv_rows(formats.log_entries(lines)))
     rows = list(csv.reader(io.StringIO(text)))
     assert rows == [["2026-01-01T00:00:00+00:00", "42", "1", "7", 'a, "quoted"\tline'],
-                    ["t", "", "0", "1", "x"]]
+                    ["t", "None", "0", "1", "x"]]
     plain = "".join(formats.text_lines(formats.log_entries(lines)))
     assert plain.splitlines()[0].endswith('stderr a, "quoted"\tline')
 

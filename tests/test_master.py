@@ -7,8 +7,11 @@ wait for the test master to have seen the requests, never for a fixed time.
 from __future__ import annotations
 
 import asyncio
+import csv
 import dataclasses
+import io
 import itertools
+import re
 import threading
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
@@ -20,9 +23,10 @@ import pytest
 from farmnode.config import Config
 from farmnode.master import protocol
 from farmnode.master.link import MasterLink
+from farmnode.tasks import tasklog
 from farmnode.tasks.model import Assignment, Job, JobTypeRef, Task, TaskState
 from farmnode.tasks.store import Store
-from tests.master_stub import MasterStub, Request
+from tests.master_stub import MasterStub, Request, TaskLog
 from tests.master_stub import Task as MasterTask
 
 
@@ -209,7 +213,8 @@ def test_5xx_retried_with_backoff_4xx_dropped(master: MasterStub, tmp_path: Path
         assert all(g >= 0.02 for g in gaps), gaps  # backed off, not hammering
         await until(lambda: link.last_error is not None, "the error")
         assert link.status()["master_link"]["last_error"].endswith("failing on command")
-        assert store.pending_count() == 1
+        # two log registrations, 81's running and its log's state
+        assert store.pending_count() == 4
         master.override = override
         store.set_task_state(a.id, 80, TaskState.RUNNING)
         master.mode = "ok"
@@ -314,12 +319,14 @@ def test_outage_with_restart_delivers_everything_once_in_order(master: MasterStu
             if tid != 92:
                 store.set_task_state(a.id, tid, TaskState.DONE)
         await asyncio.sleep(0.3)  # the link is retrying against a closed port
-        assert link.status()["master_link"]["queued_reports"] == 8
+        # per task: its log's registration, running and the log's running, the last
+        # progress; done and the log's done for two of them
+        assert link.status()["master_link"]["queued_reports"] == 16
         await link.stop()
         store.close()
         # restart
         store = Store(db, outbox=True)
-        assert store.pending_count() == 8
+        assert store.pending_count() == 16
         link = MasterLink(cfg, store, agent)
         link.start()
         store.set_task_state(a.id, 92, TaskState.FAILED, "agent restarted")
@@ -579,3 +586,233 @@ def test_stop_says_offline_before_the_stopped_tasks_are_reported(
     assert reqs[cancel[0]].status == 400
     assert "can only be changed by the agent owning this task" in caplog.text
     assert store.pending_count() == 0
+
+
+# ---- task logs ------------------------------------------------------------------------------
+
+def fake_output(lines: dict[str, list[tuple[int, str]]]) -> tasklog.OutputSource:
+    """The job's output per assignment, as journald would give it back."""
+    def source(assignment_id: str) -> Iterator[tasklog.OutputLine]:
+        for i, (stream, text) in enumerate(lines.get(assignment_id, [])):
+            yield tasklog.OutputLine(1_700_000_000.0 + i, 0 if stream == 0 else 1, text)
+    return source
+
+
+def log_calls(master: MasterStub) -> list[tuple[str, int | None, int]]:
+    return [(r.kind, r.log[1] if r.log else None, r.status) for r in master.requests
+            if r.kind.startswith("log_")]
+
+
+def run_task(store: Store, a: Assignment, final: TaskState = TaskState.DONE,
+             reason: str | None = None, exit_code: int | None = 0) -> None:
+    """A task's life as the agent core records it."""
+    store.add_log_lines(a.id, tasklog.start_lines(
+        1_700_000_000.0, a.job.title, len(a.tasks), "/bin/sh", ("-c", "echo hi"), "/tmp",
+        "nobody", None, {"FRAME": "1"}))
+    store.add_log_lines(a.id, [tasklog.started_line(1_700_000_000.5, "u", 4242)], 4242)
+    for t in a.tasks:
+        store.set_task_state(a.id, t.id, TaskState.RUNNING)
+    for t in a.tasks:
+        store.set_task_state(a.id, t.id, final, reason, exit_code=exit_code)
+    store.finish_assignment(a.id)
+
+
+def test_task_log_registered_uploaded_and_marked_in_pyfarm_order(master: MasterStub,
+                                                                 tmp_path: Path) -> None:
+    agent = FakeAgent()
+    store = Store(tmp_path / "db", outbox=True)
+    a = dataclasses.replace(make_assignment(3, [30, 31]),
+                            tasks=(Task(30, 1.0, attempt=2), Task(31, 2.0, attempt=1)))
+    out = fake_output({a.id: [(0, "rendering frame 1"), (1, "warning: a, \"quoted\""),
+                              (0, "done")]})
+    link = MasterLink(config(master, agent_master_reannounce=3600), store, agent,
+                      log_output=out)
+
+    async def scenario() -> None:
+        link.start()
+        await wait_count(master, "announce", 1)
+        store.add_assignment(a, "farmnode-task-30.scope")
+        run_task(store, a)
+        agent.changed(TaskState.DONE)
+        await wait(master, lambda rs: len([r for r in rs if r.kind == "log_state"]) >= 4,
+                   "the log's states")
+        await link.stop()
+
+    run(scenario)
+    (log_id,) = master.task_logs
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_3_[0-9a-f]{32}\.csv", log_id)
+    assert tasklog.assignment_of(log_id) == a.id
+    # PyFarm's order: register each task's attempt before its first state; upload (to the
+    # first task) before the last final state; the log's state after each task's
+    kinds = [(r.kind, r.task_id or (r.log[1] if r.log else None)) for r in master.requests
+             if r.kind in ("task",) or r.kind.startswith("log_")]
+    assert kinds == [("log_register", 30), ("log_register", 31),
+                     ("task", 30), ("log_state", 30), ("task", 31), ("log_state", 31),
+                     ("task", 30), ("log_state", 30),
+                     ("log_upload", 30), ("task", 31), ("log_state", 31)]
+    assert all(status in (200, 201) for _, _, status in log_calls(master))
+    register = master.of("log_register")[0]
+    assert register.path == "/api/v1/jobs/3/tasks/30/attempts/2/logs/"
+    assert register.body == {"identifier": log_id, "agent_id": agent.agent_id}
+    upload = master.of("log_upload")[0]
+    assert upload.method == "PUT" and upload.content_type == "text/csv"
+    assert upload.path == f"/api/v1/jobs/3/tasks/30/attempts/2/logs/{log_id}/logfile"
+    assert [r.body for r in master.of("log_state") if r.log and r.log[1] == 31] == [
+        {"state": "running"}, {"state": "done"}]
+    # the master has the log for both attempts, done, and the CSV as PyFarm wrote it
+    assert master.task_logs[log_id].associations == {(30, 2): "done", (31, 1): "done"}
+    content = master.task_logs[log_id].content
+    assert content is not None
+    rows = list(csv.reader(io.StringIO(content)))
+    assert [r[3] for r in rows] == [str(i) for i in range(1, len(rows) + 1)]
+    assert [(r[1], r[2], r[4]) for r in rows] == [
+        ("None", "internal", "Starting work on job None, assignment of 2 tasks."),
+        ("None", "internal", "Spawning process. Command: /bin/sh"),
+        ("None", "internal", "Arguments: ('-c', 'echo hi')"),
+        ("None", "internal", "Work Dir: /tmp"),
+        ("None", "internal", "User/Group: nobody None"),
+        ("None", "internal", "Environment:"),
+        ("None", "internal", "{'FRAME': '1'}"),
+        ("4242", "internal", "Started process 4242 in u"),
+        ("4242", "0", "rendering frame 1"),
+        ("4242", "1", 'warning: a, "quoted"'),
+        ("4242", "0", "done"),
+        ("4242", "internal", "Process has terminated successfully, code 0"),
+    ]
+    assert rows[8][0] == "2023-11-14T22:13:20.000000"  # naive UTC, microseconds
+    assert store.pending_count() == 0 and link.counters.reports_dropped == 0
+
+
+def test_task_log_4xx_dropped_409_accepted(master: MasterStub, tmp_path: Path) -> None:
+    """A registration the master already has (409: its reply was lost, say) counts as
+    delivered; a log call the master refuses (the task is gone: 404) is logged and dropped,
+    never retried."""
+    agent = FakeAgent()
+    store = Store(tmp_path / "db", outbox=True)
+    a, b = make_assignment(4, [40]), make_assignment(5, [50])
+
+    def override(req: Request) -> tuple[int, Any] | None:
+        if req.log and req.log[1] == 50:
+            return 404, {"error": "Specified task not found"}
+        return None
+
+    link = MasterLink(config(master, agent_master_reannounce=3600), store, agent,
+                      log_output=fake_output({}))
+
+    async def scenario() -> None:
+        link.start()
+        await wait_count(master, "announce", 1)
+        master.override = override
+        for x in (a, b):
+            store.add_assignment(x, "u")
+        record = store.task_log(a.id)
+        assert record is not None
+        master.task_logs[record.identifier] = TaskLog(record.identifier, agent.agent_id,
+                                                      0.0, {(40, 0): None})
+        for x in (a, b):
+            run_task(store, x, TaskState.FAILED, "exit code 3", exit_code=3)
+        agent.changed(TaskState.FAILED)
+        await wait(master, lambda rs: len([r for r in rs if r.kind == "log_state"]) >= 4,
+                   "every log call")
+        await link.stop()
+
+    run(scenario)
+    calls = log_calls(master)
+    assert [c for c in calls if c[1] == 50] == [("log_register", 50, 404),
+                                                ("log_state", 50, 404),
+                                                ("log_upload", 50, 404),
+                                                ("log_state", 50, 404)]
+    assert [c for c in calls if c[1] == 40] == [("log_register", 40, 409),
+                                                ("log_state", 40, 200),
+                                                ("log_upload", 40, 201),
+                                                ("log_state", 40, 200)]
+    (tlog,) = [t for t in master.task_logs.values() if (40, 0) in t.associations]
+    assert tlog.associations[(40, 0)] == "failed"
+    assert tlog.content is not None and "Task 40 failed: exit code 3" in tlog.content
+    assert "Process has not terminated successfully, code 3" in tlog.content
+    assert link.counters.reports_dropped == 4
+    assert store.pending_count() == 0
+
+
+def test_master_outage_during_a_task_delays_its_log_across_a_restart(master: MasterStub,
+                                                                      tmp_path: Path) -> None:
+    """The master vanishes while the task runs; the agent restarts; the log arrives once,
+    complete, when the master is back — after the registration, before `done`."""
+    agent = FakeAgent()
+    db = tmp_path / "db"
+    cfg = config(master, agent_master_reannounce=3600, agent_shutdown_timeout=0.5)
+    a = make_assignment(6, [60])
+    out = fake_output({a.id: [(0, f"line {i}") for i in range(1, 1001)]})
+
+    async def scenario() -> None:
+        store = Store(db, outbox=True)
+        link = MasterLink(cfg, store, agent, log_output=out)
+        link.start()
+        await wait_count(master, "announce", 1)
+        master.vanish()
+        store.add_assignment(a, "u")
+        store.set_task_state(a.id, 60, TaskState.RUNNING)
+        agent.changed()
+        await link.stop()
+        store.close()
+        store = Store(db, outbox=True)  # restart
+        link = MasterLink(cfg, store, agent, log_output=out)
+        link.start()
+        store.set_task_state(a.id, 60, TaskState.DONE, exit_code=0)
+        agent.changed(TaskState.DONE)
+        master.reappear()
+        await wait(master, lambda rs: any(r.kind == "log_state" and r.body == {"state": "done"}
+                                          for r in rs), "the log marked done")
+        await link.stop()
+        assert store.pending_count() == 0
+
+    run(scenario)
+    assert [(k, s) for k, _, s in log_calls(master)] == [
+        ("log_register", 201), ("log_state", 200), ("log_upload", 201), ("log_state", 200)]
+    (tlog,) = master.task_logs.values()
+    assert tlog.associations == {(60, 0): "done"}
+    assert tlog.content is not None
+    messages = [r[4] for r in csv.reader(io.StringIO(tlog.content))]
+    assert messages == [f"line {i}" for i in range(1, 1001)] + [
+        "Process has terminated successfully, code 0"]
+
+
+def test_stub_refuses_log_calls_as_pyfarms_master_does(master: MasterStub) -> None:
+    """The test master's log endpoints hold us to what PyFarm 0.8.6 checks."""
+    import http.client
+
+    def call(method: str, path: str, body: bytes | None, ctype: str | None) -> int:
+        conn = http.client.HTTPConnection(master.host, master.port, timeout=5)
+        headers = {"User-Agent": "PyFarm/1.0 (agent)"}
+        if ctype:
+            headers["Content-Type"] = ctype
+        conn.request(method, "/api/v1" + path, body=body, headers=headers)
+        status = conn.getresponse().status
+        conn.close()
+        return status
+
+    agent = str(uuid.uuid4())
+    base = "/jobs/1/tasks/10/attempts/1/logs/"
+    ident = "2026-01-01_00-00-00_1_" + "0" * 32 + ".csv"
+    good = f'{{"identifier": "{ident}", "agent_id": "{agent}"}}'.encode()
+    j = "application/json"
+    # not registered yet: no upload, no state
+    assert call("PUT", base + ident + "/logfile", b"x", "text/csv") == 404
+    assert call("POST", base + ident, b'{"state": "done"}', j) == 404
+    assert call("POST", base, good, "text/plain") == 415
+    assert call("POST", base, b'{"identifier": "x", "agent_id": "y"}', j) == 400
+    assert call("POST", base, b'{"identifier": "x", "agent_id": "' + agent.encode()
+                + b'", "state": "running"}', j) == 400
+    assert call("POST", base, b'{"agent_id": "' + agent.encode() + b'"}', j) == 400
+    assert call("POST", base, good, j) == 201
+    assert call("POST", base, good, j) == 409
+    assert call("POST", "/jobs/2/tasks/10/attempts/1/logs/", good, j) == 404  # other job
+    assert call("POST", base + ident, b'{"identifier": "other"}', j) == 400
+    assert call("POST", base + ident, b'{"state": "finished"}', j) == 500
+    assert call("PUT", base + ident + "/logfile", b"a,b", "text/csv") == 201
+    assert call("POST", base + ident, b'{"state": "done"}', j) == 200
+    # another attempt of the same task is another association
+    assert call("PUT", "/jobs/1/tasks/10/attempts/2/logs/" + ident + "/logfile", b"x",
+                "text/csv") == 404
+    assert master.task_logs[ident].content == "a,b"
+    assert master.task_logs[ident].associations == {(10, 1): "done"}

@@ -61,11 +61,20 @@ def test_outbox_only_with_a_master_in_order_and_progress_coalesced(tmp_path: Pat
         store.set_task_progress("a1", 1, p)
     store.set_task_state("a1", 1, TaskState.FAILED, "exit code 2")
     reports = store.pending_reports()
+    # the log: registered before any state, marked with each state after the task's, its
+    # upload queued before the last task's final state (PyFarm's order)
     assert [(r.kind, r.payload.get("state"), r.payload.get("progress")) for r in reports] == [
+        ("log_register", None, None),
         ("task_state", "running", None),
+        ("log_state", "running", None),
         ("task_progress", None, 0.3),  # only the latest undelivered progress is kept
+        ("log_upload", None, None),
         ("task_state", "failed", None),
+        ("log_state", "failed", None),
     ]
-    assert reports[2].payload["reason"] == "exit code 2" and reports[0].job_id == 7
+    assert reports[5].payload["reason"] == "exit code 2" and reports[0].job_id == 7
+    log_id = reports[0].payload["identifier"]
+    assert {r.payload["identifier"] for r in reports if r.kind.startswith("log_")} == {log_id}
+    assert store.task_log_assignment(log_id) == "a1"
     store.ack_report(reports[0].seq)
     assert [r.seq for r in store.pending_reports()] == [r.seq for r in reports[1:]]

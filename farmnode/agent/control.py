@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime
 import json
 import logging
 import os
 import re
 import signal
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,8 @@ from sdbus import SdBus
 from farmnode.bus.interface import PATCHABLE_CONFIG_KEYS
 from farmnode.config import ConfigError, load_config
 from farmnode.config.model import SETTINGS, Config
-from farmnode.systemd.journal import stream_of
+from farmnode.systemd.journal import output_lines
+from farmnode.tasks import tasklog
 from farmnode.tasks.store import Store
 
 log = logging.getLogger(__name__)
@@ -150,54 +150,48 @@ class NoSuchLog(LookupError):
     pass
 
 
-def log_matches(store: Store, identifier: str) -> dict[str, str]:
-    """journald matches for a log identifier: a task id (its latest attempt) or an assignment
-    id, bare or as `<assignment id>.csv` (PyFarm keeps one log per assignment). Nothing else
-    is accepted, so no identifier ever names a file."""
+def log_assignment(store: Store, identifier: str) -> str:
+    """The assignment a log identifier names: PyFarm's identifier (the one the master was
+    given), a task id (its latest attempt) or an assignment id, bare or as
+    `<assignment id>.csv`. Nothing else is accepted, so no identifier ever names a file."""
     if identifier.isascii() and identifier.isdigit() and len(identifier) <= 18:
         rec = store.task(int(identifier))
         if rec is None:
             raise NoSuchLog(f"no task {identifier} on this node")
-        return {"FARMNODE_TASK": str(rec.id), "FARMNODE_ASSIGNMENT": rec.assignment_id}
+        return rec.assignment_id
+    found = store.task_log_assignment(identifier)
+    if found is not None:
+        return found
     m = _ASSIGNMENT_LOG.match(identifier)
     if m and store.unit_of(m.group(1)) is not None:
-        return {"FARMNODE_ASSIGNMENT": m.group(1)}
+        return m.group(1)
     raise NoSuchLog(f"no task log {identifier[:80]!r} on this node")
 
 
-def write_log(fd: int, matches: Mapping[str, str]) -> None:
-    """One JSON object per output line: time, stream (0 stdout, 1 stderr), line, pid, message.
-    Formatting (CSV, text) is the API's business. Runs in a thread: journal reads block."""
-    from systemd import journal
+def journal_output(assignment_id: str) -> Iterator[tasklog.OutputLine]:
+    """The job's output of an assignment from journald, for tasklog.build."""
+    for t, stream, message in output_lines(assignment_id):
+        yield tasklog.OutputLine(t, 1 if stream == 1 else 0, message)
 
-    reader = journal.Reader(flags=journal.SYSTEM)
-    lines = {"stdout": 0, "stderr": 0}
-    try:
-        for key, value in matches.items():
-            reader.add_match(**{key: value})
-        with os.fdopen(os.dup(fd), "w", encoding="utf-8") as out:
-            for entry in reader:
-                stream = stream_of(entry)
-                if stream is None:
-                    continue
-                lines[stream] += 1
-                ts = entry["__REALTIME_TIMESTAMP"]
-                if isinstance(ts, datetime.datetime) and ts.tzinfo is None:
-                    ts = ts.astimezone()
-                out.write(json.dumps({
-                    "time": ts.isoformat() if isinstance(ts, datetime.datetime) else str(ts),
-                    "stream": 0 if stream == "stdout" else 1,
-                    "line": lines[stream],
-                    "pid": None,
-                    "message": _text(entry.get("MESSAGE", "")),
-                }, separators=(",", ":")) + "\n")
-    finally:
-        reader.close()
+
+def log_record(store: Store, assignment_id: str) -> tasklog.TaskLogRecord:
+    """The assignment's log record; one with no lines of the agent for an assignment
+    accepted before the agent kept them."""
+    record = store.task_log(assignment_id)
+    if record is not None:
+        return record
+    a = store.assignment(assignment_id)
+    if a is None:
+        raise NoSuchLog(f"no task log for assignment {assignment_id}")
+    return tasklog.TaskLogRecord(assignment_id, assignment_id + ".csv", a.job.id, 0.0, (),
+                                 None, ())
+
+
+def write_log(fd: int, record: tasklog.TaskLogRecord, max_bytes: int) -> None:
+    """The log's rows as JSON lines (time, pid, stream, line, message): the rows of the CSV
+    the master is sent; formatting (CSV, text) is the API's business. Runs in a thread:
+    journal reads block."""
+    with os.fdopen(os.dup(fd), "w", encoding="utf-8") as out:
+        for entry in tasklog.build(record, journal_output, max_bytes):
+            out.write(json.dumps(entry.to_json(), separators=(",", ":")) + "\n")
     os.lseek(fd, 0, os.SEEK_SET)
-
-
-def _text(value: object) -> str:
-    # journald hands back bytes for a MESSAGE that is not valid UTF-8.
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    return str(value)

@@ -209,6 +209,7 @@ class Agent:
         run = AssignmentRun(a, self.config, self.scopes, self._report_state,
                             self._report_progress, self._report_accounting)
         run.fetch_jobtype = self._fetch_jobtype
+        run.report_log = self.store.add_log_lines
         return run
 
     async def _fetch_jobtype(self, name: str, version: int) -> None:
@@ -556,16 +557,19 @@ class Agent:
         return self.config_dict()
 
     async def task_log(self, identifier: str) -> int:
-        """A memfd holding the log as JSON lines; the caller (D-Bus) sends a duplicate."""
+        """A memfd holding the log's rows as JSON lines, the rows the master is sent; the
+        caller (D-Bus) sends a duplicate."""
         from farmnode.agent import control
 
         try:
-            matches = control.log_matches(self.store, identifier)
+            record = control.log_record(self.store, control.log_assignment(self.store,
+                                                                           identifier))
         except control.NoSuchLog as exc:
             raise UnknownTask(str(exc)) from None
         fd = os.memfd_create("farmnode-task-log", os.MFD_CLOEXEC)
         try:
-            await asyncio.to_thread(control.write_log, fd, matches)
+            await asyncio.to_thread(control.write_log, fd, record,
+                                    self.config.task_log_max_size * 1024 * 1024)
         except BaseException:
             os.close(fd)
             raise

@@ -12,6 +12,7 @@ from pathlib import Path
 from sdbus import request_default_bus_name_async, sd_bus_open_system, set_default_bus
 from systemd import daemon
 
+from farmnode.agent.control import journal_output
 from farmnode.agent.core import Agent
 from farmnode.config import Config
 from farmnode.master.link import MasterLink
@@ -79,7 +80,8 @@ async def serve(config: Config) -> None:
 
     agent.state_listeners.append(on_state)
     # [4] master sync: none configured → standalone, nothing tries to reach a master
-    link = MasterLink(config, store, agent) if config.master_api else None
+    link = (MasterLink(config, store, agent, log_output=journal_output)
+            if config.master_api else None)
     if link is not None:
         agent.master_link = link
         link.start()

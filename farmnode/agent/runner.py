@@ -40,7 +40,9 @@ from farmnode.systemd.journal import (
     remove_unit_settings,
 )
 from farmnode.systemd.scope import ScopeError, ScopeLimits, ScopeManager, scope_properties
+from farmnode.tasks import tasklog
 from farmnode.tasks.model import Assignment, TaskState
+from farmnode.tasks.tasklog import InternalLine
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +201,9 @@ class AssignmentRun:
     link_version: int = link.VERSION  # of the shim's protocol (an adopted one may be older)
     # Refreshes the on-disk cache of a job type the master serves ([4]); None: standalone.
     fetch_jobtype: Callable[[str, int], Awaitable[None]] | None = None
+    # The agent's own lines for the assignment's task log (and the job's pid), kept by the
+    # store; None: no log is kept.
+    report_log: Callable[[str, list[InternalLine], int | None], None] | None = None
     _finished: set[int] = field(default_factory=set)
     _log_fields: TaskLogFields | None = None
     _proc: subprocess.Popen[bytes] | None = None
@@ -347,6 +352,10 @@ class AssignmentRun:
             self._finish_all(TaskState.FAILED, f"cannot set the task's journald settings: {exc}",
                              None)
             return
+        if self.report_log is not None:
+            self.report_log(a.id, tasklog.start_lines(
+                time.time(), a.job.title, len(a.tasks), command.command, command.arguments,
+                command.cwd, ident.user, command.group, env), None)
         with os.fdopen(gate_w, "wb") as gate:
             gate.write(json.dumps(spec).encode())
         await self._serve(ours, resume=False)
@@ -394,6 +403,7 @@ class AssignmentRun:
                 break
             kind, stream, offset, payload = link.unpack(packet)
             if kind == link.STARTED:
+                self._log_started(payload)
                 self._mark_started()
             elif kind == link.RESUMED and stream < len(streams):
                 # The shim journaled up to offset (WRITEs of the previous agent included) and
@@ -459,6 +469,16 @@ class AssignmentRun:
             self._stopping = loop.create_task(self.scopes.stop_scope(self.unit))
 
         return loop.call_at(loop.time() + max(0.0, started + limit - time.time()), expire)
+
+    def _log_started(self, payload: bytes) -> None:
+        if self.report_log is None or self.started:
+            return
+        try:
+            pid = int(json.loads(payload)["pid"])
+        except (ValueError, KeyError, TypeError):
+            return
+        self.report_log(self.assignment.id, [tasklog.started_line(time.time(), self.unit, pid)],
+                        pid)
 
     def _mark_started(self) -> None:
         if self.started:

@@ -2,45 +2,34 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-# PyFarm's column order as its agent actually wrote task logs (time, pid, stream, line,
-# message); its docs listed stream before pid, but the files were written this way.
-CSV_COLUMNS = ("time", "pid", "stream", "line", "message")
+from farmnode.tasks import tasklog
+from farmnode.tasks.tasklog import LogEntry
+
 STREAM_NAMES = ("stdout", "stderr")
 
 
-def log_entries(lines: Iterable[bytes]) -> Iterator[dict[str, Any]]:
-    """The agent's JSON-lines log (TaskLog over D-Bus), one dict per output line."""
+def log_entries(lines: Iterable[bytes]) -> Iterator[LogEntry]:
+    """The agent's JSON-lines log (TaskLog over D-Bus), one row of the CSV per line."""
     for raw in lines:
         if raw.strip():
-            entry: dict[str, Any] = json.loads(raw)
-            yield entry
+            yield LogEntry.from_json(json.loads(raw))
 
 
-def csv_rows(entries: Iterable[Mapping[str, Any]]) -> Iterator[str]:
-    """One CSV line per log entry (RFC 4180 quoting, CRLF as csv.writer does)."""
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    for e in entries:
-        writer.writerow([e.get("time", ""), "" if e.get("pid") is None else e["pid"],
-                         e.get("stream", ""), e.get("line", ""), e.get("message", "")])
-        yield buf.getvalue()
-        buf.seek(0)
-        buf.truncate()
+def csv_rows(entries: Iterable[LogEntry]) -> Iterator[str]:
+    """PyFarm's CSV, written as for the master's upload (farmnode.tasks.tasklog)."""
+    return tasklog.csv_rows(entries)
 
 
-def text_lines(entries: Iterable[Mapping[str, Any]]) -> Iterator[str]:
+def text_lines(entries: Iterable[LogEntry]) -> Iterator[str]:
     """`<time> <stream> <message>` per line, for people."""
     for e in entries:
-        stream = e.get("stream")
-        name = STREAM_NAMES[stream] if stream in (0, 1) else "?"
-        yield f"{e.get('time', '')} {name} {e.get('message', '')}\n"
+        name = STREAM_NAMES[e.stream] if e.stream in (0, 1) else "agent"
+        yield f"{e.time} {name} {e.message}\n"
 
 
 # ---- Prometheus text format 0.0.4 ----------------------------------------------------------

@@ -29,12 +29,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import tempfile
 import time
 import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import IO, Any, Protocol
 
 from farmnode import __version__
 from farmnode.config import Config
@@ -42,6 +43,7 @@ from farmnode.master import protocol
 from farmnode.master.http import MasterHTTP, Response, TransportError
 from farmnode.master.timesync import time_offset
 from farmnode.sysinfo import HostFacts, collect, host
+from farmnode.tasks import tasklog
 from farmnode.tasks.store import Store
 
 log = logging.getLogger(__name__)
@@ -99,6 +101,7 @@ class LinkCounters:
 class MasterLink:
     def __init__(self, config: Config, store: Store, agent: AgentView, *,
                  facts: Callable[[], Awaitable[HostFacts]] = collect,
+                 log_output: tasklog.OutputSource | None = None,
                  request_timeout: float = 30.0) -> None:
         if not config.master_api:
             raise ValueError("MasterLink needs master_api (no master: run standalone)")
@@ -107,6 +110,9 @@ class MasterLink:
         self.agent = agent
         self.http = MasterHTTP(config.master_api, timeout=request_timeout)
         self._facts = facts
+        # The job's output for a task log (journald, from the agent); None: logs carry only
+        # the agent's own lines.
+        self._log_output = log_output
         # The id the master knows us by; PyFarm takes it from the announce reply.
         self.master_agent_id = agent.agent_id
         self.announced = False
@@ -321,22 +327,79 @@ class MasterLink:
             for report in reports:
                 if yield_to_reannounce and self._reannounce_reason() is not None:
                     return
-                req = protocol.report_request(report, self.master_agent_id)
-                if req is None:
+                try:
+                    req = protocol.report_request(report, self.master_agent_id)
+                except (KeyError, TypeError, ValueError) as exc:
+                    log.error("outbox %d (%s) cannot be sent (%s): dropped", report.seq,
+                              report.kind, exc)
+                    req = None
+                resp = None
+                if isinstance(req, protocol.LogUpload):
+                    resp = await self._upload_log(req, timeout)
+                elif req is not None:
+                    resp = await self._post(req.path, req.body, timeout=timeout)
+                if resp is None or req is None:
                     log.debug("outbox %d (%s): nothing to send", report.seq, report.kind)
                     self.store.ack_report(report.seq)
                     continue
-                resp = await self._post(req.path, req.body, timeout=timeout)
-                if resp.ok:
+                if resp.ok or (isinstance(req, protocol.Request) and resp.status in req.also_ok):
                     self.counters.reports_sent += 1
                 else:
                     self.counters.reports_dropped += 1
                     self._error(f"report {report.seq} refused: {resp.error_text()}")
                     # The master will refuse it again: log what it said, drop it, go on.
-                    log.warning("the master refused report %d (POST %s %s): %d %s; dropped",
-                                report.seq, req.path, req.body, resp.status,
+                    what = (f"POST {req.path} {req.body}" if isinstance(req, protocol.Request)
+                            else f"PUT {req.path}")
+                    log.warning("the master refused report %d for task %s (%s): %d %s; "
+                                "dropped", report.seq, report.task_id, what, resp.status,
                                 _body_text(resp))
                 self.store.ack_report(report.seq)
+
+    # ---- task logs -------------------------------------------------------------------------
+    async def _upload_log(self, req: protocol.LogUpload, timeout: float | None,
+                          ) -> Response | None:
+        """PUT an assignment's CSV, built from the record now (a retry builds it again, so a
+        log uploaded after an outage or a restart is as complete as the record is). None
+        when there is nothing to send (the record is gone)."""
+        record = self.store.task_log(req.assignment_id)
+        if record is None:
+            return None
+        spool = await asyncio.to_thread(self._spool_log, record)
+        try:
+            async with self._send_lock:
+                self.counters.requests += 1
+                try:
+                    resp = await self.http.send_file("PUT", req.path, spool, "text/csv",
+                                                     timeout=timeout)
+                except TransportError as exc:
+                    self._error(f"PUT {req.path}: {exc}")
+                    raise _Retry(str(exc)) from None
+        finally:
+            spool.close()
+        if resp.ok:
+            self.last_contact = time.time()
+            self._failures = 0
+            log.info("uploaded task log %s", req.identifier)
+        elif resp.status >= 500:
+            self._error(f"PUT {req.path}: {resp.error_text()}")
+            raise _Retry(resp.error_text())
+        return resp
+
+    def _spool_log(self, record: tasklog.TaskLogRecord) -> IO[bytes]:
+        """The CSV in an unnamed temporary file (blocking: run in a thread): a log of any
+        size costs the agent a bounded amount of memory, on the way out too."""
+        output = self._log_output or (lambda _aid: ())
+        max_bytes = self.config.task_log_max_size * 1024 * 1024
+        spool = tempfile.TemporaryFile()  # noqa: SIM115 (closed by the caller)
+        try:
+            for row in tasklog.csv_rows(tasklog.build(record, output, max_bytes)):
+                spool.write(row.encode("utf-8"))
+            spool.flush()
+            spool.seek(0)
+        except BaseException:
+            spool.close()
+            raise
+        return spool
 
     def _reannounce_reason(self) -> str | None:
         """Why a reannounce is due now; None if not (may note when to look again)."""

@@ -8,6 +8,7 @@ everything sent here is one of its columns, or `id`, `current_assignments`, `far
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,15 +90,64 @@ def assignment_json(a: Assignment, local_states: dict[int, str]) -> dict[str, An
 class Request:
     path: str
     body: dict[str, Any]
+    # Answers other than 2xx that mean the master has what the request says (a log that is
+    # already registered: 409).
+    also_ok: frozenset[int] = frozenset()
 
 
-def report_request(report: Report, agent_id: str) -> Request | None:
+@dataclass(frozen=True)
+class LogUpload:
+    """`PUT …/logs/<identifier>/logfile`: the CSV is read from the record when it is sent."""
+
+    path: str
+    assignment_id: str
+    identifier: str
+
+
+_LOG_ID = re.compile(r"[A-Za-z0-9._-]{1,255}")
+
+
+def log_path(job_id: int, task_id: int, attempt: int, identifier: str | None = None) -> str:
+    """PyFarm's per-attempt log URL (its collection when `identifier` is None)."""
+    base = f"/jobs/{int(job_id)}/tasks/{int(task_id)}/attempts/{int(attempt)}/logs/"
+    if identifier is None:
+        return base
+    if not _LOG_ID.fullmatch(identifier) or identifier in (".", ".."):
+        raise ValueError(f"not a log identifier: {identifier[:80]!r}")
+    return base + identifier
+
+
+def log_request(report: Report, agent_id: str) -> Request | LogUpload | None:
+    """The master request for a log row of the outbox (register, upload, state)."""
+    if report.task_id is None or report.job_id is None:
+        return None
+    p = report.payload
+    identifier, attempt = str(p["identifier"]), int(p["attempt"])
+    if report.kind == "log_register":
+        log_path(report.job_id, report.task_id, attempt, identifier)  # checks the identifier
+        return Request(log_path(report.job_id, report.task_id, attempt),
+                       {"identifier": identifier, "agent_id": agent_id},
+                       also_ok=frozenset({409}))
+    path = log_path(report.job_id, report.task_id, attempt, identifier)
+    if report.kind == "log_upload":
+        return LogUpload(path + "/logfile", str(p["assignment_id"]), identifier)
+    if report.kind == "log_state":
+        # The master's log association knows PyFarm's work states only; a task we stopped
+        # goes back to the queue (as its task state says), which the master records as null.
+        state = str(p["state"])
+        return Request(path, {"state": "queued" if state == "cancelled" else state})
+    return None
+
+
+def report_request(report: Report, agent_id: str) -> Request | LogUpload | None:
     """The master request for an outbox row; None for a row the master has no call for.
 
     Task states map onto PyFarm's: running also sets the start time ("now" is all the master
     accepts), failed carries `last_error`, and a task we stopped without it failing
     (cancelled) goes back to the queue released from this agent, as PyFarm's stop() did.
     """
+    if report.kind.startswith("log_"):
+        return log_request(report, agent_id)
     if report.task_id is None or report.job_id is None:
         return None
     path = f"/jobs/{report.job_id}/tasks/{report.task_id}"

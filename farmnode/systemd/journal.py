@@ -27,7 +27,8 @@ from __future__ import annotations
 import contextlib
 import os
 import struct
-from collections.abc import Mapping
+import subprocess
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,6 +147,38 @@ def stream_of(entry: Mapping[str, object]) -> str | None:
     if ident in IDENTIFIERS:
         return STREAM_NAMES[IDENTIFIERS.index(str(ident))]
     return None
+
+
+def output_lines(assignment_id: str, sync: bool = True) -> Iterator[tuple[float, int, str]]:
+    """(epoch time, stream 0|1, message) of every output line of an assignment, oldest first,
+    read as a stream (blocking: run it in a thread). `sync` first makes journald write what
+    it was handed: a task's last lines may still sit in its stream socket when it ends."""
+    import datetime
+
+    from systemd import journal
+
+    if sync:
+        subprocess.run(["journalctl", "--sync"], check=False, timeout=30,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    reader = journal.Reader(flags=journal.SYSTEM)
+    try:
+        reader.add_match(FARMNODE_ASSIGNMENT=assignment_id)
+        for entry in reader:
+            stream = stream_of(entry)
+            if stream is None:
+                continue
+            ts = entry["__REALTIME_TIMESTAMP"]
+            t = ts.timestamp() if isinstance(ts, datetime.datetime) else float(ts) / 1e6
+            yield t, STREAM_NAMES.index(stream), _text(entry.get("MESSAGE", ""))
+    finally:
+        reader.close()
+
+
+def _text(value: object) -> str:
+    # journald hands back bytes for a MESSAGE that is not valid UTF-8.
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)
 
 
 def format_line(priority: int, text: str) -> bytes:

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from farmnode.tasks import tasklog
 from farmnode.tasks.model import Assignment, TaskState
 from farmnode.tasks.schema import assignment_to_json, parse_assignment
 
@@ -56,12 +57,22 @@ CREATE TABLE IF NOT EXISTS outbox (
     payload TEXT NOT NULL,
     created REAL NOT NULL
 );
+-- One log per assignment, as PyFarm's agent kept it: the identifier the master knows it by
+-- and the agent's own lines about the run (JSON [[time, pid, message], ...]); the job's
+-- output stays in journald, the exit status in the task rows.
+CREATE TABLE IF NOT EXISTS task_logs (
+    assignment_id TEXT PRIMARY KEY REFERENCES assignments(id),
+    identifier TEXT NOT NULL UNIQUE,
+    internal TEXT NOT NULL DEFAULT '[]',
+    pid INTEGER
+);
 """
 
 
 @dataclass(frozen=True)
 class Report:
-    """One outbox entry: kind is task_state, task_progress or agent_state."""
+    """One outbox entry: kind is task_state, task_progress, agent_state, or for the task's
+    log (PyFarm's per-attempt log calls) log_register, log_upload, log_state."""
 
     seq: int
     kind: str
@@ -127,6 +138,16 @@ class Store:
                 [(a.id, t.id, a.job.id, t.frame, t.tile, t.attempt, str(TaskState.QUEUED), now)
                  for t in a.tasks],
             )
+            log_id = tasklog.identifier(a.job.id, a.id, now)
+            self.db.execute("INSERT INTO task_logs (assignment_id, identifier) VALUES (?,?)",
+                            (a.id, log_id))
+            if self.outbox:
+                # Queued before any state of the tasks: the master takes a log's upload and
+                # state only for a task attempt it was registered with.
+                for t in a.tasks:
+                    self._enqueue("log_register", a.job.id, t.id,
+                                  {"assignment_id": a.id, "attempt": t.attempt,
+                                   "identifier": log_id}, now)
 
     def assignment(self, assignment_id: str) -> Assignment | None:
         row = self.db.execute("SELECT payload FROM assignments WHERE id=?",
@@ -177,12 +198,89 @@ class Store:
             changed = cur.rowcount == 1
             if changed and self.outbox:
                 job_id = self._job_of(assignment_id)
+                log_id = self._log_of(assignment_id)
+                if log_id is not None and state.finished:
+                    self._enqueue_upload(assignment_id, job_id, log_id, finished_states, now)
                 payload: dict[str, Any] = {"assignment_id": assignment_id, "state": str(state),
                                            "time": now}
                 if reason is not None:
                     payload["reason"] = reason
                 self._enqueue("task_state", job_id, task_id, payload, now)
+                if log_id is not None:
+                    # PyFarm's agent marks the log with each state right after the task's.
+                    self._enqueue("log_state", job_id, task_id,
+                                  {"assignment_id": assignment_id,
+                                   "attempt": self._attempt_of(assignment_id, task_id),
+                                   "identifier": log_id, "state": str(state)}, now)
         return changed
+
+    def _enqueue_upload(self, assignment_id: str, job_id: int | None, log_id: str,
+                        finished_states: tuple[str, ...], now: float) -> None:
+        """The log's upload, queued with the last task of the assignment to finish and before
+        that task's final state (PyFarm's order: the log is on the master when the task is
+        done). The row names the log; its text is read when it is sent."""
+        left = self.db.execute(
+            f"SELECT count(*) FROM tasks WHERE assignment_id=? AND state NOT IN"
+            f" ({','.join('?' * len(finished_states))})",
+            (assignment_id, *finished_states)).fetchone()[0]
+        if left:
+            return
+        # PyFarm uploads once, to the first task's attempt: the master keeps one file per
+        # identifier, which every task of the batch was registered with.
+        first = self.db.execute("SELECT id, attempt FROM tasks WHERE assignment_id=?"
+                                " ORDER BY rowid LIMIT 1", (assignment_id,)).fetchone()
+        self._enqueue("log_upload", job_id, int(first["id"]),
+                      {"assignment_id": assignment_id, "attempt": int(first["attempt"]),
+                       "identifier": log_id}, now)
+
+    def _log_of(self, assignment_id: str) -> str | None:
+        row = self.db.execute("SELECT identifier FROM task_logs WHERE assignment_id=?",
+                              (assignment_id,)).fetchone()
+        return None if row is None else str(row["identifier"])
+
+    def _attempt_of(self, assignment_id: str, task_id: int) -> int:
+        row = self.db.execute("SELECT attempt FROM tasks WHERE assignment_id=? AND id=?",
+                              (assignment_id, task_id)).fetchone()
+        return 0 if row is None else int(row["attempt"])
+
+    # ---- task logs -------------------------------------------------------------------
+    def add_log_lines(self, assignment_id: str, lines: list[tasklog.InternalLine],
+                      pid: int | None = None) -> None:
+        """Append the agent's own lines to the assignment's log (and the job's pid, once the
+        shim has said it); no-op for an assignment accepted before logs were kept."""
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            row = self.db.execute("SELECT internal FROM task_logs WHERE assignment_id=?",
+                                  (assignment_id,)).fetchone()
+            if row is None:
+                return
+            internal = json.loads(row["internal"]) + [ln.to_json() for ln in lines]
+            self.db.execute("UPDATE task_logs SET internal=?, pid=COALESCE(?, pid)"
+                            " WHERE assignment_id=?", (json.dumps(internal), pid, assignment_id))
+
+    def task_log(self, assignment_id: str) -> tasklog.TaskLogRecord | None:
+        row = self.db.execute(
+            "SELECT l.*, a.job_id AS job_id, a.created AS created FROM task_logs l"
+            " JOIN assignments a ON a.id = l.assignment_id WHERE l.assignment_id=?",
+            (assignment_id,)).fetchone()
+        if row is None:
+            return None
+        ends = tuple(
+            tasklog.TaskEnd(r["id"], r["state"], r["reason"], r["exit_code"], r["signal"],
+                            r["finished"])
+            for r in self.db.execute("SELECT * FROM tasks WHERE assignment_id=? ORDER BY rowid",
+                                     (assignment_id,)))
+        return tasklog.TaskLogRecord(
+            assignment_id=assignment_id, identifier=row["identifier"], job_id=row["job_id"],
+            created=row["created"],
+            internal=tuple(tasklog.InternalLine.from_json(v) for v in json.loads(row["internal"])),
+            pid=row["pid"], ends=ends)
+
+    def task_log_assignment(self, identifier: str) -> str | None:
+        """The assignment whose log the master knows by `identifier`."""
+        row = self.db.execute("SELECT assignment_id FROM task_logs WHERE identifier=?",
+                              (identifier,)).fetchone()
+        return None if row is None else str(row["assignment_id"])
 
     def set_task_progress(self, assignment_id: str, task_id: int, progress: float) -> bool:
         now = time.time()

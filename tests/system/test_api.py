@@ -193,7 +193,9 @@ def test_assign_run_and_read_back(api: Api) -> None:
     rows = list(csv.reader(io.StringIO(r.text)))
     messages = [row[4] for row in rows]
     assert "line 1:1" in messages and "line 2:3" in messages
-    assert all(row[2] in ("0", "1") for row in rows)
+    assert all(row[2] in ("0", "1", "internal") for row in rows)
+    assert rows[0][2] == "internal" and rows[0][4].startswith("Starting work on job")
+    assert [int(row[3]) for row in rows] == list(range(1, len(rows) + 1))
     assert all(re.match(r"\d{4}-\d\d-\d\dT", row[0]) for row in rows)
     text = api.get(f"/api/v1/task_logs/{ids[1]}?format=text").text
     assert "stdout line 2:3" in text  # a batch logs once, under each of its tasks

@@ -8,8 +8,11 @@ compressed through the config (reannounce every 2 s instead of 120 s, retries fr
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
+import re
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -104,7 +107,9 @@ def test_job_reports_reach_the_master_once_in_order(ct: Container, master: Maste
     # the assignment was announced while it ran (forced reannounce on start)
     assert any(r.kind == "reannounce" and result["id"] in r.body["current_assignments"]
                for r in master.requests)
-    assert status(ct)["master_link"]["queued_reports"] == 0
+    # the log's own state follows each task's done: the outbox empties after it
+    master.wait_for(lambda rs: status(ct)["master_link"]["queued_reports"] == 0, 10,
+                    "an empty outbox")
 
 
 def test_4xx_is_not_retried(ct: Container, master: MasterStub) -> None:
@@ -282,3 +287,102 @@ def test_jobtype_from_the_master_runs_in_the_scope_as_the_user(
     finally:
         ct.run(["rm", "-f", dropin])
         ct.run(["systemctl", "restart", "farmnode.service"])
+
+
+def _log_of(master: MasterStub, task_id: int) -> tuple[str, Any]:
+    """(identifier, record) of the log the master has for a task's attempt."""
+    for ident, tlog in master.task_logs.items():
+        if any(t == task_id for t, _ in tlog.associations):
+            return ident, tlog
+    raise AssertionError(f"no log registered for task {task_id}")
+
+
+def _log_done(master: MasterStub, task_id: int) -> Any:
+    return lambda rs: any(r.kind == "log_state" and r.log and r.log[1] == task_id
+                          and r.body == {"state": "done"} and r.status == 200 for r in rs)
+
+
+def _api_get(ct: Container, path: str) -> str:
+    ct.sh("systemctl start farmnode-api.socket")
+    listen = ct.run(["systemctl", "show", "-P", "Listen", "farmnode-api.socket"]).stdout
+    port = int(listen.split()[0].rsplit(":", 1)[1])
+    out = ct.run(["python3", "-c",
+                       "import sys, urllib.request as u; sys.stdout.write(u.urlopen(u.Request("
+                       f"'http://127.0.0.1:{port}{path}', "
+                       "headers={'User-Agent': 'PyFarm/1.0 (master)'}), timeout=30)"
+                       ".read().hex())"]).stdout
+    # hex: the text mode of the command's output would turn the CSV's CRLFs into LFs
+    return bytes.fromhex(out.strip()).decode()
+
+
+def test_task_log_reaches_the_master_as_pyfarm_csv(ct: Container, master: MasterStub) -> None:
+    a = assignment("fakerender", {"duration": 0.3, "lines": 5}, [1])
+    a["tasks"][0]["attempt"] = 2
+    (tid,) = [t["id"] for t in a["tasks"]]
+    assert assign_wait(ct, a)["tasks"][0]["state"] == "done"
+    master.wait_for(_log_done(master, tid), 20, "the log marked done")
+    ident, tlog = _log_of(master, tid)
+    assert tlog.associations == {(tid, 2): "done"}
+    assert tlog.content is not None
+    rows = list(csv.reader(io.StringIO(tlog.content)))
+    # PyFarm's rows: time, pid, stream, line, message; the agent's lines first
+    assert [r[3] for r in rows] == [str(i) for i in range(1, len(rows) + 1)]
+    internal = [r[4] for r in rows if r[2] == "internal"]
+    assert internal[0].startswith("Starting work on job") and "assignment of 1 tasks" in \
+        internal[0]
+    assert internal[1].startswith("Spawning process. Command: ")
+    assert internal[2].startswith("Arguments: (")
+    assert internal[3].startswith("Work Dir: ") and internal[4].startswith("User/Group: ")
+    assert internal[5] == "Environment:" and internal[6].startswith("{")
+    assert internal[7].startswith("Started process ") and internal[-1] == \
+        "Process has terminated successfully, code 0"
+    # the output rows are the task's journal, line for line, under the job's pid
+    output = [r for r in rows if r[2] in ("0", "1")]
+    journaled = [(e["SYSLOG_IDENTIFIER"], e["MESSAGE"])
+                 for e in journal(ct, f"FARMNODE_TASK={tid}")]
+    assert [("farmnode-stdout" if r[2] == "0" else "farmnode-stderr", r[4])
+            for r in output] == journaled and len(journaled) >= 5
+    assert {r[1] for r in output} == {internal[7].split()[2]}
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}", r[0]) for r in rows)
+    upload = master.of("log_upload")[-1]
+    assert upload.content_type == "text/csv" and upload.path.endswith(f"/{ident}/logfile")
+    # the agent serves the same CSV under the same identifier
+    try:
+        served = _api_get(ct, f"/api/v1/task_logs/{ident}")
+    finally:
+        ct.run(["systemctl", "stop", "farmnode-api.socket", "farmnode-api.service"],
+               check=False)
+    assert served == tlog.content
+
+
+def test_master_outage_during_a_task_delays_its_log_never_loses_it(
+        ct: Container, master: MasterStub) -> None:
+    """The master vanishes while a task runs, and the agent restarts during the task; the
+    log arrives when the master is back, registered before the task's states, uploaded
+    whole before its done."""
+    a = assignment("fakerender", {"duration": 3, "lines": 30}, [1])
+    (tid,) = [t["id"] for t in a["tasks"]]
+    master.vanish()
+    try:
+        aid = json.loads(farmnode(ct, "--json", "assign", "-", input=json.dumps(a)).stdout)["id"]
+        farmnode(ct, "--json", "wait", aid, "--until", "running")
+        ct.run(["systemctl", "restart", "farmnode.service"])  # the task runs on
+        rec = json.loads(farmnode(ct, "--json", "wait", aid).stdout)["tasks"][0]
+        assert rec["state"] == "done", rec
+        assert status(ct)["master_link"]["queued_reports"] >= 5
+    finally:
+        n = len(master.requests)
+        master.reappear()
+    master.wait_for(_log_done(master, tid), 30, "the log marked done")
+    mine = [r for r in master.requests[n:]
+            if ((r.log and r.log[1] == tid) or r.task_id == tid)
+            and not (isinstance(r.body, dict) and "progress" in r.body)]
+    assert [(r.kind, r.body.get("state") if r.kind != "log_upload" else None) for r in mine] == [
+        ("log_register", None), ("task", "running"), ("log_state", "running"),
+        ("log_upload", None), ("task", "done"), ("log_state", "done")]
+    assert all(r.status in (200, 201) for r in mine)
+    _, tlog = _log_of(master, tid)
+    rows = list(csv.reader(io.StringIO(tlog.content or "")))
+    journaled = [e["MESSAGE"] for e in journal(ct, f"FARMNODE_TASK={tid}")]
+    assert [r[4] for r in rows if r[2] in ("0", "1")] == journaled and len(journaled) >= 30
+    assert rows[-1][4] == "Process has terminated successfully, code 0"
