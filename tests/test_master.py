@@ -163,6 +163,8 @@ def test_task_reports_in_order_and_state_change_reannounces(master: MasterStub,
         store.finish_assignment(a.id)
         agent.changed(TaskState.DONE)
         await wait(master, lambda rs: len([r for r in rs if r.kind == "task"]) >= 6, "reports")
+        # its task logs' calls are its reports too
+        await until(lambda: store.pending_count() == 0, "every report answered")
         # its leaving the list is no reason to reannounce; the next reannounce (here: a state
         # change) no longer lists it, its tasks' reports having been answered
         agent.set_state("disabled")
