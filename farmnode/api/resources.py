@@ -112,6 +112,10 @@ class Status(Resource):
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         status = json.loads(client.call(lambda a: a.get_status()))
+        # PyFarm's master compares farm_name with its own whenever the key is present, null
+        # included, and fails the poll on a mismatch: a node with no farm name says nothing.
+        if status.get("farm_name") is None:
+            status.pop("farm_name", None)
         send_json(resp, {**dict.fromkeys(self.PYFARM_KEYS), **status})
 
 
