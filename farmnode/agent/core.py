@@ -26,6 +26,7 @@ from farmnode import __version__
 from farmnode.agent.runner import AssignmentRun, scope_unit_name
 from farmnode.config import Config
 from farmnode.jobtypes.remote import RemoteJobTypeError, cache_store
+from farmnode.master.trust import TrustedMasters
 from farmnode.sysinfo import host
 from farmnode.systemd import fdstore, link
 from farmnode.systemd.cgroup import cgroup_path_dir, read_accounting, unit_cgroup_path
@@ -115,6 +116,8 @@ class Agent:
         self.agent_id = self._load_agent_id()
         # [4] master sync: set by serve() when a master is configured; GetStatus shows it.
         self.master_link: StatusSource | None = None
+        # Who may call PyFarm's endpoints without credentials (set by the entry point).
+        self.trusted_masters: TrustedMasters | None = None
         self._shutting_down = False
         self._detached = False
         # Progress is throttled: the first change of a quiet spell is stored at once, later
