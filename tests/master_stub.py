@@ -29,13 +29,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 AGENT_UA = "PyFarm/1.0 (agent)"
-# PyFarm's Agent model: columns and relationships; plus what the API pops before validating.
+# PyFarm 0.8.6's Agent model (GET /api/v1/agents/schema, pyfarm/models/agent.py): columns
+# and relationships; plus what the API pops before validating. Anything else is a 400.
 AGENT_COLUMNS = {
     "hostname", "notes", "remote_ip", "use_address", "os_class", "os_fullname", "ram",
     "free_ram", "cpus", "cpu_name", "port", "time_offset", "version", "upgrade_to",
-    "restart_requested", "state", "last_heard_from", "last_success_on", "last_polled",
+    "restart_requested", "state", "last_heard_from", "last_polled",
     "ram_allocation", "cpu_allocation", "tasks", "tags", "software_versions",
-    "mac_addresses", "gpus", "disks", "failed_tasks",
+    "mac_addresses", "gpus",
 }
 ANNOUNCE_EXTRA = {"id", "current_assignments", "farm_name"}
 ANNOUNCE_REQUIRED = {"id", "hostname", "ram", "free_ram", "cpus", "port"}

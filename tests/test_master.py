@@ -11,6 +11,7 @@ import csv
 import dataclasses
 import io
 import itertools
+import logging
 import re
 import threading
 import uuid
@@ -120,12 +121,12 @@ def test_announce_then_periodic_reannounce(master: MasterStub, tmp_path: Path) -
         assert body["ram"] == 8000 and body["cpus"] == 4 and body["free_ram"] == 4000
         assert body["port"] == 50000 and body["os_class"] == "linux"
         assert body["current_assignments"] == {} and body["time_offset"] == 0
-        assert isinstance(body["gpus"], list) and body["disks"]
+        assert isinstance(body["gpus"], list) and "disks" not in body
         # the master filled in remote_ip from the peer, as PyFarm's does for our User-Agent
         assert master.agents[agent.agent_id]["remote_ip"] == "127.0.0.1"
         # nothing else happens until the master has not heard from us for 1 s
         re1, re2 = await wait_count(master, "reannounce", 2)
-        assert set(re1.body) == {"state", "free_ram", "current_assignments", "disks"}
+        assert set(re1.body) == {"state", "free_ram", "current_assignments"}
         assert re2.at - re1.at >= 0.9 and re1.at - announce.at >= 0.9
         status = link.status()
         assert status["master_link"]["announced"] is True
@@ -249,6 +250,34 @@ def test_reannounce_404_announces_again(master: MasterStub, tmp_path: Path) -> N
 
     run(scenario)
     assert agent.agent_id in master.agents
+
+
+@pytest.mark.parametrize("bad_id", ["../../jobs/1", "not-a-uuid", 42, None, "a" * 500])
+def test_announce_reply_with_a_malformed_id(master: MasterStub, tmp_path: Path,
+                                           caplog: pytest.LogCaptureFixture,
+                                           bad_id: object) -> None:
+    """A malformed id must not reach a URL nor wedge the loop: it is logged with the body,
+    the announce is retried, and a good reply later lets the link go on."""
+    agent = FakeAgent()
+    link = MasterLink(config(master), Store(tmp_path / "db", outbox=True), agent)
+    master.override = (lambda req: (201, {"id": bad_id, "hostname": "x"})
+                       if req.kind == "announce" else None)
+
+    async def scenario() -> None:
+        link.start()
+        await wait_count(master, "announce", 2, status=201)
+        assert not link.announced and "without a valid agent id" in (link.last_error or "")
+        master.override = None
+        await wait_count(master, "reannounce", 1)
+        await link.stop()
+
+    with caplog.at_level(logging.ERROR, logger="farmnode.master.link"):
+        run(scenario)
+    assert any("no valid agent id" in r.getMessage() and repr(bad_id)[:40] in r.getMessage()
+               for r in caplog.records)
+    # every request after the good announce went to the agent's own, well-formed path
+    for r in master.requests:
+        assert r.path in ("/api/v1/agents/", f"/api/v1/agents/{agent.agent_id}"), r.path
 
 
 def test_refused_announce_is_not_retried_in_a_loop(master: MasterStub, tmp_path: Path) -> None:

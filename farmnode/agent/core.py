@@ -26,6 +26,8 @@ from farmnode import __version__
 from farmnode.agent.runner import AssignmentRun, scope_unit_name
 from farmnode.config import Config
 from farmnode.jobtypes.remote import RemoteJobTypeError, cache_store
+from farmnode.master.trust import TrustedMasters
+from farmnode.sysinfo import host
 from farmnode.systemd import fdstore, link
 from farmnode.systemd.cgroup import cgroup_path_dir, read_accounting, unit_cgroup_path
 from farmnode.systemd.journal import exported_units, remove_unit_settings
@@ -116,6 +118,8 @@ class Agent:
         self.agent_id = self._load_agent_id()
         # [4] master sync: set by serve() when a master is configured; GetStatus shows it.
         self.master_link: StatusSource | None = None
+        # Who may call PyFarm's endpoints without credentials (set by the entry point).
+        self.trusted_masters: TrustedMasters | None = None
         self._shutting_down = False
         self._detached = False
         # Progress is throttled: the first change of a quiet spell is stored at once, later
@@ -375,6 +379,9 @@ class Agent:
             "assignments": sorted(self.runs),
             "running_tasks": sum(len(r.assignment.tasks) for r in self.runs.values()),
             "farm_name": self.config.farm_name,
+            # PyFarm's 0.8.6 master has no column for disks (it refuses an announce that
+            # carries them): they are ours to show only.
+            "disks": [d.to_json() for d in host.disks()],
             # [4] master sync: last contact, queued reports, last error (None: standalone)
             **(self.master_link.status() if self.master_link else {"master_link": None}),
         }

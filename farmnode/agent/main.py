@@ -16,6 +16,7 @@ from farmnode.agent.control import journal_output
 from farmnode.agent.core import Agent
 from farmnode.config import Config
 from farmnode.master.link import MasterLink
+from farmnode.master.trust import TrustedMasters
 from farmnode.sysinfo.identity import node_uuid
 from farmnode.systemd.scope import ScopeManager
 from farmnode.tasks.store import Store
@@ -62,6 +63,11 @@ async def serve(config: Config) -> None:
     else:
         log.warning("node_reserve_ram leaves no memory for tasks; %s is not capped",
                     config.task_slice)
+    # The API trusts the master by its address: know it before the master can call, so its
+    # first request after our announce is not refused.
+    trusted = TrustedMasters(config.agent_api_trusted_masters, config.master_api)
+    await trusted.refresh()
+    agent.trusted_masters = trusted
     service = Agent1Service(agent)
     service.export_to_dbus(OBJECT_PATH, bus)
     await agent.recover()
@@ -85,10 +91,12 @@ async def serve(config: Config) -> None:
     if link is not None:
         agent.master_link = link
         link.start()
+    trusted.start()
     accounting = asyncio.create_task(agent.account_periodically())
     await stop.wait()
     # Refused from the first moment: a task accepted now would be stopped or orphaned.
     agent.stop_accepting()
+    await trusted.stop()
     job = await scopes.own_pending_job(os.getpid())
     log.info("asked to stop; systemd's job on this unit: %s", job)
     accounting.cancel()

@@ -13,7 +13,7 @@ from typing import Any
 
 import falcon
 
-from farmnode.api import client, settings
+from farmnode.api import client, settings, trusted
 from farmnode.api import resources as r
 from farmnode.api.auth import CHALLENGE, accepted, parse_authorization
 from farmnode.api.errors import ApiError, body_of
@@ -92,7 +92,9 @@ class Guard:
             s = settings.current()
             if s.error:
                 raise ApiError(503, s.error)
-            if req.method in MUTATING or s.read_requires_auth:
+            if (req.method in MUTATING or s.read_requires_auth) \
+                    and not (getattr(resource, "pyfarm", False)
+                             and trusted.trusted(req.remote_addr)):
                 self._authenticate(req, s)
         check_content_type(req, resource.consumes)
         check_accept(req, resource.produces)

@@ -32,6 +32,8 @@ class Resource:
     produces: ClassVar[tuple[str, ...]] = (JSON,)
     consumes: ClassVar[tuple[str, ...]] = (JSON,)
     public: ClassVar[bool] = False
+    # One of PyFarm's agent endpoints: a trusted master may call it without credentials.
+    pyfarm: ClassVar[bool] = False
 
 
 def task_id_param(raw: str) -> int:
@@ -73,6 +75,7 @@ class Versions(Resource):
 
 
 class Assign(Resource):
+    pyfarm = True
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         body = read_json(req, required=True)
         payload = json.dumps(body)
@@ -81,12 +84,14 @@ class Assign(Resource):
 
 
 class Tasks(Resource):
+    pyfarm = True
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         tasks = json.loads(client.call(lambda a: a.list_tasks(True)))
         send_json(resp, [task_view(t) for t in tasks])
 
 
 class Task(Resource):
+    pyfarm = True
     def on_get(self, req: falcon.Request, resp: falcon.Response, task_id: str) -> None:
         tid = task_id_param(task_id)
         t = json.loads(client.call(lambda a: a.get_task(tid)))
@@ -105,6 +110,7 @@ class Task(Resource):
 
 
 class Status(Resource):
+    pyfarm = True
     # PyFarm's keys the agent does not (yet) report are present as null.
     PYFARM_KEYS = ("state", "agent_hostname", "free_ram", "agent_process_ram", "consumed_ram",
                    "child_processes", "grandchild_processes", "pids", "agent_id",
@@ -112,10 +118,15 @@ class Status(Resource):
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         status = json.loads(client.call(lambda a: a.get_status()))
+        # PyFarm's master compares farm_name with its own whenever the key is present, null
+        # included, and fails the poll on a mismatch: a node with no farm name says nothing.
+        if status.get("farm_name") is None:
+            status.pop("farm_name", None)
         send_json(resp, {**dict.fromkeys(self.PYFARM_KEYS), **status})
 
 
 class Stop(Resource):
+    pyfarm = True
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         wait = bool(object_body(req, {"wait": bool}).get("wait", False))
         client.call_with_bus(lambda bus: _stop(bus, wait))
@@ -149,6 +160,7 @@ async def _stop(bus: SdBus, wait: bool) -> None:
 
 
 class Restart(Resource):
+    pyfarm = True
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         immediately = bool(object_body(req, {"immediately": bool}).get("immediately", False))
         now: bool = client.call(lambda a: a.restart(immediately))
@@ -156,6 +168,7 @@ class Restart(Resource):
 
 
 class Update(Resource):
+    pyfarm = True
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         body = object_body(req, {"version": str})
         if "version" not in body:
@@ -185,6 +198,7 @@ IDENTIFIER = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
 
 class TaskLogs(Resource):
+    pyfarm = True
     produces = ("text/csv", "text/plain")
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, identifier: str) -> None:

@@ -162,6 +162,12 @@ class Agent1Interface(DbusInterfaceCommonAsync, interface_name=INTERFACE):
     def agent_id(self) -> str:
         raise NotImplementedError
 
+    @dbus_property_async("as")
+    def trusted_masters(self) -> list[str]:
+        """Networks whose peers may call PyFarm's HTTP endpoints without credentials:
+        agent_api_trusted_masters, or the addresses `master` resolves to."""
+        raise NotImplementedError
+
     @dbus_signal_async("sxssd", signal_args_names=(
         "assignment_id", "task_id", "state", "reason", "progress"))
     def task_changed(self) -> tuple[str, int, str, str, float]:

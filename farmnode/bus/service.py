@@ -124,6 +124,11 @@ class Agent1Service(Agent1Interface):
     def agent_id(self) -> str:
         return self.agent.agent_id
 
+    @dbus_property_async_override()
+    def trusted_masters(self) -> list[str]:
+        trusted = self.agent.trusted_masters
+        return trusted.as_strings() if trusted is not None else []
+
     # ---- control for the HTTP API ([3]) ----------------------------------------------
     @dbus_method_async_override()
     async def signal_task(self, task_id: int, signal: int) -> bool:

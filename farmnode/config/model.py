@@ -101,6 +101,33 @@ def _ip_address(value: str) -> str:
         raise ValueError(f"must be an IP address, got {value!r}") from None
 
 
+def _networks(value: str) -> str:
+    # Addresses or networks, separated by commas or spaces; "auto" is handled by the loader.
+    if value == "auto":
+        return value
+    items = value.replace(",", " ").split()
+    out = []
+    for item in items:
+        try:
+            out.append(str(ipaddress.ip_network(item, strict=False)))
+        except ValueError:
+            raise ValueError(f"{item!r} is not an IP address or network") from None
+    return ", ".join(out)
+
+
+def _addresses(value: str) -> str:
+    items = value.replace(",", " ").split()
+    if not items:
+        raise ValueError("must list at least one address (null: every address)")
+    out = []
+    for item in items:
+        try:
+            out.append(str(ipaddress.ip_address(item.strip("[]"))))
+        except ValueError:
+            raise ValueError(f"{item!r} is not an IP address") from None
+    return ", ".join(out)
+
+
 def _http_url(value: str) -> str:
     _word(value)
     if not value.startswith(("http://", "https://")):
@@ -162,6 +189,8 @@ class Config:
     agent_api_password: str | None = _setting(None, _non_empty, secret=True)
     agent_api_tokens_file: str = _setting("/etc/farmnode/tokens", _absolute_path)
     agent_api_read_requires_auth: bool = _setting(False)
+    agent_api_trusted_masters: str | Literal["auto"] | None = _setting("auto", _networks)
+    agent_api_listen: str | None = _setting(None, _addresses)
     agent_pretty_json: bool = _setting(True)
 
     # Master

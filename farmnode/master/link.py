@@ -32,6 +32,7 @@ import logging
 import tempfile
 import time
 import urllib.parse
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -42,7 +43,7 @@ from farmnode.config import Config
 from farmnode.master import protocol
 from farmnode.master.http import MasterHTTP, Response, TransportError
 from farmnode.master.timesync import time_offset
-from farmnode.sysinfo import HostFacts, collect, host
+from farmnode.sysinfo import HostFacts, collect
 from farmnode.tasks import tasklog
 from farmnode.tasks.store import Store
 
@@ -87,6 +88,20 @@ def _iso(ts: float | None) -> str | None:
 def _body_text(resp: Response) -> str:
     # The master's whole answer, bounded: a hostile or broken master must not flood the log.
     return repr(resp.body)[:500]
+
+
+def _valid_agent_id(body: object) -> str | None:
+    """The agent id of an announce reply, canonical, or None unless it is a UUID (PyFarm's
+    master keys agents by UUID)."""
+    if not isinstance(body, dict):
+        return None
+    raw = body.get("id")
+    if not isinstance(raw, str) or len(raw) > 64:
+        return None
+    try:
+        return str(uuid.UUID(raw))
+    except ValueError:
+        return None
 
 
 @dataclass
@@ -227,6 +242,9 @@ class MasterLink:
             raise _Retry(resp.error_text())
         return resp
 
+    def _agent_path(self) -> str:
+        return f"/agents/{urllib.parse.quote(self.master_agent_id, safe='')}"
+
     def _error(self, text: str) -> None:
         self.last_error, self.last_error_at = text, time.time()
 
@@ -273,8 +291,17 @@ class MasterLink:
             log.error("the master refused our announce (%s); asking again in %gs",
                       resp.error_text(), self.config.agent_master_reannounce)
             return
-        if isinstance(resp.body, dict) and resp.body.get("id"):
-            self.master_agent_id = str(resp.body["id"])
+        agent_id = _valid_agent_id(resp.body)
+        if agent_id is None:
+            # The id goes into every later URL: one we cannot parse is an announce that did
+            # not happen. Say what the master sent and try again after a backoff, like a 5xx.
+            body_text = repr(resp.body)[:500]
+            self._error(f"announce answered {resp.status} without a valid agent id: "
+                        f"{body_text}")
+            log.error("the master answered our announce with %d but no valid agent id: %s",
+                      resp.status, body_text)
+            raise _Retry("announce reply without a valid agent id")
+        self.master_agent_id = agent_id
         self.announced = True
         self.last_announce = time.time()
         self._after_announce(body["free_ram"], assignments)
@@ -292,10 +319,10 @@ class MasterLink:
         assignments = self._current_assignments()
         body = protocol.reannounce_body(state=str(self.agent.state),
                                         free_ram=self.agent.free_ram_mb(),
-                                        current_assignments=assignments, disks=host.disks())
+                                        current_assignments=assignments)
         self.counters.reannounces += 1
         try:
-            resp = await self._post_view(f"/agents/{self.master_agent_id}", body)
+            resp = await self._post_view(self._agent_path(), body)
         except _Retry:
             self._force_reason = self._force_reason or forced
             raise
@@ -534,7 +561,7 @@ class MasterLink:
         while (left := deadline - loop.time()) > 0:
             attempt += 1
             try:
-                resp = await self._post(f"/agents/{self.master_agent_id}", body, timeout=left)
+                resp = await self._post(self._agent_path(), body, timeout=left)
             except _Retry:
                 delay = protocol.backoff(attempt, self.config.agent_http_retry_delay,
                                          self.config.agent_http_retry_max)

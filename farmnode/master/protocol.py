@@ -2,7 +2,9 @@
 
 Pure functions: the sync loop decides when; this module decides what the wire says. A PyFarm
 master refuses unknown keys in an agent body (it validates against its Agent model), so
-everything sent here is one of its columns, or `id`, `current_assignments`, `farm_name`.
+everything sent here is one of the 0.8.6 model's columns or relationships (`gpus` and
+`mac_addresses` are relationships it fills itself), or `id`, `current_assignments`,
+`farm_name`. Facts it has no place for (disks) stay in our own status (GetStatus).
 """
 
 from __future__ import annotations
@@ -45,7 +47,6 @@ def announce_body(*, agent_id: str, facts: HostFacts, version: str, port: int, s
         "state": state,
         "mac_addresses": list(facts.mac_addresses),
         "current_assignments": current_assignments,
-        "disks": disks_json(facts.disks),
         "gpus": [g.fullname for g in facts.gpus],
     }
     if remote_ip:
@@ -56,13 +57,11 @@ def announce_body(*, agent_id: str, facts: HostFacts, version: str, port: int, s
 
 
 def reannounce_body(*, state: str, free_ram: int, current_assignments: dict[str, Any],
-                    disks: list[Disk] | None = None) -> dict[str, Any]:
-    """`POST /agents/<id>`: what changes. PyFarm also sends disks on a periodic reannounce."""
-    body: dict[str, Any] = {"state": state, "free_ram": max(0, min(MAX_RAM, int(free_ram))),
-                            "current_assignments": current_assignments}
-    if disks is not None:
-        body["disks"] = disks_json(disks)
-    return body
+                    ) -> dict[str, Any]:
+    """`POST /agents/<id>`: what changes. (PyFarm 0.8.7's agent added disks here; the 0.8.6
+    master refuses the whole body for that field.)"""
+    return {"state": state, "free_ram": max(0, min(MAX_RAM, int(free_ram))),
+            "current_assignments": current_assignments}
 
 
 def offline_body(*, free_ram: int, current_assignments: dict[str, Any]) -> dict[str, Any]:
