@@ -35,7 +35,8 @@ def make_run(tmp_path: Path) -> tuple[AssignmentRun, list[tuple[int, TaskState]]
     states: list[tuple[int, TaskState]] = []
     scopes = Scopes()
     run = AssignmentRun(a, config, scopes,  # type: ignore[arg-type]
-                        lambda _a, t, s, *_: states.append((t, s)),
+                        lambda _a, changes: states.extend((c.task_id, c.state)
+                                                          for c in changes),
                         lambda *_: None, lambda *_: None)
     run.started = True
     return run, states, scopes

@@ -16,7 +16,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -32,12 +32,14 @@ from farmnode.systemd import fdstore, link
 from farmnode.systemd.cgroup import cgroup_path_dir, read_accounting, unit_cgroup_path
 from farmnode.systemd.journal import exported_units, remove_unit_settings
 from farmnode.systemd.scope import ScopeManager
-from farmnode.tasks.model import Assignment, TaskState
+from farmnode.tasks.model import Assignment, StateChange, TaskState
 from farmnode.tasks.schema import AssignmentError, parse_assignment
 from farmnode.tasks.store import Store, TaskRecord
 
 log = logging.getLogger(__name__)
 
+# Finished tasks a listing shows besides every active one.
+TASK_HISTORY = 1000
 PROGRESS_INTERVAL = 0.5  # s: how often a task's changing progress is stored and signalled
 
 
@@ -111,6 +113,7 @@ class Agent:
         self.scopes = scopes
         self.runs: dict[str, AssignmentRun] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._open: dict[str, int] = {}  # unfinished tasks per running assignment
         self.state = AgentState.ONLINE
         self.started = time.time()
         self.task_listeners: list[Callable[[TaskChange], None]] = []
@@ -210,7 +213,7 @@ class Agent:
         return a.id, True
 
     def _new_run(self, a: Assignment) -> AssignmentRun:
-        run = AssignmentRun(a, self.config, self.scopes, self._report_state,
+        run = AssignmentRun(a, self.config, self.scopes, self._report_states,
                             self._report_progress, self._report_accounting)
         run.fetch_jobtype = self._fetch_jobtype
         run.report_log = self.store.add_log_lines
@@ -231,12 +234,13 @@ class Agent:
 
     def _start(self, a: Assignment) -> None:
         run = self._new_run(a)
-        for t in a.tasks:
-            self._emit(a.id, t.id)
+        for rec in self.store.tasks(a.id):
+            self._emit(a.id, rec.id, rec)
         self._launch(run, run.run())
 
     def _launch(self, run: AssignmentRun, body: Coroutine[Any, Any, None]) -> None:
         self.runs[run.assignment.id] = run
+        self._open[run.assignment.id] = self.store.unfinished(run.assignment.id)
         task = asyncio.get_running_loop().create_task(self._run(run, body),
                                                       name=f"assignment-{run.assignment.id}")
         self._tasks[run.assignment.id] = task
@@ -252,6 +256,7 @@ class Agent:
             self.store.finish_assignment(run.assignment.id)
             self.runs.pop(run.assignment.id, None)
             self._tasks.pop(run.assignment.id, None)
+            self._open.pop(run.assignment.id, None)
             self._update_running_state()
 
     def _update_running_state(self) -> None:
@@ -263,7 +268,9 @@ class Agent:
         # A run whose tasks all have their final state is only cleaning up: the node is
         # online from that moment, and the master hears so before it hears `done` (PyFarm's
         # order; the master sends the next task when it hears `done`).
-        return any(not rec.state.finished for rec in self.store.tasks(run.assignment.id))
+        # A count kept per state change: reading the tasks here made every event cost the
+        # assignment's size.
+        return self._open.get(run.assignment.id, 0) > 0
 
     async def cancel_task(self, task_id: int, reason: str = "cancelled") -> bool:
         """Stop the whole assignment holding the task; False if it is not running here."""
@@ -303,15 +310,25 @@ class Agent:
     # ---- reporting (called by runs) --------------------------------------------------
     def _report_state(self, assignment_id: str, task_id: int, state: TaskState,
                       reason: str | None, exit_code: int | None, signal: int | None) -> None:
-        pending = self._progress_pending.pop((assignment_id, task_id), None)
-        if pending is not None:  # a state change comes after the progress that preceded it
-            self._store_progress(assignment_id, task_id, pending)
-        if self.store.set_task_state(assignment_id, task_id, state, reason, exit_code, signal):
-            log.info("task %d (%s): %s%s", task_id, assignment_id, state,
-                     f" ({reason})" if reason else "")
-            self._emit(assignment_id, task_id)
-            if state.finished:
-                self._update_running_state()
+        self._report_states(assignment_id,
+                            [StateChange(task_id, state, reason, exit_code, signal)])
+
+    def _report_states(self, assignment_id: str, changes: Sequence[StateChange]) -> None:
+        for c in changes:
+            pending = self._progress_pending.pop((assignment_id, c.task_id), None)
+            if pending is not None:  # a state change comes after the progress that preceded it
+                self._store_progress(assignment_id, c.task_id, pending)
+        finished = False
+        for c in self.store.set_task_states(assignment_id, changes):
+            log.info("task %d (%s): %s%s", c.task_id, assignment_id, c.state,
+                     f" ({c.reason})" if c.reason else "")
+            self._emit(assignment_id, c.task_id)
+            if c.state.finished:
+                finished = True
+                if assignment_id in self._open:
+                    self._open[assignment_id] -= 1
+        if finished:
+            self._update_running_state()
 
     def _report_accounting(self, assignment_id: str, accounting: dict[str, Any]) -> None:
         self.store.set_accounting(assignment_id, accounting)
@@ -336,8 +353,8 @@ class Agent:
         if self.store.set_task_progress(assignment_id, task_id, progress):
             self._emit(assignment_id, task_id)
 
-    def _emit(self, assignment_id: str, task_id: int) -> None:
-        rec = next((r for r in self.store.tasks(assignment_id) if r.id == task_id), None)
+    def _emit(self, assignment_id: str, task_id: int, rec: TaskRecord | None = None) -> None:
+        rec = rec or self.store.task_in(assignment_id, task_id)
         if rec is None:
             return
         change = TaskChange(assignment_id, task_id, rec.state, rec.reason or "", rec.progress)
@@ -349,7 +366,15 @@ class Agent:
 
     # ---- queries ---------------------------------------------------------------------
     def list_tasks(self, active_only: bool = False) -> list[dict[str, Any]]:
-        return [r.to_dict() for r in self.store.tasks(active_only=active_only)]
+        """Every task of the active assignments (the master re-sends what it finds missing
+        here, so none may be cut off), then the most recent finished ones."""
+        active = self.store.tasks(active_only=True)
+        if active_only:
+            return [r.to_dict() for r in active]
+        keys = {(r.assignment_id, r.id) for r in active}
+        recent = self.store.tasks(limit=TASK_HISTORY + len(active))
+        history = [r for r in recent if (r.assignment_id, r.id) not in keys][:TASK_HISTORY]
+        return [r.to_dict() for r in sorted(active + history, key=lambda r: -r.created)]
 
     def get_task(self, task_id: int) -> TaskRecord:
         rec = self.store.task(task_id)
@@ -361,7 +386,8 @@ class Agent:
         me = psutil.Process()
         # Tasks are not the agent's children (they live in their scopes): PyFarm's
         # consumed_ram/child_processes come from the scopes' cgroups instead.
-        running = [rec.accounting for rid in self.runs for rec in self.store.tasks(rid)[:1]]
+        running = [rec.accounting for rid in self.runs
+                   for rec in self.store.tasks(rid, limit=1)]
         return {
             "state": str(self.state),
             "agent_id": self.agent_id,
@@ -404,6 +430,7 @@ class Agent:
         active = self.store.active_assignments()
         for a in active:
             run = self._new_run(a)
+            records = self.store.tasks(a.id)
             fds = inherited.pop(fdstore.link_name(a.id, link.VERSION), [])
             if not fds:
                 fds = inherited.pop(fdstore.link_name(a.id, 1), [])
@@ -413,25 +440,25 @@ class Agent:
                     run.link_version = 1
             for extra in fds[1:]:
                 os.close(extra)
-            starts = [rec.started for rec in self.store.tasks(a.id) if rec.started]
+            starts = [rec.started for rec in records if rec.started]
             run.started_at = min(starts) if starts else None
+            run.started = any(rec.state is TaskState.RUNNING for rec in records)
             if fds:
                 log.info("re-adopting assignment %s (%s)", a.id, run.unit)
                 run.adopting = True
-                run.started = any(rec.state is TaskState.RUNNING
-                                  for rec in self.store.tasks(a.id))
                 self._launch(run, run.adopt(socket.socket(fileno=fds[0])))
-            elif all(rec.state is TaskState.QUEUED for rec in self.store.tasks(a.id)):
+            elif (run.recorded_exit() is None and not run.shim_alive()
+                  and all(rec.state is TaskState.QUEUED for rec in records)):
                 log.info("restarting assignment %s: it never started", a.id)
+                run.started = False
                 self._launch(run, run.run())
             else:
-                log.warning("assignment %s: no link to its task survived; failing it", a.id)
-                await self.scopes.stop_scope(run.unit)
-                for rec in self.store.tasks(a.id):
-                    self._report_state(a.id, rec.id, TaskState.FAILED,
-                                       "the agent lost the task's output (it ran outside "
-                                       "systemd or its fd store was flushed)", None, None)
-                self.store.finish_assignment(a.id)
+                # The job ran (or runs) with no link left to it: its shim journals the output
+                # itself and leaves the exit status in its record.
+                log.warning("assignment %s: no link to its task survived; concluding from "
+                            "its shim's record", a.id)
+                run.adopting = True
+                self._launch(run, run.conclude_headless())
         adopted = [run for run in self.runs.values() if run.adopting]
         if adopted:
             # READY (sent after this) then means every inherited task is attached again.

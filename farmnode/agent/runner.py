@@ -19,7 +19,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from farmnode.jobtypes.base import CommandData, ExitStatus, JobType, Stream
 from farmnode.jobtypes.registry import UnknownJobType, load_jobtype
 from farmnode.jobtypes.remote import cache_latest, remote_jobtype_class
 from farmnode.systemd import fdstore, link
+from farmnode.systemd.cgroup import cgroup_path_dir, shim_pid, unit_cgroup_path
 from farmnode.systemd.journal import (
     DEFAULT_PRIORITIES,
     IDENTIFIERS,
@@ -41,7 +42,7 @@ from farmnode.systemd.journal import (
 )
 from farmnode.systemd.scope import ScopeError, ScopeLimits, ScopeManager, scope_properties
 from farmnode.tasks import tasklog
-from farmnode.tasks.model import Assignment, TaskState
+from farmnode.tasks.model import Assignment, StateChange, TaskState
 from farmnode.tasks.tasklog import InternalLine
 
 log = logging.getLogger(__name__)
@@ -188,7 +189,7 @@ class AssignmentRun:
     assignment: Assignment
     config: Config
     scopes: ScopeManager
-    report_state: Callable[[str, int, TaskState, str | None, int | None, int | None], None]
+    report_states: Callable[[str, Sequence[StateChange]], None]
     report_progress: Callable[[str, int, float], None]
     report_accounting: Callable[[str, dict[str, Any]], None]
     unit: str = ""
@@ -225,18 +226,18 @@ class AssignmentRun:
     def set_task_state(self, task_id: int, state: TaskState, reason: str | None = None) -> None:
         if state.finished:
             self._finished.add(task_id)
-        self.report_state(self.assignment.id, task_id, state, reason, None, None)
+        self.report_states(self.assignment.id, [StateChange(task_id, state, reason)])
 
     def set_task_progress(self, task_id: int, progress: float) -> None:
         self.report_progress(self.assignment.id, task_id, progress)
 
     def _finish_all(self, state: TaskState, reason: str | None, status: ExitStatus | None) -> None:
-        for task in self.assignment.tasks:
-            if task.id not in self._finished:
-                self._finished.add(task.id)
-                self.report_state(self.assignment.id, task.id, state, reason,
-                                  status.code if status else None,
-                                  status.signal if status else None)
+        changes = [StateChange(task.id, state, reason, status.code if status else None,
+                               status.signal if status else None)
+                   for task in self.assignment.tasks if task.id not in self._finished]
+        self._finished.update(c.task_id for c in changes)
+        # One batch: the store commits it once, however many tasks the assignment holds.
+        self.report_states(self.assignment.id, changes)
 
     def status_path(self) -> Path:
         return Path(self.config.agent_runtime_dir) / "tasks" / f"{self.assignment.id}.json"
@@ -280,6 +281,60 @@ class AssignmentRun:
                 await self._start()
         except Exception as exc:
             log.exception("adopted assignment %s crashed", self.assignment.id)
+            self._finish_all(TaskState.FAILED, f"agent error: {exc}", None)
+        finally:
+            self.attached.set()
+
+    def recorded_exit(self) -> dict[str, Any] | None:
+        """The shim's status record (written when the job ended), if there is one."""
+        with contextlib.suppress(OSError, ValueError):
+            record = json.loads(self.status_path().read_text())
+            if isinstance(record, dict) and record:
+                return record
+        return None
+
+    def shim_pid(self) -> int | None:
+        return shim_pid(cgroup_path_dir(unit_cgroup_path(self.unit, self.config.task_slice)))
+
+    def shim_alive(self) -> bool:
+        return self.shim_pid() is not None
+
+    async def conclude_headless(self) -> None:
+        """Conclude a run whose link did not survive (systemd flushed the fd store: the unit
+        failed or hit its start limit while no agent ran).
+
+        The shim noticed the link go and journals the job's output itself, so no line is
+        lost; when the job ends it writes the status record. Wait for the shim to go, then
+        conclude from that record, as the link's EXIT would have."""
+        try:
+            try:
+                self._load_jobtype()
+            except Exception as exc:
+                log.warning("assignment %s: job type unavailable after restart: %s",
+                            self.assignment.id, exc)
+            pid = self.shim_pid()
+            self.attached.set()
+            if pid is not None:
+                log.info("assignment %s: no link survived; its shim (pid %d) journals the "
+                         "output itself, waiting for it to end", self.assignment.id, pid)
+                timer = self._arm_timeout(asyncio.get_running_loop())
+                with contextlib.suppress(ProcessLookupError):
+                    await _wait_pid(pid)
+                if timer is not None:
+                    timer.cancel()
+            record = self.recorded_exit()
+            if record is not None:
+                self._conclude(record)
+            elif self.cancelled_reason or self.timed_out:
+                self._conclude_without_exit()
+            else:
+                self._finish_all(TaskState.FAILED, "the task's shim ended without an exit "
+                                 "status while no agent ran", None)
+            self.status_path().unlink(missing_ok=True)
+            await self.scopes.stop_scope(self.unit)
+            remove_unit_settings(self.unit)
+        except Exception as exc:
+            log.exception("assignment %s crashed while concluding", self.assignment.id)
             self._finish_all(TaskState.FAILED, f"agent error: {exc}", None)
         finally:
             self.attached.set()
@@ -484,8 +539,8 @@ class AssignmentRun:
         if self.started:
             return
         self.started = True
-        for task in self.assignment.tasks:
-            self.report_state(self.assignment.id, task.id, TaskState.RUNNING, None, None, None)
+        self.report_states(self.assignment.id, [StateChange(task.id, TaskState.RUNNING)
+                                                for task in self.assignment.tasks])
 
     def _take(self, st: StreamState, offset: int, payload: bytes) -> list[bytes]:
         """The WRITEs for the whole lines in a DATA packet; bytes already had are skipped."""
@@ -627,9 +682,15 @@ def _journal_sync() -> None:
 
 
 async def _wait_process(proc: subprocess.Popen[bytes]) -> None:
-    # pidfd: the event loop is told when the shim exits, with no thread per task.
+    await _wait_pid(proc.pid)
+    proc.wait()
+
+
+async def _wait_pid(pid: int) -> None:
+    # pidfd: the event loop is told when the process exits, with no thread per task (and it
+    # works for a shim a previous agent started, which is no child of ours).
     loop = asyncio.get_running_loop()
-    pidfd = os.pidfd_open(proc.pid)
+    pidfd = os.pidfd_open(pid)
     done: asyncio.Future[None] = loop.create_future()
 
     def exited() -> None:
@@ -642,4 +703,3 @@ async def _wait_process(proc: subprocess.Popen[bytes]) -> None:
     finally:
         loop.remove_reader(pidfd)
         os.close(pidfd)
-    proc.wait()

@@ -30,6 +30,28 @@ def unit_cgroup_path(unit: str, slice_name: str) -> str:
     return "/" + "/".join([*slices, unit])
 
 
+SHIM_NAME = "farmnode-shim"  # the comm the shim gives itself
+
+
+def shim_pid(directory: str | None) -> int | None:
+    """The shim's process among a cgroup's (its name tells it from the job's)."""
+    if directory is None:
+        return None
+    try:
+        with open(f"{directory}/cgroup.procs") as f:
+            pids = [int(p) for p in f.read().split()]
+    except (OSError, ValueError):
+        return None
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                if f.read().strip() == SHIM_NAME:
+                    return pid
+        except OSError:
+            continue
+    return None
+
+
 def own_cgroup_dir() -> str | None:
     try:
         with open("/proc/self/cgroup") as f:

@@ -27,7 +27,7 @@ import socket
 import sys
 
 from farmnode.systemd import link
-from farmnode.systemd.cgroup import own_cgroup_dir, read_accounting
+from farmnode.systemd.cgroup import SHIM_NAME, own_cgroup_dir, read_accounting
 
 # Not typing.TYPE_CHECKING: importing typing costs ~2 ms of every task's start (mypy treats
 # any name TYPE_CHECKING as true).
@@ -388,7 +388,7 @@ def main() -> int:
     os.close(devnull)
     status_path = str(spec["status_path"])
     _set_oom_score_adj(-1000)
-    _set_name("farmnode-shim")
+    _set_name(SHIM_NAME)
     for sig in SHIELDED:
         signal.signal(sig, signal.SIG_IGN)
     sock = socket.socket(fileno=os.dup(LINK_FD))

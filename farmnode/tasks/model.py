@@ -24,6 +24,17 @@ class TaskState(enum.StrEnum):
 
 
 @dataclass(frozen=True)
+class StateChange:
+    """One task's move to a new state, as a run reports it (a batch ends many at once)."""
+
+    task_id: int
+    state: TaskState
+    reason: str | None = None
+    exit_code: int | None = None
+    signal: int | None = None
+
+
+@dataclass(frozen=True)
 class Job:
     id: int
     by: float

@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from farmnode.tasks import tasklog
-from farmnode.tasks.model import Assignment, TaskState
+from farmnode.tasks.model import Assignment, StateChange, TaskState
 from farmnode.tasks.schema import assignment_to_json, parse_assignment
 
 SCHEMA = """
@@ -175,56 +176,76 @@ class Store:
                        reason: str | None = None, exit_code: int | None = None,
                        signal: int | None = None) -> bool:
         """Move a task forward; False (and no change) if it already finished."""
+        change = StateChange(task_id, state, reason, exit_code, signal)
+        return bool(self.set_task_states(assignment_id, [change]))
+
+    def set_task_states(self, assignment_id: str, changes: Sequence[StateChange],
+                        ) -> list[StateChange]:
+        """Move tasks forward in one transaction; the changes that took effect.
+
+        One commit for a whole batch: a 5,000-task assignment that ends made 5,000 durable
+        commits (each an fsync) on the event loop, long enough for the watchdog to kill the
+        agent. Same-state and post-finish updates are no-ops, so every change is reported once.
+        """
         now = time.time()
-        sets = ["state=?", "reason=?"]
-        args: list[Any] = [str(state), reason]
-        if state is TaskState.RUNNING:
-            sets.append("started=COALESCE(started, ?)")
-            args.append(now)
-        if state.finished:
-            sets += ["finished=?", "exit_code=?", "signal=?"]
-            args += [now, exit_code, signal]
-            if state is TaskState.DONE:
-                sets.append("progress=1")
         finished_states = tuple(str(s) for s in TaskState if s.finished)
+        applied: list[StateChange] = []
         with self.db:
             self.db.execute("BEGIN IMMEDIATE")
-            # Same-state and post-finish updates are no-ops so every change is reported once.
-            cur = self.db.execute(
-                f"UPDATE tasks SET {', '.join(sets)} WHERE assignment_id=? AND id=? AND state<>?"
-                f" AND state NOT IN ({','.join('?' * len(finished_states))})",
-                (*args, assignment_id, task_id, str(state), *finished_states),
-            )
-            changed = cur.rowcount == 1
-            if changed and self.outbox:
-                job_id = self._job_of(assignment_id)
-                log_id = self._log_of(assignment_id)
-                if log_id is not None and state.finished:
-                    self._enqueue_upload(assignment_id, job_id, log_id, finished_states, now)
-                payload: dict[str, Any] = {"assignment_id": assignment_id, "state": str(state),
-                                           "time": now}
-                if reason is not None:
-                    payload["reason"] = reason
-                self._enqueue("task_state", job_id, task_id, payload, now)
+            job_id = self._job_of(assignment_id) if self.outbox else None
+            log_id = self._log_of(assignment_id) if self.outbox else None
+            unfinished = self.unfinished(assignment_id) if log_id else 0
+            for c in changes:
+                sets = ["state=?", "reason=?"]
+                args: list[Any] = [str(c.state), c.reason]
+                if c.state is TaskState.RUNNING:
+                    sets.append("started=COALESCE(started, ?)")
+                    args.append(now)
+                if c.state.finished:
+                    sets += ["finished=?", "exit_code=?", "signal=?"]
+                    args += [now, c.exit_code, c.signal]
+                    if c.state is TaskState.DONE:
+                        sets.append("progress=1")
+                cur = self.db.execute(
+                    f"UPDATE tasks SET {', '.join(sets)} WHERE assignment_id=? AND id=?"
+                    f" AND state<>? AND state NOT IN ({','.join('?' * len(finished_states))})",
+                    (*args, assignment_id, c.task_id, str(c.state), *finished_states),
+                )
+                if cur.rowcount != 1:
+                    continue
+                applied.append(c)
+                if not self.outbox:
+                    continue
+                if log_id is not None and c.state.finished:
+                    unfinished -= 1
+                    if unfinished == 0:
+                        self._enqueue_upload(assignment_id, job_id, log_id, now)
+                payload: dict[str, Any] = {"assignment_id": assignment_id,
+                                           "state": str(c.state), "time": now}
+                if c.reason is not None:
+                    payload["reason"] = c.reason
+                self._enqueue("task_state", job_id, c.task_id, payload, now)
                 if log_id is not None:
                     # PyFarm's agent marks the log with each state right after the task's.
-                    self._enqueue("log_state", job_id, task_id,
+                    self._enqueue("log_state", job_id, c.task_id,
                                   {"assignment_id": assignment_id,
-                                   "attempt": self._attempt_of(assignment_id, task_id),
-                                   "identifier": log_id, "state": str(state)}, now)
-        return changed
+                                   "attempt": self._attempt_of(assignment_id, c.task_id),
+                                   "identifier": log_id, "state": str(c.state)}, now)
+        return applied
+
+    def unfinished(self, assignment_id: str) -> int:
+        """How many of the assignment's tasks have no final state yet."""
+        finished_states = tuple(str(s) for s in TaskState if s.finished)
+        return int(self.db.execute(
+            f"SELECT count(*) FROM tasks WHERE assignment_id=? AND state NOT IN"
+            f" ({','.join('?' * len(finished_states))})",
+            (assignment_id, *finished_states)).fetchone()[0])
 
     def _enqueue_upload(self, assignment_id: str, job_id: int | None, log_id: str,
-                        finished_states: tuple[str, ...], now: float) -> None:
+                        now: float) -> None:
         """The log's upload, queued with the last task of the assignment to finish and before
         that task's final state (PyFarm's order: the log is on the master when the task is
         done). The row names the log; its text is read when it is sent."""
-        left = self.db.execute(
-            f"SELECT count(*) FROM tasks WHERE assignment_id=? AND state NOT IN"
-            f" ({','.join('?' * len(finished_states))})",
-            (assignment_id, *finished_states)).fetchone()[0]
-        if left:
-            return
         # PyFarm uploads once, to the first task's attempt: the master keeps one file per
         # identifier, which every task of the batch was registered with.
         first = self.db.execute("SELECT id, attempt FROM tasks WHERE assignment_id=?"
@@ -360,7 +381,9 @@ class Store:
         )
 
     def tasks(self, assignment_id: str | None = None, active_only: bool = False,
-              limit: int = 1000) -> list[TaskRecord]:
+              limit: int | None = None) -> list[TaskRecord]:
+        """Task rows, newest assignment first; `limit` bounds a listing for a client (the
+        agent itself always reads an assignment whole: recovery must see every task)."""
         where, args = [], []
         if assignment_id is not None:
             where.append("t.assignment_id=?")
@@ -369,7 +392,14 @@ class Store:
             where.append("a.active=1")
         sql = self._SELECT + (" WHERE " + " AND ".join(where) if where else "")
         sql += " ORDER BY t.created DESC, t.frame ASC LIMIT ?"
-        return [self._record(r) for r in self.db.execute(sql, (*args, limit))]
+        return [self._record(r) for r in self.db.execute(sql, (*args, -1 if limit is None
+                                                                else limit))]
+
+    def task_in(self, assignment_id: str, task_id: int) -> TaskRecord | None:
+        """One task of one assignment (an index lookup, whatever the assignment's size)."""
+        row = self.db.execute(self._SELECT + " WHERE t.assignment_id=? AND t.id=?",
+                              (assignment_id, task_id)).fetchone()
+        return None if row is None else self._record(row)
 
     def task(self, task_id: int) -> TaskRecord | None:
         """The latest attempt of a task id."""
