@@ -159,3 +159,130 @@ def test_wait_follows_an_assignment_across_agent_restarts(ct: Container) -> None
         ct.run(["rm", "-f", go])
     assert waiter.returncode == 0, (out, err)
     assert f"task {a['tasks'][0]['id']}: done" in out, out  # type: ignore[index]
+
+
+BROKEN = "/run/systemd/system/farmnode.service.d/zz-broken.conf"
+
+
+def _break_agent(ct: Container) -> None:
+    """What a broken drop-in does: every start fails until systemd's start limit stops the
+    retrying (a tight limit here, so the test does not wait a minute for it)."""
+    ct.sh(f"mkdir -p {BROKEN.rsplit('/', 1)[0]}\n"
+          "printf '[Unit]\\nStartLimitBurst=2\\n[Service]\\nExecStartPre=/bin/false\\n'"
+          f" > {BROKEN}\n"
+          "systemctl daemon-reload")
+
+
+def _repair_agent(ct: Container) -> None:
+    ct.sh(f"rm -f {BROKEN}\nsystemctl daemon-reload\nsystemctl reset-failed farmnode.service")
+    agent_ready(ct)
+
+
+def _until(ct: Container, what: str, cmd: str, want: str, tries: int = 600) -> None:
+    """Until `cmd`'s output is `want`: what is awaited is systemd's own state, asked through
+    the container's shell (each ask takes a process start, so no extra sleep is needed)."""
+    out = ""
+    for _ in range(tries):
+        out = ct.run(["sh", "-c", cmd], check=False).stdout.strip()
+        if out == want:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{what}: {cmd!r} said {out!r}, not {want!r}")
+
+
+def _task_states(ct: Container, agent_log: str, task_id: int) -> list[str]:
+    return re.findall(rf"task {task_id} \([0-9a-f-]+\): (\w+)", agent_log)
+
+
+def test_shim_ending_while_no_agent_ran_concludes_from_its_record(ct: Container) -> None:
+    """The agent is killed and cannot start again (a broken drop-in, the start limit hit, so
+    its fd store and with it every link is gone); the jobs end meanwhile. Once repaired, the
+    agent concludes each task from its shim's status record: right exit status, every line in
+    the journal, each state change reported once."""
+    lines = 300
+    jobs = []
+    for code in (0, 3):
+        script = (f'i=1; while [ $i -le {lines} ]; do echo "line $i"; i=$((i+1)); '
+                  f'if [ $i -eq 100 ]; then sleep 2; fi; done; exit {code}')
+        jobs.append(assignment("command", {"command": ["/bin/sh", "-c", script]}, [1]))
+    ids = [farmnode(ct, "assign", "-", input=json.dumps(a)).stdout.strip() for a in jobs]
+    for aid in ids:
+        farmnode(ct, "wait", aid, "--until", "running")
+    _break_agent(ct)
+    try:
+        ct.run(["kill", "-9", str(agent_pid(ct))])
+        _until(ct, "the start limit", "systemctl show -P Result farmnode.service",
+               "start-limit-hit")
+        for a in jobs:
+            unit = f"farmnode-task-{a['tasks'][0]['id']}.scope"
+            _until(ct, f"{unit} ended", f"systemctl is-active {unit}", "inactive")
+    finally:
+        _repair_agent(ct)
+    for aid in ids:
+        farmnode(ct, "wait", aid, check=False)
+    tasks = {t["id"]: t for t in json.loads(farmnode(ct, "--json", "tasks").stdout)}
+    agent_log = ct.run(["journalctl", "-u", "farmnode.service", "-o", "cat",
+                        "--no-pager"]).stdout
+    for a, code in zip(jobs, (0, 3), strict=True):
+        task_id = a["tasks"][0]["id"]
+        rec = tasks[task_id]
+        assert (rec["state"], rec["exit_code"]) == ("done" if code == 0 else "failed", code), \
+            rec
+        out = [e["MESSAGE"] for e in journal(ct, f"FARMNODE_TASK={task_id}")
+               if e.get("FARMNODE_STREAM") == "stdout"]
+        assert out == [f"line {n}" for n in range(1, lines + 1)], (len(out), out[-3:])
+        assert _task_states(ct, agent_log, task_id) == ["running", rec["state"]]
+
+
+def test_5000_task_assignment_killed_mid_run_concludes_every_task_once(ct: Container) -> None:
+    """One assignment of 5,000 tasks (one batch, one process) survives a kill -9 in the
+    middle of its run, then, in a second assignment, a kill -9 with the start limit hit;
+    every task ends `done` with exit status 0, and each state change is reported once."""
+    frames = list(range(1, 5001))
+    job = ("i=1; while [ $i -le 40 ]; do echo \"line $i\"; sleep 0.05; i=$((i+1)); done")
+    first = assignment("command", {"command": ["/bin/sh", "-c", job]}, frames)
+    second = assignment("command", {"command": ["/bin/sh", "-c", job]}, frames)
+    t0 = time.monotonic()
+    aid = farmnode(ct, "assign", "-", input=json.dumps(first)).stdout.strip()
+    farmnode(ct, "wait", aid, "--until", "running")
+    accepted = time.monotonic() - t0
+    before = agent_pid(ct)
+    t0 = time.monotonic()
+    ct.run(["kill", "-9", str(before)])
+    agent_ready(ct, not_pid=before)
+    readopted = time.monotonic() - t0
+    assert farmnode(ct, "wait", aid, check=False).returncode == 0
+
+    aid2 = farmnode(ct, "assign", "-", input=json.dumps(second)).stdout.strip()
+    farmnode(ct, "wait", aid2, "--until", "running")
+    _break_agent(ct)
+    try:
+        ct.run(["kill", "-9", str(agent_pid(ct))])
+        _until(ct, "the start limit", "systemctl show -P Result farmnode.service",
+               "start-limit-hit")
+        unit = f"farmnode-task-{second['tasks'][0]['id']}.scope"
+        _until(ct, f"{unit} ended", f"systemctl is-active {unit}", "inactive")
+    finally:
+        t0 = time.monotonic()
+        _repair_agent(ct)
+    assert farmnode(ct, "wait", aid2, check=False).returncode == 0
+    concluded = time.monotonic() - t0
+    print(f"\n5,000 tasks: accepted and running in {accepted:.2f} s; back to READY after "
+          f"kill -9 in {readopted:.2f} s; concluded headless in {concluded:.2f} s")
+    tasks = json.loads(farmnode(ct, "--json", "tasks").stdout)
+    agent_log = ct.run(["journalctl", "-u", "farmnode.service", "-o", "cat",
+                        "--no-pager"]).stdout
+    for a in (first, second):
+        want = {t["id"] for t in a["tasks"]}
+        got = {t["id"]: t for t in tasks if t["id"] in want}
+        assert set(got) == want, f"{len(want - set(got))} tasks missing from the listing"
+        bad = [t for t in got.values() if (t["state"], t["exit_code"]) != ("done", 0)]
+        assert not bad, (len(bad), bad[:3])
+        for task_id in (min(want), max(want)):
+            assert _task_states(ct, agent_log, task_id) == ["running", "done"]
+    counts: dict[str, int] = {}
+    for tid, state in re.findall(r"task (\d+) \([0-9a-f-]+\): (\w+)", agent_log):
+        counts[f"{tid} {state}"] = counts.get(f"{tid} {state}", 0) + 1
+    assert max(counts.values()) == 1, [k for k, v in counts.items() if v > 1][:5]
+    assert sum(1 for k in counts if k.endswith(" done")
+               and int(k.split()[0]) in {t["id"] for t in first["tasks"]}) == 5000
