@@ -105,7 +105,11 @@ def test_upgrade_from_link_protocol_1_loses_nothing(ct: Container) -> None:
     runs on through an upgrade: the new agent speaks its protocol until it ends."""
     wheel = "/src/tests/data/link1/farmnode-0.1.0-py3-none-any.whl"
     pip = "/opt/farmnode/bin/pip install -q --no-deps --no-index --force-reinstall"
-    ct.sh(f"{pip} {wheel}\nsystemctl restart farmnode.service")
+    # The old build refuses keys it does not know, and the installed file lists every key of
+    # this build: it runs on the defaults, as it would have with the file it shipped.
+    conf = "/etc/farmnode/farmnode.yaml"
+    ct.sh(f"cp -a {conf} {conf}.new\n: > {conf}\n{pip} {wheel}\n"
+          "systemctl restart farmnode.service")
     try:
         a = _counting_job(0)
         task_id = a["tasks"][0]["id"]  # type: ignore[index]
@@ -116,7 +120,8 @@ def test_upgrade_from_link_protocol_1_loses_nothing(ct: Container) -> None:
         assert old_lines and "FARMNODE_NEXT" in old_lines[0]  # the old agent's native entries
     finally:
         # the upgrade, in the middle of the output
-        ct.sh(f"{pip} /wheels/farmnode-*.whl\nsystemctl restart farmnode.service")
+        ct.sh(f"mv {conf}.new {conf}\n{pip} /wheels/farmnode-*.whl\n"
+              "systemctl restart farmnode.service")
     assert farmnode(ct, "wait", aid, check=False).returncode == 0
     rec = next(t for t in json.loads(farmnode(ct, "--json", "tasks").stdout)
                if t["id"] == task_id)
