@@ -500,7 +500,97 @@ def step_restart(args: argparse.Namespace) -> dict[str, Any]:
     return {"floor": floor, "farmnode": samples, "checks": checks, "tasks": args.tasks}
 
 
+class Pinger:
+    """Peer.Ping to the agent, back to back, from a thread with its own bus connection: sd-bus
+    answers Ping when the agent's event loop reads its bus, so the worst round trip is the
+    worst stall of that loop (plus one round trip). Failures (the agent is away) are counted,
+    not timed."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.samples: list[tuple[float, float]] = []  # (when, round trip)
+        self.failures = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        from sdbus import DbusInterfaceCommonAsync, sd_bus_open_system
+
+        loop = asyncio.new_event_loop()
+        proxy = DbusInterfaceCommonAsync.new_proxy(BUS[0], BUS[1], sd_bus_open_system())
+        while not self._stop.is_set():
+            t0 = time.perf_counter()
+            try:
+                loop.run_until_complete(asyncio.wait_for(proxy.dbus_ping(), 60))
+            except Exception:
+                self.failures += 1
+                time.sleep(0.05)
+                proxy = DbusInterfaceCommonAsync.new_proxy(BUS[0], BUS[1],
+                                                           sd_bus_open_system())
+                continue
+            self.samples.append((time.monotonic(), time.perf_counter() - t0))
+            time.sleep(0.005)
+
+    def worst(self, since: float, until: float) -> float:
+        return max((rt for t, rt in self.samples if since <= t <= until), default=0.0)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(70)
+
+
+def step_big(args: argparse.Namespace) -> dict[str, Any]:
+    """One assignment of args.tasks tasks (one process, a 3 s job) against one of a single
+    task: the agent's worst loop stall while each is accepted, started and concluded, the
+    assign call's time, and recovery of a big one after kill -9."""
+    bus = Bus()
+    pinger = Pinger()
+    out: dict[str, Any] = {"tasks": args.tasks}
+    try:
+        time.sleep(1)
+        t0 = time.monotonic()
+        time.sleep(2)
+        out["idle_worst_s"] = pinger.worst(t0, time.monotonic())
+        for label, frames in (("one", 1), ("big", args.tasks)):
+            a = assignment([PROBE, "tick", "3"], frames=frames)
+            t0 = time.monotonic()
+            aid = bus.assign(a)
+            out[f"{label}_assign_s"] = time.monotonic() - t0
+            farmnode_wait(aid)
+            out[f"{label}_total_s"] = time.monotonic() - t0
+            out[f"{label}_worst_s"] = pinger.worst(t0, time.monotonic())
+            ids = {t["id"] for t in a["tasks"]}
+            states = [t["state"] for t in json.loads(sh("farmnode", "--json", "tasks"))
+                      if t["id"] in ids]
+            out[f"{label}_done"] = states.count("done")
+        # kill -9 while a big assignment runs: back to READY, then concluded
+        a = assignment([PROBE, "tick", "3"], frames=args.tasks)
+        aid = bus.assign(a)
+        sh("farmnode", "wait", aid, "--until", "running")
+        pid = sh("systemctl", "show", "-P", "MainPID", "farmnode.service").strip()
+        t0 = time.monotonic()
+        sh("kill", "-9", pid)
+        for _ in range(100):
+            if sh("systemctl", "start", "farmnode.service", check=False) is not None and \
+                    sh("systemctl", "show", "-P", "MainPID", "farmnode.service").strip() \
+                    not in ("0", pid):
+                break
+            time.sleep(0.05)
+        out["kill_ready_s"] = time.monotonic() - t0
+        farmnode_wait(aid)
+        out["kill_concluded_s"] = time.monotonic() - t0
+        out["kill_worst_s"] = pinger.worst(t0 + out["kill_ready_s"], time.monotonic())
+    finally:
+        pinger.stop()
+    out["ping_failures"] = pinger.failures
+    out["pings"] = len(pinger.samples)
+    return out
+
+
 STEPS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
+    "big": step_big,
     "setup": step_setup, "latency": step_latency, "throughput": step_throughput,
 "footprint": step_footprint, "scale": step_scale,
     "restart": step_restart,

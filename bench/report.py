@@ -35,7 +35,8 @@ def rows(results: dict[str, Any]) -> list[Row]:
     out: list[Row] = []
     for step, section in (("latency", _latency_rows), ("throughput", _throughput_rows),
                           ("footprint", _footprint_rows), ("scale", _scale_rows),
-                          ("restart", _restart_rows), ("master", _master_rows)):
+                          ("restart", _restart_rows), ("master", _master_rows),
+                          ("big", _big_rows)):
         got = results.get(step, {"error": "not run"})
         if isinstance(got, dict) and "error" in got:
             out.append((step, f"the step failed: {got['error'][-300:]}", "", "", "**error**"))
@@ -149,6 +150,25 @@ def _master_rows(results: dict[str, Any]) -> list[Row]:
                 f"({m['bytes_sent'] / m['hours'] / 1024:.1f} KiB sent)",
                 "PyFarm: 30 reannounces", "≤ PyFarm", verdict(per_hour, 30)))
     return out
+
+
+def _big_rows(results: dict[str, Any]) -> list[Row]:
+    b = results["big"]
+    n = b["tasks"]
+    ok = b["big_done"] == min(n, 1000)  # the listing keeps the last 1,000 finished
+    r = ratio(b["big_worst_s"], b["one_worst_s"])
+    return [
+        (f"Worst event-loop stall, one {n:,}-task assignment (assign → all done)",
+         f"{b['big_worst_s'] * 1000:.0f} ms{'' if ok else ' (NOT ALL DONE)'}",
+         f"1-task assignment {b['one_worst_s'] * 1000:.0f} ms; **{r:.1f}{TIMES}**; "
+         f"idle {b['idle_worst_s'] * 1000:.0f} ms",
+         "≪ WatchdogSec 30 s (≤ 1 s)", "met" if b["big_worst_s"] <= 1 and ok else "**missed**"),
+        (f"Assign call, {n:,} tasks", f"{b['big_assign_s'] * 1000:.0f} ms",
+         f"1 task {b['one_assign_s'] * 1000:.0f} ms", "—", "—"),
+        (f"kill -9 with {n:,} tasks running → READY / all concluded",
+         f"{b['kill_ready_s']:.2f} s / {b['kill_concluded_s']:.2f} s (job: 3 s)",
+         f"worst stall after READY {b['kill_worst_s'] * 1000:.0f} ms", "—", "—"),
+    ]
 
 
 def _throughput_all(results: dict[str, Any], mode: str) -> list[dict[str, Any]]:

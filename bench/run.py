@@ -53,6 +53,7 @@ class Plan:
     restart_reps: int
     master_compression: float  # 60: an hour in a minute
     master_hours: float
+    big_tasks: int = 5000
 
     @classmethod
     def full(cls) -> Plan:
@@ -223,22 +224,24 @@ def run(plan: Plan, save: Path) -> dict[str, Any]:
         port = free_port()
         log(f"container up; plan {plan.name}")
         step("container", lambda: inside(ct, "setup", "--port", port))
-        log("1/6 launch latency")
+        log("1/7 launch latency")
         step("latency", lambda: inside(ct, "latency", "--port", port, "--reps",
                                        plan.latency_reps, "--cold-reps", plan.cold_reps))
-        log("2/6 output throughput")
+        log("2/7 output throughput")
         step("throughput", lambda: throughput(ct, plan))
-        log("3/6 footprint")
+        log("3/7 footprint")
         step("footprint", lambda: inside(ct, "footprint", "--port", port, "--seconds",
                                          plan.footprint_s, "--tasks", plan.quiet_tasks))
-        log("4/6 scale")
+        log("4/7 scale")
         step("scale", lambda: inside(ct, "scale", "--port", port, "--tasks", plan.scale_tasks,
                                      "--queries", plan.queries))
-        log("5/6 restart")
+        log("5/7 restart")
         step("restart", lambda: inside(ct, "restart", "--reps", plan.restart_reps,
                                        "--tasks", 8))
-        log("6/6 master traffic")
+        log("6/7 master traffic")
         step("master", lambda: master_traffic(ct, plan))
+        log("7/7 one big assignment")
+        step("big", lambda: inside(ct, "big", "--tasks", plan.big_tasks))
     return results
 
 

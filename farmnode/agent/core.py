@@ -8,11 +8,13 @@ AgentError subclasses whose text says what is wrong.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import enum
 import logging
 import os
 import socket
+import sqlite3
 import threading
 import time
 import uuid
@@ -35,12 +37,16 @@ from farmnode.systemd.scope import ScopeManager
 from farmnode.tasks.model import Assignment, StateChange, TaskState
 from farmnode.tasks.schema import AssignmentError, parse_assignment
 from farmnode.tasks.store import Store, TaskRecord
+from farmnode.tasks.tasklog import InternalLine
 
 log = logging.getLogger(__name__)
 
 # Finished tasks a listing shows besides every active one.
 TASK_HISTORY = 1000
 PROGRESS_INTERVAL = 0.5  # s: how often a task's changing progress is stored and signalled
+STORAGE_RETRY = 2.0  # s: how often held outcomes are written again while the store refuses
+# What a full, read-only or failing state directory raises from the store.
+STORAGE_ERRORS = (sqlite3.OperationalError, OSError)
 
 
 class AgentState(enum.StrEnum):
@@ -75,6 +81,10 @@ class NotEnoughResources(AgentError):
 
 class NotAccepting(AgentError):
     pass
+
+
+class StorageFailed(NotAccepting):
+    """The state directory refuses writes (full, read-only, I/O error)."""
 
 
 class UnknownTask(AgentError):
@@ -114,6 +124,11 @@ class Agent:
         self.runs: dict[str, AssignmentRun] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._open: dict[str, int] = {}  # unfinished tasks per running assignment
+        # Outcomes the store could not take yet (disk full): kept here, in order, and written
+        # again until it takes them, so no outcome is lost and no task is stuck running.
+        self._unstored: collections.deque[tuple[str, Callable[[], None]]] = collections.deque()
+        self._storage_retry: asyncio.TimerHandle | None = None
+        self.storage_error: str | None = None
         self.state = AgentState.ONLINE
         self.started = time.time()
         self.task_listeners: list[Callable[[TaskChange], None]] = []
@@ -207,7 +222,15 @@ class Agent:
         unit = scope_unit_name(a)
         if any(r.unit == unit for r in self.runs.values()):
             raise PartialOverlap([a.tasks[0].id])
-        self.store.add_assignment(a, unit)
+        if self.storage_error is not None:
+            raise StorageFailed(f"the state directory refuses writes ({self.storage_error}): "
+                                "no new work until it takes them again")
+        try:
+            self.store.add_assignment(a, unit)
+        except STORAGE_ERRORS as exc:
+            self._storage_failed(exc)
+            raise StorageFailed(f"the assignment could not be stored ({exc}): not accepted"
+                                ) from None
         self._start(a)
         log.info("accepted assignment %s: job %d tasks %s", a.id, a.job.id, list(a.task_ids))
         return a.id, True
@@ -216,7 +239,7 @@ class Agent:
         run = AssignmentRun(a, self.config, self.scopes, self._report_states,
                             self._report_progress, self._report_accounting)
         run.fetch_jobtype = self._fetch_jobtype
-        run.report_log = self.store.add_log_lines
+        run.report_log = self._report_log
         return run
 
     async def _fetch_jobtype(self, name: str, version: int) -> None:
@@ -253,11 +276,15 @@ class Agent:
             # The agent is leaving (restart): the assignment stays active for the next one.
             return
         if not self._detached:
-            self.store.finish_assignment(run.assignment.id)
-            self.runs.pop(run.assignment.id, None)
-            self._tasks.pop(run.assignment.id, None)
-            self._open.pop(run.assignment.id, None)
-            self._update_running_state()
+            aid = run.assignment.id
+
+            def finish() -> None:
+                self.store.finish_assignment(aid)
+                self.runs.pop(aid, None)
+                self._tasks.pop(aid, None)
+                self._open.pop(aid, None)
+                self._update_running_state()
+            self._store_in_order(f"end of assignment {aid}", finish)
 
     def _update_running_state(self) -> None:
         if self.state in (AgentState.ONLINE, AgentState.RUNNING):
@@ -318,20 +345,64 @@ class Agent:
             pending = self._progress_pending.pop((assignment_id, c.task_id), None)
             if pending is not None:  # a state change comes after the progress that preceded it
                 self._store_progress(assignment_id, c.task_id, pending)
-        finished = False
-        for c in self.store.set_task_states(assignment_id, changes):
-            log.info("task %d (%s): %s%s", c.task_id, assignment_id, c.state,
-                     f" ({c.reason})" if c.reason else "")
-            self._emit(assignment_id, c.task_id)
-            if c.state.finished:
-                finished = True
-                if assignment_id in self._open:
-                    self._open[assignment_id] -= 1
-        if finished:
-            self._update_running_state()
+        changes = list(changes)
+
+        def store() -> None:
+            finished = False
+            for c in self.store.set_task_states(assignment_id, changes):
+                log.info("task %d (%s): %s%s", c.task_id, assignment_id, c.state,
+                         f" ({c.reason})" if c.reason else "")
+                self._emit(assignment_id, c.task_id)
+                if c.state.finished:
+                    finished = True
+                    if assignment_id in self._open:
+                        self._open[assignment_id] -= 1
+            if finished:
+                self._update_running_state()
+        self._store_in_order(f"state of task(s) {[c.task_id for c in changes][:5]}", store)
+
+    # ---- writes the store may refuse -------------------------------------------------
+    def _store_in_order(self, what: str, write: Callable[[], None]) -> None:
+        """Run `write` (one store transaction and what follows it) now, or, while the store
+        refuses writes, after everything queued before it."""
+        self._unstored.append((what, write))
+        self._write_unstored()
+
+    def _write_unstored(self) -> None:
+        self._storage_retry = None
+        while self._unstored:
+            what, write = self._unstored[0]
+            try:
+                write()
+            except STORAGE_ERRORS as exc:
+                self._storage_failed(exc, what)
+                with contextlib.suppress(RuntimeError):  # no loop: the next write retries
+                    self._storage_retry = asyncio.get_running_loop().call_later(
+                        STORAGE_RETRY, self._write_unstored)
+                return
+            self._unstored.popleft()
+        if self.storage_error is not None:
+            log.warning("the state directory takes writes again; every held outcome is "
+                        "stored")
+            self.storage_error = None
+
+    def _storage_failed(self, exc: BaseException, what: str = "") -> None:
+        if self.storage_error is None:
+            log.error("the state directory refuses writes (%s)%s: outcomes are held in "
+                      "memory and written again every %g s; no new work is accepted", exc,
+                      f" writing the {what}" if what else "", STORAGE_RETRY)
+        self.storage_error = str(exc)
+
+    def _report_log(self, assignment_id: str, lines: list[InternalLine],
+                    pid: int | None = None) -> None:
+        self._store_in_order(f"log lines of assignment {assignment_id}",
+                             lambda: self.store.add_log_lines(assignment_id, lines, pid))
 
     def _report_accounting(self, assignment_id: str, accounting: dict[str, Any]) -> None:
-        self.store.set_accounting(assignment_id, accounting)
+        try:
+            self.store.set_accounting(assignment_id, accounting)
+        except STORAGE_ERRORS as exc:  # a sample; the next one replaces it
+            self._storage_failed(exc, "accounting sample")
 
     def _report_progress(self, assignment_id: str, task_id: int, progress: float) -> None:
         if self._progress_timer is not None:
@@ -350,7 +421,12 @@ class Agent:
                 PROGRESS_INTERVAL, self._flush_progress)
 
     def _store_progress(self, assignment_id: str, task_id: int, progress: float) -> None:
-        if self.store.set_task_progress(assignment_id, task_id, progress):
+        try:
+            changed = self.store.set_task_progress(assignment_id, task_id, progress)
+        except STORAGE_ERRORS as exc:  # progress is superseded by the next, or by the end
+            self._storage_failed(exc, "progress")
+            return
+        if changed:
             self._emit(assignment_id, task_id)
 
     def _emit(self, assignment_id: str, task_id: int, rec: TaskRecord | None = None) -> None:
@@ -405,6 +481,8 @@ class Agent:
             "assignments": sorted(self.runs),
             "running_tasks": sum(len(r.assignment.tasks) for r in self.runs.values()),
             "farm_name": self.config.farm_name,
+            # Set while the state directory refuses writes (outcomes held in memory).
+            "storage_error": self.storage_error,
             # PyFarm's 0.8.6 master has no column for disks (it refuses an announce that
             # carries them): they are ours to show only.
             "disks": [d.to_json() for d in host.disks()],
