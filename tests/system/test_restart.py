@@ -167,6 +167,7 @@ def test_wait_follows_an_assignment_across_agent_restarts(ct: Container) -> None
 
 
 BROKEN = "/run/systemd/system/farmnode.service.d/zz-broken.conf"
+GO = "/tmp/restart-test-go"
 
 
 def _break_agent(ct: Container) -> None:
@@ -229,8 +230,10 @@ def test_shim_ending_while_no_agent_ran_concludes_from_its_record(ct: Container)
     lines = 300
     jobs = []
     for code in (0, 3):
+        # the first 100 lines, then (once the agent is gone) the rest
         script = (f'i=1; while [ $i -le {lines} ]; do echo "line $i"; i=$((i+1)); '
-                  f'if [ $i -eq 100 ]; then sleep 2; fi; done; exit {code}')
+                  f'if [ $i -eq 100 ]; then while [ ! -e {GO} ]; do sleep 0.05; done; fi; '
+                  f'done; exit {code}')
         jobs.append(assignment("command", {"command": ["/bin/sh", "-c", script]}, [1]))
     ids = [farmnode(ct, "assign", "-", input=json.dumps(a)).stdout.strip() for a in jobs]
     for aid in ids:
@@ -240,11 +243,14 @@ def test_shim_ending_while_no_agent_ran_concludes_from_its_record(ct: Container)
     try:
         ct.run(["kill", "-9", str(agent_pid(ct))])
         _start_limit_hit(ct, limits)
+        ct.run(["touch", GO])
         for a in jobs:
             unit = f"farmnode-task-{a['tasks'][0]['id']}.scope"
             _until(ct, f"{unit} ended", f"systemctl is-active {unit}", "inactive")
     finally:
+        ct.run(["touch", GO])
         _repair_agent(ct)
+        ct.run(["rm", "-f", GO])
     for aid in ids:
         farmnode(ct, "wait", aid, check=False)
     tasks = {t["id"]: t for t in json.loads(farmnode(ct, "--json", "tasks").stdout)}
@@ -266,7 +272,9 @@ def test_5000_task_assignment_killed_mid_run_concludes_every_task_once(ct: Conta
     middle of its run, then, in a second assignment, a kill -9 with the start limit hit;
     every task ends `done` with exit status 0, and each state change is reported once."""
     frames = list(range(1, 5001))
-    job = ("i=1; while [ $i -le 40 ]; do echo \"line $i\"; sleep 0.05; i=$((i+1)); done")
+    # A few lines, then on until the test says go: each kill lands while the job runs.
+    job = (f"i=1; while [ $i -le 40 ]; do echo \"line $i\"; i=$((i+1)); done; "
+           f"while [ ! -e {GO} ]; do sleep 0.05; done")
     first = assignment("command", {"command": ["/bin/sh", "-c", job]}, frames)
     second = assignment("command", {"command": ["/bin/sh", "-c", job]}, frames)
     t0 = time.monotonic()
@@ -278,7 +286,9 @@ def test_5000_task_assignment_killed_mid_run_concludes_every_task_once(ct: Conta
     ct.run(["kill", "-9", str(before)])
     agent_ready(ct, not_pid=before)
     readopted = time.monotonic() - t0
+    ct.run(["touch", GO])
     assert farmnode(ct, "wait", aid, check=False).returncode == 0
+    ct.run(["rm", "-f", GO])
 
     aid2 = farmnode(ct, "assign", "-", input=json.dumps(second)).stdout.strip()
     farmnode(ct, "wait", aid2, "--until", "running")
@@ -287,11 +297,14 @@ def test_5000_task_assignment_killed_mid_run_concludes_every_task_once(ct: Conta
     try:
         ct.run(["kill", "-9", str(agent_pid(ct))])
         _start_limit_hit(ct, limits)
+        ct.run(["touch", GO])
         unit = f"farmnode-task-{second['tasks'][0]['id']}.scope"
         _until(ct, f"{unit} ended", f"systemctl is-active {unit}", "inactive")
     finally:
+        ct.run(["touch", GO])
         t0 = time.monotonic()
         _repair_agent(ct)
+        ct.run(["rm", "-f", GO])
     assert farmnode(ct, "wait", aid2, check=False).returncode == 0
     concluded = time.monotonic() - t0
     ct.run(["journalctl", "--sync"])
@@ -299,6 +312,8 @@ def test_5000_task_assignment_killed_mid_run_concludes_every_task_once(ct: Conta
           f"kill -9 in {readopted:.2f} s; concluded headless in {concluded:.2f} s")
     agent_log = ct.run(["journalctl", "-u", "farmnode.service", "-o", "cat",
                         "--no-pager"]).stdout
+    assert f"re-adopting assignment {aid} " in agent_log  # its link survived the kill
+    assert f"assignment {aid2}: no link to its task survived" in agent_log
     for a in (first, second):
         want = {t["id"] for t in a["tasks"]}
         # The listings keep the last 1,000 finished tasks: the whole record is in the store.
