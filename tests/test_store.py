@@ -78,3 +78,18 @@ def test_outbox_only_with_a_master_in_order_and_progress_coalesced(tmp_path: Pat
     assert store.task_log_assignment(log_id) == "a1"
     store.ack_report(reports[0].seq)
     assert [r.seq for r in store.pending_reports()] == [r.seq for r in reports[1:]]
+
+
+def test_database_of_an_older_build_is_migrated_in_place(tmp_path: Path) -> None:
+    """A database without the assignments' jobtype column (what builds before it wrote) gains
+    it, filled from each payload; a row an older build inserts later still reads right."""
+    store = Store(tmp_path / "db")
+    store.add_assignment(_assignment([1, 2]), "u1.scope")
+    store.db.execute("ALTER TABLE assignments DROP COLUMN jobtype")
+    store.close()
+    store = Store(tmp_path / "db")
+    assert [r.jobtype for r in store.tasks("a1")] == ["command", "command"]
+    # an older build's insert names its own columns and leaves the new one empty
+    store.add_assignment(_assignment([3], aid="a2"), "u2.scope")
+    store.db.execute("UPDATE assignments SET jobtype=NULL WHERE id='a2'")
+    assert [r.jobtype for r in store.tasks("a2")] == ["command"]
