@@ -41,6 +41,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "tests/interop" in str(item.fspath):
             item.add_marker(pytest.mark.interop)
+            # Also a system test: a plain `-m "not system"` host run leaves it out too.
+            item.add_marker(pytest.mark.system)
 
 
 def wait_for(what: str, check: Callable[[], Any], timeout: float = 30,
@@ -103,6 +105,11 @@ class Farm:
         r = self.node.run(["farmnode", "--json", "status"])
         out: dict[str, Any] = json.loads(r.stdout)
         return out
+
+    def node_tasks(self) -> list[dict[str, Any]]:
+        r = self.node.run(["farmnode", "--json", "tasks"])
+        got: list[dict[str, Any]] = json.loads(r.stdout)
+        return got
 
     # ---- the master ---------------------------------------------------------------------
     def agents(self) -> list[dict[str, Any]]:
