@@ -13,6 +13,8 @@ from typing import Any
 
 from tests.interop.conftest import Farm, wait_for
 
+# How the master's database stores WorkState.DONE (pyfarm.core.enums: DONE=Values(106, ...)).
+DB_DONE = 106
 SCRIPT = "echo out-one; echo err-one >&2; sleep {sleep}; echo out-two; echo err-two >&2"
 
 
@@ -29,7 +31,7 @@ def log_states(farm: Farm, task_id: int) -> dict[str, Any]:
     try:
         rows = db.execute(
             "SELECT l.identifier, a.state FROM task_log_associations a "
-            "JOIN task_logs l ON l.id = a.log_id WHERE a.task_id = ?", (task_id,)).fetchall()
+            "JOIN task_logs l ON l.id = a.task_log_id WHERE a.task_id = ?", (task_id,)).fetchall()
     finally:
         db.close()
     return dict(rows)
@@ -77,24 +79,11 @@ def test_attempt_log_uploaded_marked_done_and_served(farm: Farm) -> None:
     identifier = the_log(farm, job_id, task["id"])
     stored = Path(farm.master.state / "task_logs" / identifier)
     wait_for("the log is marked done",
-             lambda: stored.exists() and log_states(farm, task["id"]).get(identifier) is not None
-             and log_states(farm, task["id"])[identifier] == done_state(farm),
+             lambda: stored.exists() and log_states(farm, task["id"]).get(identifier) == DB_DONE,
              detail=farm.detail)
     raw = served(farm, job_id, task["id"], 1, identifier)
     assert raw == stored.read_bytes()
     check_csv(raw, ["out-one", "out-two"], ["err-one", "err-two"])
-
-
-def done_state(farm: Farm) -> Any:
-    """How the master's database spells WorkState.DONE: read from the task row it marked
-    done (pyfarm stores its enums as numbers)."""
-    db = sqlite3.connect(f"file:{farm.master.state / 'pyfarm.sqlite'}?mode=ro", uri=True)
-    try:
-        (value,) = db.execute("SELECT DISTINCT state FROM tasks WHERE state IS NOT NULL "
-                              "AND time_finished IS NOT NULL AND failures = 0").fetchone()
-    finally:
-        db.close()
-    return value
 
 
 def test_master_outage_delays_the_upload_and_loses_nothing(farm: Farm) -> None:
@@ -127,4 +116,4 @@ def test_master_outage_delays_the_upload_and_loses_nothing(farm: Farm) -> None:
     raw = served(farm, job_id, task["id"], 1, identifier)
     assert raw == stored.read_bytes()
     check_csv(raw, ["out-one", "out-two"], ["err-one", "err-two"])
-    assert log_states(farm, task["id"])[identifier] == done_state(farm)
+    assert log_states(farm, task["id"])[identifier] == DB_DONE
