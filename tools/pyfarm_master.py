@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -292,6 +293,25 @@ class Master:
             raise MasterError(f"GET {path}: {status} {body}")
         return body
 
+    def ui_post(self, path: str, form: Mapping[str, str] = {}) -> int:
+        """POST a form to the master's web UI (pause, restart agent: what a user clicks),
+        the redirect it answers with not followed. Its status."""
+        data = urllib.parse.urlencode(form).encode()
+        req = urllib.request.Request(self.url + path, data=data, method="POST")
+
+        class _NoRedirect(urllib.request.HTTPRedirectHandler):
+            def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+                return None
+
+        opener = urllib.request.build_opener(_NoRedirect)
+        try:
+            with opener.open(req, timeout=30) as resp:
+                return int(resp.status)
+        except urllib.error.HTTPError as exc:
+            if exc.code >= 400:
+                raise MasterError(f"POST {path}: {exc.code} {exc.read()[:500]!r}") from None
+            return exc.code
+
     def post(self, path: str, body: Any, expect: tuple[int, ...] = (200, 201)) -> Any:
         status, answer = self.request("POST", path, body)
         if status not in expect:
@@ -322,6 +342,13 @@ class Master:
             time.sleep(0.05)
 
     def start(self) -> None:
+        """Redis, the master, then its scheduler; each ready before the next starts."""
+        self.start_master()
+        self.start_scheduler()
+
+    def start_master(self) -> None:
+        """Redis and the master's web app, not the scheduler: a master back from an outage
+        answers its agents before its scheduler polls them. The database stays."""
         py = f"{VENV}/bin/python"
         cmd = _nspawn(self.tree, read_only=True, binds={self.state: STATE}, env=self.env)
         cmd[1:1] = ["-M", f"pyfarm-tables-{os.getpid()}-{self.port}"]
@@ -337,6 +364,10 @@ class Master:
         (self.state / "run_master.py").write_text(RUN_MASTER)
         master = self._start("master", [py, "-u", f"{STATE}/run_master.py"])
         self._await("the master", self._answers, master)
+
+    def start_scheduler(self) -> None:
+        # The log is appended to across restarts: only what this start wrote counts.
+        seen = len(self.log("scheduler"))
         # -B: beat (the periodic scheduler and agent polls) inside the worker. celery 3.1
         # refuses root with pickle accepted unless told.
         scheduler = self._start(
@@ -345,7 +376,8 @@ class Master:
              "-c", "2", "--loglevel=info", "-s", f"{STATE}/celerybeat-schedule",
              "--pidfile=", "-n", f"pyfarm-{self.port}@localhost"],
             {"C_FORCE_ROOT": "1"})
-        self._await("the scheduler", lambda: " ready." in self.log("scheduler"), scheduler)
+        self._await("the scheduler", lambda: " ready." in self.log("scheduler")[seen:],
+                    scheduler)
 
     def _answers(self) -> bool:
         try:
