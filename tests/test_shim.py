@@ -27,23 +27,37 @@ class FakeJournal:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.server.bind(str(path))
-        self.server.listen(8)
         self.streams: list[bytearray] = []
+        self.conns: list[socket.socket] = []
         self.open = 0
         self.lock = threading.Condition()
-        threading.Thread(target=self._accept, daemon=True).start()
+        self.start()
 
-    def _accept(self) -> None:
+    def start(self) -> None:
+        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.server.bind(str(self.path))
+        self.server.listen(8)
+        threading.Thread(target=self._accept, args=(self.server,), daemon=True).start()
+
+    def stop(self) -> None:
+        """As `systemctl stop systemd-journald*`: every stream closed, nobody listening."""
+        self.server.close()
+        self.path.unlink()
+        with self.lock:
+            for conn in self.conns:
+                conn.shutdown(socket.SHUT_RDWR)
+            assert self.lock.wait_for(lambda: self.open == 0, timeout=10)
+
+    def _accept(self, server: socket.socket) -> None:
         while True:
             try:
-                conn, _ = self.server.accept()
+                conn, _ = server.accept()
             except OSError:
                 return
             buf = bytearray()
             with self.lock:
                 self.streams.append(buf)
+                self.conns.append(conn)
                 self.open += 1
             threading.Thread(target=self._read, args=(conn, buf), daemon=True).start()
 
@@ -61,13 +75,14 @@ class FakeJournal:
         connection is closed (the shim has exited)."""
         with self.lock:
             assert self.lock.wait_for(lambda: self.open == 0, timeout=10)
-            for buf in self.streams:
+            lines: list[bytes] = []
+            for buf in self.streams:  # a stream reopened after journald was away goes on
                 parts = bytes(buf).split(b"\n", 7)
                 if parts[0] == identifier.encode():
                     assert parts[1:7] == [b"", b"6" if "out" in identifier else b"4",
                                           b"1", b"0", b"0", b"0"]
-                    return parts[7].splitlines(keepends=True) if len(parts) > 7 else []
-        return []
+                    lines += parts[7].splitlines(keepends=True) if len(parts) > 7 else []
+        return lines
 
 
 class Shim:
@@ -198,3 +213,21 @@ def test_gone_agent_leaves_the_status_file_and_journals_raw_output(tmp: Path) ->
     assert json.loads(shim.status.read_text())["exit_code"] == 5
     assert shim.journaled() == [b"<6>bye\n", b"<6>no newline\n"]
     assert shim.journaled("farmnode-stderr") == [b"<4>oops\n"]
+
+
+def test_journald_away_holds_the_output_and_the_exit_until_it_is_back(tmp: Path) -> None:
+    shim = Shim(tmp, ["/bin/sh", "-c", "echo one; echo two"])
+    _data, _record, _ = collect_until_exit(shim)
+    assert shim.journal is not None
+    shim.journal.stop()
+    shim.send(link.WRITE, 0, 4, b"<6>one\n")
+    shim.send(link.WRITE, 0, 8, b"<6>two\n")
+    shim.send(link.EXIT_ACK)
+    # It used to give up after 5 s and leave as if the lines were journaled.
+    with pytest.raises(subprocess.TimeoutExpired):
+        shim.proc.wait(timeout=6)
+    shim.journal.start()
+    assert shim.proc.wait(timeout=10) == 0
+    assert shim.journaled() == [b"<6>one\n", b"<6>two\n"]
+    notes = shim.journal.lines_of("farmnode-shim")
+    assert len(notes) == 1 and b"journald was unreachable" in notes[0]
