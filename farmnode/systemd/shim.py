@@ -162,6 +162,9 @@ class JournalStream:
     def connect(self) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         opened_at = time.time()
+        # A journald that is dead while its socket unit listens accepts into the backlog;
+        # a full backlog would block the connect for good.
+        sock.settimeout(5)
         try:
             sock.connect(self.path)
             sock.shutdown(socket.SHUT_RD)
