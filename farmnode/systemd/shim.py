@@ -8,11 +8,15 @@ The shim stays as the job's parent inside the scope. It reads the job's stdout a
 forwards them to the agent over the link (its stdout, a SOCK_SEQPACKET socket; see link.py)
 and writes to journald what the agent answers (the lines after the job type's hooks), over
 one journald stream connection per output stream: opened from inside the scope, so journald
-files the lines under the scope. It keeps every byte until it is journaled, so an agent that
-dies or restarts loses nothing; if the agent's end of the link is gone for good, it journals
-the raw output itself. It ignores the stop signals meant for the job, records the job's exit
-status and the scope's final accounting (a file in the runtime directory and an EXIT packet),
-and leaves once the agent has recorded the exit — or once the job ended and the agent is gone.
+files the lines under the scope. It keeps every byte until journald has read it, so an agent
+that dies or restarts loses nothing, and neither does a journald that is stopped: the shim
+reopens the stream when journald is back (JournalStream) and meanwhile stops reading the
+job's pipes once it holds BUFFER_CAP, so the job blocks on its writes. If the agent's end of
+the link is gone for good, it journals the raw output itself. It ignores the stop signals
+meant for the job, records the job's exit status and the scope's final accounting (a file in
+the runtime directory and an EXIT packet), and leaves once the agent has recorded the exit
+and journald has read every line — or once the job ended, the agent is gone and journald has
+read every line.
 Standard library only: this starts once per task and must be cheap.
 """
 
@@ -47,7 +51,9 @@ LINK_FD = 1
 SHIELDED = tuple(s for s in signal.valid_signals()
                  if s not in (signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD)
                  and signal.getsignal(s) is not None)
-BUFFER_CAP = 64 * 1024 * 1024  # per stream, unacknowledged: beyond it the job is slowed down
+# Per stream, not yet journaled: beyond it the job blocks on its pipe. Its formatted copy
+# (the agent's WRITEs, queued for journald) comes on top: a task holds about four times this.
+BUFFER_CAP = 64 * 1024 * 1024
 READ_SIZE = link.MAX_PAYLOAD
 
 
