@@ -59,6 +59,7 @@ class FakeJournal:
                 self.streams.append(buf)
                 self.conns.append(conn)
                 self.open += 1
+                self.lock.notify_all()
             threading.Thread(target=self._read, args=(conn, buf), daemon=True).start()
 
     def _read(self, conn: socket.socket, buf: bytearray) -> None:
@@ -231,3 +232,57 @@ def test_journald_away_holds_the_output_and_the_exit_until_it_is_back(tmp: Path)
     assert shim.journaled() == [b"<6>one\n", b"<6>two\n"]
     notes = shim.journal.lines_of("farmnode-shim")
     assert len(notes) == 1 and b"journald was unreachable" in notes[0]
+
+
+def test_journald_away_blocks_the_job_on_its_pipe_once_the_cap_is_held(tmp: Path) -> None:
+    from farmnode.systemd.shim import BUFFER_CAP
+
+    marker = tmp / "all-written"
+    lines = 2 * BUFFER_CAP // 100  # twice what the shim holds per stream
+    job = (f"import sys\nfor i in range({lines}):\n    sys.stdout.write('%099d\\n' % i)\n"
+           f"sys.stdout.flush()\nopen({str(marker)!r}, 'w').close()\n")
+    shim = Shim(tmp, [sys.executable, "-c", job])
+    assert shim.journal is not None
+    with shim.journal.lock:  # the shim has its streams (else it would refuse to start)
+        assert shim.journal.lock.wait_for(lambda: len(shim.journal.streams) == 2, timeout=10)
+    shim.journal.stop()
+    state = {"pid": 0, "forwarded": 0, "exit": False}
+
+    def agent(timeout: float) -> bool:
+        """One packet answered as the agent does: every byte forwarded gets its lines."""
+        shim.sock.settimeout(timeout)
+        try:
+            packet = shim.sock.recv(65536 + 64)
+        except TimeoutError:
+            return False
+        kind, stream, offset, payload = link.unpack(packet)
+        if kind == link.STARTED:
+            state["pid"] = json.loads(payload)["pid"]
+        elif kind == link.DATA:
+            state["forwarded"] = offset + len(payload)
+            shim.send(link.WRITE, stream, offset + len(payload), payload)
+        elif kind == link.EXIT:
+            state["exit"] = True
+        return True
+
+    while int(state["forwarded"]) < BUFFER_CAP:
+        assert agent(30)
+    # The job blocks writing to its pipe: nothing dropped, nothing more read.
+    wchan = Path(f"/proc/{state['pid']}/wchan")
+    for _ in range(600):
+        if wchan.read_text().endswith("pipe_write"):  # anon_pipe_write on newer kernels
+            break
+        agent(0.05)
+    assert wchan.read_text().endswith("pipe_write")
+    while agent(0.2):
+        pass
+    assert not marker.exists()
+    assert int(state["forwarded"]) < BUFFER_CAP + 2 * link.MAX_PAYLOAD
+    shim.journal.start()
+    while not state["exit"]:
+        assert agent(30)
+    shim.send(link.EXIT_ACK)
+    assert shim.proc.wait(timeout=30) == 0
+    assert marker.exists()
+    out = b"".join(shim.journaled())
+    assert out == b"".join(b"%099d\n" % i for i in range(lines))
