@@ -27,24 +27,39 @@ class FakeJournal:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.server.bind(str(path))
-        self.server.listen(8)
         self.streams: list[bytearray] = []
+        self.conns: list[socket.socket] = []
         self.open = 0
         self.lock = threading.Condition()
-        threading.Thread(target=self._accept, daemon=True).start()
+        self.start()
 
-    def _accept(self) -> None:
+    def start(self) -> None:
+        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.server.bind(str(self.path))
+        self.server.listen(8)
+        threading.Thread(target=self._accept, args=(self.server,), daemon=True).start()
+
+    def stop(self) -> None:
+        """As `systemctl stop systemd-journald*`: every stream closed, nobody listening."""
+        self.server.close()
+        self.path.unlink()
+        with self.lock:
+            for conn in self.conns:
+                conn.shutdown(socket.SHUT_RDWR)
+            assert self.lock.wait_for(lambda: self.open == 0, timeout=10)
+
+    def _accept(self, server: socket.socket) -> None:
         while True:
             try:
-                conn, _ = self.server.accept()
+                conn, _ = server.accept()
             except OSError:
                 return
             buf = bytearray()
             with self.lock:
                 self.streams.append(buf)
+                self.conns.append(conn)
                 self.open += 1
+                self.lock.notify_all()
             threading.Thread(target=self._read, args=(conn, buf), daemon=True).start()
 
     def _read(self, conn: socket.socket, buf: bytearray) -> None:
@@ -61,13 +76,14 @@ class FakeJournal:
         connection is closed (the shim has exited)."""
         with self.lock:
             assert self.lock.wait_for(lambda: self.open == 0, timeout=10)
-            for buf in self.streams:
+            lines: list[bytes] = []
+            for buf in self.streams:  # a stream reopened after journald was away goes on
                 parts = bytes(buf).split(b"\n", 7)
                 if parts[0] == identifier.encode():
                     assert parts[1:7] == [b"", b"6" if "out" in identifier else b"4",
                                           b"1", b"0", b"0", b"0"]
-                    return parts[7].splitlines(keepends=True) if len(parts) > 7 else []
-        return []
+                    lines += parts[7].splitlines(keepends=True) if len(parts) > 7 else []
+        return lines
 
 
 class Shim:
@@ -198,3 +214,75 @@ def test_gone_agent_leaves_the_status_file_and_journals_raw_output(tmp: Path) ->
     assert json.loads(shim.status.read_text())["exit_code"] == 5
     assert shim.journaled() == [b"<6>bye\n", b"<6>no newline\n"]
     assert shim.journaled("farmnode-stderr") == [b"<4>oops\n"]
+
+
+def test_journald_away_holds_the_output_and_the_exit_until_it_is_back(tmp: Path) -> None:
+    shim = Shim(tmp, ["/bin/sh", "-c", "echo one; echo two"])
+    _data, _record, _ = collect_until_exit(shim)
+    assert shim.journal is not None
+    shim.journal.stop()
+    shim.send(link.WRITE, 0, 4, b"<6>one\n")
+    shim.send(link.WRITE, 0, 8, b"<6>two\n")
+    shim.send(link.EXIT_ACK)
+    # It used to give up after 5 s and leave as if the lines were journaled.
+    with pytest.raises(subprocess.TimeoutExpired):
+        shim.proc.wait(timeout=6)
+    shim.journal.start()
+    assert shim.proc.wait(timeout=10) == 0
+    assert shim.journaled() == [b"<6>one\n", b"<6>two\n"]
+    notes = shim.journal.lines_of("farmnode-shim")
+    assert len(notes) == 1 and b"journald was unreachable" in notes[0]
+
+
+def test_journald_away_blocks_the_job_on_its_pipe_once_the_cap_is_held(tmp: Path) -> None:
+    from farmnode.systemd.shim import BUFFER_CAP
+
+    marker = tmp / "all-written"
+    lines = 2 * BUFFER_CAP // 100  # twice what the shim holds per stream
+    job = (f"import sys\nfor i in range({lines}):\n    sys.stdout.write('%099d\\n' % i)\n"
+           f"sys.stdout.flush()\nopen({str(marker)!r}, 'w').close()\n")
+    shim = Shim(tmp, [sys.executable, "-c", job])
+    assert shim.journal is not None
+    with shim.journal.lock:  # the shim has its streams (else it would refuse to start)
+        assert shim.journal.lock.wait_for(lambda: len(shim.journal.streams) == 2, timeout=10)
+    shim.journal.stop()
+    state = {"pid": 0, "forwarded": 0, "exit": False}
+
+    def agent(timeout: float) -> bool:
+        """One packet answered as the agent does: every byte forwarded gets its lines."""
+        shim.sock.settimeout(timeout)
+        try:
+            packet = shim.sock.recv(65536 + 64)
+        except TimeoutError:
+            return False
+        kind, stream, offset, payload = link.unpack(packet)
+        if kind == link.STARTED:
+            state["pid"] = json.loads(payload)["pid"]
+        elif kind == link.DATA:
+            state["forwarded"] = offset + len(payload)
+            shim.send(link.WRITE, stream, offset + len(payload), payload)
+        elif kind == link.EXIT:
+            state["exit"] = True
+        return True
+
+    while int(state["forwarded"]) < BUFFER_CAP:
+        assert agent(30)
+    # The job blocks writing to its pipe: nothing dropped, nothing more read.
+    wchan = Path(f"/proc/{state['pid']}/wchan")
+    for _ in range(600):
+        if wchan.read_text().endswith("pipe_write"):  # anon_pipe_write on newer kernels
+            break
+        agent(0.05)
+    assert wchan.read_text().endswith("pipe_write")
+    while agent(0.2):
+        pass
+    assert not marker.exists()
+    assert int(state["forwarded"]) < BUFFER_CAP + 2 * link.MAX_PAYLOAD
+    shim.journal.start()
+    while not state["exit"]:
+        assert agent(30)
+    shim.send(link.EXIT_ACK)
+    assert shim.proc.wait(timeout=30) == 0
+    assert marker.exists()
+    out = b"".join(shim.journaled())
+    assert out == b"".join(b"%099d\n" % i for i in range(lines))

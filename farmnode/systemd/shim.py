@@ -8,23 +8,31 @@ The shim stays as the job's parent inside the scope. It reads the job's stdout a
 forwards them to the agent over the link (its stdout, a SOCK_SEQPACKET socket; see link.py)
 and writes to journald what the agent answers (the lines after the job type's hooks), over
 one journald stream connection per output stream: opened from inside the scope, so journald
-files the lines under the scope. It keeps every byte until it is journaled, so an agent that
-dies or restarts loses nothing; if the agent's end of the link is gone for good, it journals
-the raw output itself. It ignores the stop signals meant for the job, records the job's exit
-status and the scope's final accounting (a file in the runtime directory and an EXIT packet),
-and leaves once the agent has recorded the exit — or once the job ended and the agent is gone.
+files the lines under the scope. It keeps every byte until journald has read it, so an agent
+that dies or restarts loses nothing, and neither does a journald that is stopped: the shim
+reopens the stream when journald is back (JournalStream) and meanwhile stops reading the
+job's pipes once it holds BUFFER_CAP, so the job blocks on its writes. If the agent's end of
+the link is gone for good, it journals the raw output itself. It ignores the stop signals
+meant for the job, records the job's exit status and the scope's final accounting (a file in
+the runtime directory and an EXIT packet), and leaves once the agent has recorded the exit
+and journald has read every line — or once the job ended, the agent is gone and journald has
+read every line.
 Standard library only: this starts once per task and must be cheap.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import select
 import signal
 import socket
+import struct
 import sys
+import time
+from collections import deque
 
 from farmnode.systemd import link
 from farmnode.systemd.cgroup import SHIM_NAME, own_cgroup_dir, read_accounting
@@ -43,7 +51,9 @@ LINK_FD = 1
 SHIELDED = tuple(s for s in signal.valid_signals()
                  if s not in (signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD)
                  and signal.getsignal(s) is not None)
-BUFFER_CAP = 64 * 1024 * 1024  # per stream, unacknowledged: beyond it the job is slowed down
+# Per stream, not yet journaled: beyond it the job blocks on its pipe. Its formatted copy
+# (the agent's WRITEs, queued for journald) comes on top: a task holds about four times this.
+BUFFER_CAP = 64 * 1024 * 1024
 READ_SIZE = link.MAX_PAYLOAD
 
 
@@ -115,20 +125,52 @@ def _exec_job(spec: dict[str, Any], out_w: int, err_w: int, err_fd: int) -> None
 
 JOURNAL_SOCKET = "/run/systemd/journal/stdout"
 RECV_SIZE = 256 * 1024  # a SEQPACKET read shorter than the packet would lose its tail
+SIOCOUTQ = 0x5411  # bytes sent on a socket that the peer has not read yet (see confirm())
+RETRY_FIRST, RETRY_MAX = 0.05, 1.0  # seconds between tries to reach journald again
+CONFIRM_EVERY = 0.02  # while journald has not read everything yet: how often to look
 
 
 class JournalStream:
-    """One journald stdout-stream connection (the protocol systemd uses for services)."""
+    """One journald stdout stream (the protocol systemd uses for services), with the bytes
+    journald has not taken yet.
 
-    def __init__(self, path: str, identifier: str, priority: int) -> None:
+    Bytes are freed only once journald has read them, whole lines only: it turns every line
+    it reads into an entry at once, while a read that ends inside a line leaves that part in
+    its buffer, gone if journald is stopped then. When the connection breaks (journald was
+    stopped: its end is closed and what it had not read with it), the bytes are kept and the
+    shim tries to reach journald again, forever: the job is slowed, never a byte dropped. Of
+    the bytes sent but not known to be read when it broke, journald may have taken some lines
+    and lost the rest; once it is back, the journal says how many (resolve()), and only the
+    rest is sent again, on a new connection with the same header, so every line is in the
+    journal once and in order."""
+
+    def __init__(self, path: str, identifier: str, priority: int,
+                 journalctl: str = "journalctl") -> None:
         self.path = path
         self.identifier = identifier
         self.priority = priority
+        self.journalctl = journalctl
         self.sock: socket.socket | None = None
         self.at_line_start = True  # for raw output (no agent): where a prefix goes
+        self.buf = bytearray()  # not known to be taken by journald yet
+        self.base = 0  # offset (in all bytes ever queued) of buf[0]
+        self.written = 0  # offset up to which buf went out on the current connection
+        self.marks: deque[tuple[int, int]] = deque()  # (end in buf's offsets, raw offset)
+        self.taken_raw = 0  # the job's stream is journaled up to here
+        self.opened_at = 0.0  # wall clock before the current connection was made
+        self.lines_taken = 0  # lines journald took on the current connection
+        self.unresolved = False  # it broke with bytes in it that journald may have taken
+        self.retry_at = 0.0  # monotonic; when to try to reach journald again
+        self.retry_delay = RETRY_FIRST
+        self.down_since: float | None = None  # wall clock: journald unreachable since
+        self.outages: list[tuple[float, float]] = []  # (from, to) wall clock, not yet noted
 
     def connect(self) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        opened_at = time.time()
+        # A journald that is dead while its socket unit listens accepts into the backlog;
+        # a full backlog would block the connect for good.
+        sock.settimeout(5)
         try:
             sock.connect(self.path)
             sock.shutdown(socket.SHUT_RD)
@@ -138,27 +180,19 @@ class JournalStream:
         except OSError:
             sock.close()
             raise
+        sock.setblocking(False)
         self.sock = sock
+        self.opened_at = opened_at
 
-    def write(self, data: bytes) -> None:
-        """Blocking: a journald slower than the job slows the job, never drops a line."""
-        for attempt in range(50):
-            try:
-                if self.sock is None:
-                    self.connect()
-                assert self.sock is not None
-                self.sock.sendall(data)
-                return
-            except OSError:
-                # journald keeps its streams across its own restarts; a broken one is
-                # reopened (bytes of the failed write may be in the old one already).
-                if self.sock is not None:
-                    self.sock.close()
-                    self.sock = None
-                if attempt:
-                    select.select([], [], [], 0.1)
+    # ---- what the forwarder calls -------------------------------------------------------
+    def add(self, data: bytes, raw_end: int) -> None:
+        """Queue formatted lines that cover the job's stream up to raw_end."""
+        self.buf += data
+        self.marks.append((self.base + len(self.buf), raw_end))
+        if not self.buf:  # a WRITE with no lines (a hook dropped them): nothing to wait for
+            self._release(0)
 
-    def write_raw(self, data: bytes) -> None:
+    def add_raw(self, data: bytes, raw_end: int) -> None:
         """The job's own bytes with the default priority (when no agent formats them)."""
         prefix = b"<%d>" % self.priority
         out = data.replace(b"\n", b"\n" + prefix)
@@ -167,18 +201,149 @@ class JournalStream:
         if data.endswith(b"\n"):
             out = out[:-len(prefix)]
         self.at_line_start = data.endswith(b"\n")
-        self.write(out)
+        self.add(out, raw_end)
 
     def finish_raw(self) -> None:
         if not self.at_line_start:
-            self.write(b"\n")
+            self.add(b"\n", self.taken_raw if not self.marks else self.marks[-1][1])
             self.at_line_start = True
+
+    @property
+    def pending(self) -> bool:
+        return bool(self.buf)
+
+    def wants_out(self) -> bool:
+        return self.sock is not None and self.written < self.base + len(self.buf)
+
+    def timeout(self, now: float) -> float | None:
+        """Seconds until this stream needs a look without an event, None: never."""
+        if self.sock is None:
+            return max(0.0, self.retry_at - now) if self.buf or self.unresolved else None
+        return CONFIRM_EVERY if self.written > self.base else None
+
+    def pump(self, now: float) -> None:
+        """Reconnect when due, write what the socket takes, free what journald has read."""
+        if self.sock is None:
+            if now < self.retry_at or not (self.buf or self.unresolved):
+                return
+            old_opened_at = self.opened_at
+            try:
+                self.connect()
+            except OSError:
+                if self.down_since is None:
+                    self.down_since = time.time()
+                self.retry_at = now + self.retry_delay
+                self.retry_delay = min(self.retry_delay * 2, RETRY_MAX)
+                return
+            self.retry_delay = RETRY_FIRST
+            if self.unresolved:
+                self.resolve(old_opened_at)
+            self.lines_taken = 0
+            self.written = self.base
+            if self.down_since is not None:
+                self.outages.append((self.down_since, time.time()))
+                self.down_since = None
+        self.flush()
+        self.confirm()
+
+    def broken(self) -> None:
+        """The connection is gone (journald stopped): keep everything, try again soon."""
+        if self.sock is None:
+            return
+        # The kernel marks the survivor ECONNRESET when the closed end still had bytes to
+        # read; otherwise journald read all that was written, and made entries of every whole
+        # line of it.
+        lost = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.ECONNRESET
+        self.sock.close()
+        self.sock = None
+        if not lost and self.written > self.base:
+            cut = self.buf.rfind(b"\n", 0, self.written - self.base) + 1
+            if cut:
+                self._release(cut)
+        self.unresolved = self.unresolved or (lost and self.written > self.base)
+        if self.down_since is None:
+            self.down_since = time.time()
+        self.retry_at = 0.0
+
+    # ---- inside -------------------------------------------------------------------------
+    def flush(self) -> None:
+        while self.sock is not None and self.written < self.base + len(self.buf):
+            try:
+                n = self.sock.send(memoryview(self.buf)[self.written - self.base:])
+            except BlockingIOError:
+                return
+            except OSError:
+                self.broken()
+                return
+            self.written += n
+
+    def confirm(self) -> None:
+        if self.sock is None or self.written <= self.base:
+            return
+        # What journald has not read is at most what is still charged to this socket (the
+        # kernel counts buffer sizes, never less than the bytes), so at least the rest has
+        # been read: a lower bound, exact once journald has read everything.
+        unread = struct.unpack("i", fcntl.ioctl(self.sock.fileno(), SIOCOUTQ, b"\0" * 4))[0]
+        # A closed peer's unread bytes are thrown away after the hang-up is flagged: a count
+        # taken with no hang-up flagged after it is a true one.
+        if self.hung_up():
+            self.broken()
+            return
+        read = self.written - max(unread, 0) - self.base
+        if read > 0:
+            cut = self.buf.rfind(b"\n", 0, read) + 1
+            if cut:
+                self._release(cut)
+
+    def hung_up(self) -> bool:
+        assert self.sock is not None
+        p = select.poll()
+        p.register(self.sock.fileno(), 0)
+        return any(ev & (select.POLLHUP | select.POLLERR) for _, ev in p.poll(0))
+
+    def _release(self, n: int) -> None:
+        self.lines_taken += self.buf.count(b"\n", 0, n)
+        del self.buf[:n]
+        self.base += n
+        while self.marks and self.marks[0][0] <= self.base:
+            self.taken_raw = self.marks.popleft()[1]
+
+    def resolve(self, opened_at: float) -> None:
+        """After a broken connection: drop the lines journald took of those not known taken.
+
+        The entries of that connection are the stream's entries of this process since it
+        was opened (the ones before were made by a journald that was gone by then); of them
+        lines_taken were already freed, the rest are the first lines of buf."""
+        self.unresolved = False
+        stored = self._count_entries(opened_at)
+        extra = stored - self.lines_taken
+        cut = 0
+        for _ in range(max(extra, 0)):
+            nl = self.buf.find(b"\n", cut)
+            if nl < 0:
+                break
+            cut = nl + 1
+        if cut:
+            self._release(cut)
+
+    def _count_entries(self, since: float) -> int:
+        import subprocess
+
+        argv = [self.journalctl, f"_PID={os.getpid()}", f"SYSLOG_IDENTIFIER={self.identifier}",
+                f"--since=@{since:.6f}", "--output=cat", "--output-fields=_PID", "--quiet",
+                "--no-pager"]
+        try:
+            out = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                 stderr=subprocess.DEVNULL, timeout=300, check=True).stdout
+        except (OSError, subprocess.SubprocessError):
+            return 0  # not knowing: send them again (twice in the journal beats missing)
+        return out.count(b"\n")
 
 
 class Stream:
     # A plain class: dataclasses (with inspect) and typing cost the shim ~12 ms of start-up,
     # which is on every task's launch path (bench/REPORT.md).
-    __slots__ = ("base", "buf", "eof", "fd", "index", "journal", "nonce", "sent")
+    __slots__ = ("base", "buf", "covered", "eof", "fd", "index", "journal", "nonce", "sent")
 
     def __init__(self, index: int, fd: int, journal: JournalStream) -> None:
         self.index = index
@@ -186,6 +351,7 @@ class Stream:
         self.journal = journal
         self.base = 0  # absolute offset of buf[0]: everything below it is journaled
         self.buf = bytearray()
+        self.covered = 0  # offset up to which the journal stream has lines queued for it
         self.sent = 0  # absolute offset up to which data went out on the link
         self.eof = False
         self.nonce = 0  # of the last RESUME, echoed in RESUMED
@@ -202,11 +368,10 @@ class Stream:
         self.sent = max(self.sent, self.base)
 
     def journal_raw(self) -> None:
-        if self.buf:
-            self.journal.write_raw(bytes(self.buf))
-            self.base += len(self.buf)
-            self.sent = self.base
-            self.buf.clear()
+        """Queue what no WRITE covers as the job's own lines (no agent formats them)."""
+        if self.end > self.covered:
+            self.journal.add_raw(bytes(self.buf[self.covered - self.base:]), self.end)
+            self.covered = self.sent = self.end
 
 
 class Forwarder:
@@ -222,6 +387,7 @@ class Forwarder:
         # The agent's end is closed for good (the service was stopped and its fd store
         # flushed): the shim journals the job's raw output itself until the job ends.
         self.link_gone = False
+        self.raw_finished = False
 
     def _send(self, packet: bytes) -> bool:
         try:
@@ -242,7 +408,7 @@ class Forwarder:
     def _pump_out(self) -> None:
         while self.resumed:
             s = self.resumed[0]
-            if not self._send(link.pack(link.RESUMED, s.index, s.base,
+            if not self._send(link.pack(link.RESUMED, s.index, s.covered,
                                         s.nonce.to_bytes(8, "big"))):
                 return
             self.resumed.pop(0)
@@ -280,12 +446,12 @@ class Forwarder:
                 continue
             s = self.streams[stream]
             if kind == link.WRITE:
-                if offset >= s.base:  # below it: already journaled (never sent twice)
-                    if payload:
-                        s.journal.write(payload)
-                    s.free_below(offset)
+                # At or below covered: queued already (never written twice).
+                if offset > s.covered:
+                    s.journal.add(payload, offset)
+                    s.covered = offset
             elif kind == link.RESUME:
-                s.sent = s.base
+                s.sent = s.covered
                 s.nonce = offset
                 if s not in self.resumed:
                     self.resumed.append(s)
@@ -297,15 +463,22 @@ class Forwarder:
         except BlockingIOError:
             return
         if data:
+            s.buf += data
             if self.link_gone:
-                s.journal.write_raw(data)
-                s.base += len(data)
-                s.sent = s.base
-            else:
-                s.buf += data
+                s.journal_raw()
         else:
             s.eof = True
             os.close(s.fd)
+
+    def _journal(self) -> None:
+        now = time.monotonic()
+        for s in self.streams:
+            s.journal.pump(now)
+            s.free_below(s.journal.taken_raw)
+
+    def _journal_pending(self) -> bool:
+        return any(s.journal.pending or s.journal.unresolved for s in self.streams)
+
     def _reap(self, status_path: str, exec_error: str) -> None:
         _, wstatus = os.waitpid(self.pid, 0)
         os.close(self.pidfd)
@@ -332,26 +505,54 @@ class Forwarder:
         _write_status(status_path, record)
         self.exit_record = record
 
+    def _done(self) -> bool:
+        # The shim leaves only once journald has taken every byte: the agent reports the
+        # task finished when the link closes.
+        if self.link_gone and self.pidfd < 0 and not self.raw_finished:
+            self.raw_finished = True
+            for s in self.streams:
+                s.journal.finish_raw()
+            self._journal()
+        return (self.exit_acked or (self.link_gone and self.pidfd < 0)) and \
+            not self._journal_pending()
+
     def run(self, status_path: str, exec_error: str) -> None:
-        while not (self.exit_acked or (self.link_gone and self.pidfd < 0)):
+        while not self._done():
             if not self.link_gone:
                 self._pump_out()
             poller = select.poll()
             wanted: dict[int, Stream] = {}
             for s in self.streams:
+                # The job's pipe is read only while what it holds is below the cap: beyond
+                # it (journald or the agent away) the job blocks on its next write.
                 if not s.eof and len(s.buf) < BUFFER_CAP:
                     poller.register(s.fd, select.POLLIN)
                     wanted[s.fd] = s
             if self.pidfd >= 0:
                 poller.register(self.pidfd, select.POLLIN)
-            if not self.link_gone:
+            if not self.link_gone and not self.exit_acked:
                 link_events = select.POLLIN
                 if self.resumed or any(s.sent < s.end for s in self.streams) or (
                     self.exit_record is not None and not self.exit_sent
                 ):
                     link_events |= select.POLLOUT
                 poller.register(self.sock.fileno(), link_events)
-            for fd, event in poller.poll():
+            elif self.exit_acked and not self.link_gone:
+                poller.register(self.sock.fileno(), select.POLLIN)  # a new agent's RESUME
+            now = time.monotonic()
+            timeout: float | None = None
+            journals: dict[int, JournalStream] = {}
+            for s in self.streams:
+                j = s.journal
+                t = j.timeout(now)
+                if t is not None:
+                    timeout = t if timeout is None else min(timeout, t)
+                if j.sock is not None and (j.wants_out() or j.written > j.base):
+                    # POLLHUP comes unasked: a broken connection is seen at once.
+                    poller.register(j.sock.fileno(), select.POLLOUT if j.wants_out() else 0)
+                    journals[j.sock.fileno()] = j
+            events = poller.poll(None if timeout is None else int(timeout * 1000) + 1)
+            for fd, event in events:
                 if fd == self.sock.fileno():
                     if event & (select.POLLIN | select.POLLHUP | select.POLLERR):
                         self._handle_link()
@@ -359,9 +560,36 @@ class Forwarder:
                     self._reap(status_path, exec_error)
                 elif (st := wanted.get(fd)) is not None:
                     self._drain(st)
-        if self.link_gone:
-            for s in self.streams:
-                s.journal.finish_raw()
+                elif (broken := journals.get(fd)) is not None and \
+                        event & (select.POLLHUP | select.POLLERR):
+                    broken.broken()
+            self._journal()
+            self._note_outages()
+
+    def _note_outages(self) -> None:
+        """Say in the task's journal that journald was away and the output held meanwhile
+        (its lines carry the time journald took them): an entry of the scope with the task's
+        fields, under its own identifier so that it is not taken for the job's output."""
+        for s in self.streams:
+            j = s.journal
+            while j.outages:
+                start, end = j.outages.pop(0)
+                msg = (f"<4>journald was unreachable for {end - start:.1f} s "
+                       f"({time.strftime('%H:%M:%S', time.localtime(start))} to "
+                       f"{time.strftime('%H:%M:%S', time.localtime(end))}): the job's "
+                       f"{j.identifier.rpartition('-')[2]} was held meanwhile and is "
+                       f"journaled in full, with the time journald took each line\n")
+                note = JournalStream(j.path, "farmnode-shim", 4)
+                try:
+                    note.connect()
+                    assert note.sock is not None
+                    note.sock.setblocking(True)
+                    note.sock.sendall(msg.encode())
+                except OSError:
+                    pass  # a note only: the output itself is what must not be lost
+                finally:
+                    if note.sock is not None:
+                        note.sock.close()
 
 
 def _refuse(sock: socket.socket, status_path: str, reason: str) -> int:

@@ -1,0 +1,68 @@
+"""journald away: the task's output is held, never dropped, and journaled once it is back."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from container import Container
+
+from tests.system.conftest import assignment, farmnode, journal
+
+LINES = 30000
+JOURNALD_UNITS = ["systemd-journald.socket", "systemd-journald-dev-log.socket",
+                  "systemd-journald.service"]
+
+
+def _journaled_up_to(ct: Container, task_id: int, line: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = ct.run(["journalctl", f"FARMNODE_TASK={task_id}", "-t", "farmnode-stdout",
+                    "-o", "cat", "-n", "1", "--no-pager"], check=False)
+        last = r.stdout.strip()
+        if last.startswith("line ") and int(last.split()[1]) >= line:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"task {task_id}: line {line} not journaled in {timeout} s")
+
+
+def test_journald_stopped_30s_mid_task_loses_no_line(ct: Container) -> None:
+    # About 1,000 lines a second, so lines are in flight in journald's stream the moment
+    # it is stopped, and the job goes on printing all the while it is away.
+    script = (
+        f'i=1; while [ $i -le {LINES} ]; do echo "line $i"; '
+        'if [ $((i % 50)) -eq 0 ]; then sleep 0.05; fi; i=$((i+1)); done; echo bye >&2'
+    )
+    a = assignment("command", {"command": ["/bin/sh", "-c", script]}, [1])
+    task_id = a["tasks"][0]["id"]
+    aid = farmnode(ct, "assign", "-", input=json.dumps(a)).stdout.strip()
+    _journaled_up_to(ct, task_id, 2000)
+    ct.run(["systemctl", "stop", *JOURNALD_UNITS])
+    stopped = time.monotonic()
+    try:
+        time.sleep(5)
+        # Meanwhile the job runs on; the shim holds what it prints.
+        task = next(t for t in json.loads(farmnode(ct, "--json", "tasks").stdout)
+                    if t["id"] == task_id)
+        assert task["state"] == "running", task
+        time.sleep(max(0.0, 30 - (time.monotonic() - stopped)))
+    finally:
+        ct.run(["systemctl", "start", *JOURNALD_UNITS])
+    farmnode(ct, "wait", aid)
+    task = next(t for t in json.loads(farmnode(ct, "--json", "tasks").stdout)
+                if t["id"] == task_id)
+    assert task["state"] == "done", task
+    entries = journal(ct, f"FARMNODE_TASK={task_id}")
+    got = [e["MESSAGE"] for e in entries if e.get("SYSLOG_IDENTIFIER") == "farmnode-stdout"]
+    if got != [f"line {n}" for n in range(1, LINES + 1)]:
+        numbers = [int(m.split()[1]) for m in got]
+        missing = sorted(set(range(1, LINES + 1)) - set(numbers))
+        twice = sorted({n for n in numbers if numbers.count(n) > 1})
+        raise AssertionError(f"{len(got)} lines; missing {missing[:10]} ({len(missing)}), "
+                             f"twice {twice[:10]} ({len(twice)})")
+    assert [e["MESSAGE"] for e in entries
+            if e.get("SYSLOG_IDENTIFIER") == "farmnode-stderr"] == ["bye"]
+    # The lines journaled late are explained, in the task's own journal.
+    notes = [e for e in entries if e.get("SYSLOG_IDENTIFIER") == "farmnode-shim"]
+    assert notes and "journald was unreachable" in notes[0]["MESSAGE"], notes
+    assert all(e["_SYSTEMD_UNIT"] == f"farmnode-task-{task_id}.scope" for e in entries)
