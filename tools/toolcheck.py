@@ -50,7 +50,9 @@ HOST_BASE: Mapping[str, str] = {
     **dict.fromkeys(["cat", "cp", "rm", "ln", "ls", "mkdir", "install", "tee", "touch", "env",
                      "id", "stat", "du", "chgrp", "test", "["], "coreutils: Essential"),
     "sed": "sed: Essential", "grep": "grep: Essential", "awk": "mawk: Priority required",
-    **dict.fromkeys(["chmod", "sleep", "mv", "dd", "sync"], "coreutils: Essential"),
+    **dict.fromkeys(["chmod", "sleep", "mv", "dd", "sync", "nproc", "seq"],
+                    "coreutils: Essential"),
+    "hostname": "hostname: Essential",
     "apt-get": "apt: in every Debian install",
     **dict.fromkeys(["nsenter", "setpriv", "mount", "umount"],
                     "util-linux: Priority required"),
@@ -87,7 +89,8 @@ VENV: Mapping[str, str] = {
 # The Debian 12 test tree: debootstrap's minbase (Priority required, and apt) gives these.
 TREE_BASE: Mapping[str, str] = {
     **{p: why for p, why in HOST_BASE.items() if why.split(":")[0] in
-       ("dash", "bash", "coreutils", "util-linux", "sed", "grep", "mawk", "apt")},
+       ("dash", "bash", "coreutils", "util-linux", "sed", "grep", "mawk", "apt",
+        "hostname")},
     **dict.fromkeys(["useradd", "userdel", "groupadd", "groupdel"], "passwd: required"),
     "dpkg-query": "dpkg: Essential",
     "_farmnode": "a function of the package's bash completion, which the script sources",

@@ -337,3 +337,26 @@ def test_logs_follow(ct: Container) -> None:
         follower.kill()
         follower.wait()
     assert farmnode(ct, "wait", aid).returncode == 0
+
+
+def test_short_tasks_lines_keep_their_fields_while_journald_is_busy(ct: Container) -> None:
+    """A task that prints one line and ends at once, while journald is behind (a flood from
+    another unit): journald takes a line's unit and FARMNODE_* fields from its sender when it
+    reads the line, so the shim must still be there then (found: the shim left first and
+    the line was stored with no unit and no fields, invisible to `farmnode logs`)."""
+    ct.run(["systemd-run", "--unit=journal-flood", "--", "/bin/sh", "-c",
+            "while :; do seq 1 2000; done"])
+    try:
+        jobs = [assignment("command", {"command": ["echo", f"only line {i}"]}, [1])
+                for i in range(40)]
+        ids = [farmnode(ct, "assign", "-", input=json.dumps(a)).stdout.strip() for a in jobs]
+        for aid in ids:
+            farmnode(ct, "wait", aid)
+    finally:
+        ct.run(["systemctl", "stop", "journal-flood.service"], check=False)
+    missing = []
+    for i, a in enumerate(jobs):
+        msgs = [e["MESSAGE"] for e in journal(ct, f"FARMNODE_TASK={a['tasks'][0]['id']}")]
+        if msgs != [f"only line {i}"]:
+            missing.append((a["tasks"][0]["id"], msgs))
+    assert not missing, missing
