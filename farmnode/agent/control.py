@@ -55,6 +55,25 @@ async def own_unit_job(bus: SdBus, action: str) -> None:
         log.exception("systemd refused to %s %s", action, AGENT_UNIT)
 
 
+API_UNITS = ("farmnode-api.socket", "farmnode-api.service")
+
+
+async def stop_api_units(bus: SdBus) -> None:
+    """On a real stop (not a restart): close the API's port, so the master sees a stopped
+    node as unreachable (connection refused) rather than a socket answering 503. A restart
+    leaves them: the socket keeps the port open and queues connections meanwhile. Started
+    again with the agent (farmnode.service wants farmnode-api.service)."""
+    for unit in API_UNITS:
+        message = bus.new_method_call_message("org.freedesktop.systemd1",
+                                              "/org/freedesktop/systemd1",
+                                              "org.freedesktop.systemd1.Manager", "StopUnit")
+        message.append_data("ss", unit, "replace")
+        try:
+            await bus.call_async(message)
+        except Exception:
+            log.exception("systemd refused to stop %s", unit)
+
+
 def check_signal(signum: int) -> int:
     valid = {int(s) for s in signal.valid_signals()}
     if signum not in valid or signum == 0:

@@ -114,6 +114,9 @@ async def serve(config: Config) -> None:
         _notify("STATUS=stopping tasks")
         log.info("stopping: cancelling %d assignment(s)", len(agent.runs))
         await agent.shutdown()
+        from farmnode.agent import control
+
+        await control.stop_api_units(bus)
     if link is not None:
         # [4] deliver what is queued; "offline" only when the tasks stopped too (a restart
         # leaves them running, and an offline agent's tasks are requeued by the master)
