@@ -12,6 +12,7 @@ from pathlib import Path
 from sdbus import request_default_bus_name_async, sd_bus_open_system, set_default_bus
 from systemd import daemon
 
+from farmnode.agent import control
 from farmnode.agent.control import journal_output
 from farmnode.agent.core import Agent
 from farmnode.config import Config
@@ -56,6 +57,8 @@ async def serve(config: Config) -> None:
     set_default_bus(bus)
     scopes = ScopeManager(bus)
     await scopes.start()
+    # Awaited just before READY=1; meanwhile the agent's own start overlaps gunicorn's.
+    api = asyncio.create_task(control.api_up(scopes))
     agent = Agent(config, store, scopes)
     slice_max = agent.slice_memory_max_mb()
     if slice_max > 0:
@@ -78,6 +81,8 @@ async def serve(config: Config) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     watchdog = asyncio.create_task(_watchdog())
+    if await api:
+        log.info("HTTP API up (%s)", control.API_SERVICE)
     log.info("farmnode agent %s ready (id %s)", agent.agent_id, agent.state)
     _notify(f"READY=1\nSTATUS=ready, {agent.state}")
 
@@ -114,13 +119,14 @@ async def serve(config: Config) -> None:
         _notify("STATUS=stopping tasks")
         log.info("stopping: cancelling %d assignment(s)", len(agent.runs))
         await agent.shutdown()
-        from farmnode.agent import control
-
-        await control.stop_api_units(bus)
     if link is not None:
         # [4] deliver what is queued; "offline" only when the tasks stopped too (a restart
         # leaves them running, and an offline agent's tasks are requeued by the master)
         await link.stop(offline=job not in RESTART_JOBS)
+    if job not in RESTART_JOBS:
+        _notify("STATUS=closing the HTTP API")
+        await control.release_bus_name(bus, BUS_NAME)
+        await control.api_down(scopes)
     watchdog.cancel()
     store.close()
 

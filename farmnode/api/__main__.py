@@ -5,14 +5,15 @@ entry point) with one thing done first: the cyclic garbage collector is switched
 gunicorn, Falcon, sdbus and the app are imported. The unit runs it directly (no shell that
 forks), so LISTEN_PID is still this process and gunicorn takes systemd's socket.
 
-Why: the first request after socket activation waits for this whole start (issue [6]), and
-nearly all of it is importing modules (about 120 ms of CPU in the test container, against
-about 10 ms for the interpreter). Imports allocate many objects and make almost no garbage,
-so the collector's passes over the growing heap are pure overhead there: about 7 % of the
-start. gunicorn_conf loads the app in the master (preload_app) and, once it is loaded,
-freezes what was imported and switches the collector back on (`when_ready`), before the
-worker is forked — CPython's documented recipe for pre-fork servers (`gc.freeze`), which
-also keeps the collector from touching, and so copying, the master's pages in the worker.
+Why: the agent says READY=1 only once this start is over (and a socket started by hand makes
+its first request wait for it), and nearly all of it is importing modules (about 120 ms of
+CPU in the test container, against about 10 ms for the interpreter). Imports allocate many
+objects and make almost no garbage, so the collector's passes over the growing heap are pure
+overhead there: about 7 % of the start. gunicorn_conf loads the app in the master
+(preload_app) and, once it is loaded, freezes what was imported and switches the collector
+back on (`when_ready`), before the worker is forked — CPython's documented recipe for
+pre-fork servers (`gc.freeze`), which also keeps the collector from touching, and so copying,
+the master's pages in the worker.
 """
 
 from __future__ import annotations
