@@ -324,12 +324,15 @@ def step_latency(args: argparse.Namespace) -> dict[str, Any]:
     # the assign that follows is the launch-latency row.
     first: list[float] = []
     warm: list[float] = []
+    start: list[float] = []  # `systemctl start farmnode` until it returns (the agent's READY=1)
     for _ in range(args.cold_reps):
         api.close()
         sh("systemctl", "stop", "farmnode.service")
         sh("systemctl", "reset-failed", "farmnode.service", "farmnode-api.service",
            check=False)
+        t0 = time.perf_counter()
         sh("systemctl", "start", "farmnode.service")
+        start.append(time.perf_counter() - t0)
         for i in range(4):
             t0 = time.perf_counter()
             probe = Http(args.port)
@@ -342,7 +345,7 @@ def step_latency(args: argparse.Namespace) -> dict[str, Any]:
         farmnode_job(http_assign, "http_after_start")
     api.close()
     return {"samples": samples, "units": {k: sorted(v) for k, v in units.items()},
-            "after_start": {"first": first, "warm": warm}}
+            "after_start": {"first": first, "warm": warm, "start": start}}
 
 
 # A writer in a unit of its own whose journald rate limit is lifted as farmnode.service's is
