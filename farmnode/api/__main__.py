@@ -19,10 +19,18 @@ the master's pages in the worker.
 from __future__ import annotations
 
 import gc
+import os
+
+from farmnode.api.gunicorn_conf import NOTIFY_ENV
 
 
 def main() -> None:
     gc.disable()  # gunicorn_conf.when_ready switches it back on
+    # gunicorn's master says READY=1 before it has forked its worker; the API is ready only
+    # once the worker accepts, which gunicorn_conf.post_worker_init says (NotifyAccess=all).
+    notify = os.environ.pop("NOTIFY_SOCKET", None)
+    if notify:
+        os.environ[NOTIFY_ENV] = notify
     from gunicorn.app.wsgiapp import run
 
     run(prog="python3 -m farmnode.api")
