@@ -57,7 +57,7 @@ async def serve(config: Config) -> None:
     set_default_bus(bus)
     scopes = ScopeManager(bus)
     await scopes.start()
-    # Awaited just before READY=1; meanwhile the agent's own start overlaps gunicorn's.
+    # Awaited before the bus name is taken and READY=1; meanwhile the agent starts too.
     api = asyncio.create_task(control.api_up(scopes))
     agent = Agent(config, store, scopes)
     slice_max = agent.slice_memory_max_mb()
@@ -74,6 +74,10 @@ async def serve(config: Config) -> None:
     service = Agent1Service(agent)
     service.export_to_dbus(OBJECT_PATH, bus)
     await agent.recover()
+    # The name last: a caller that bus-activated us (dbus-daemon holds its call until the
+    # name appears) gets its answer from an agent that is ready, its HTTP API included.
+    if await api:
+        log.info("HTTP API up (%s)", control.API_SERVICE)
     await request_default_bus_name_async(BUS_NAME)
 
     stop = asyncio.Event()
@@ -81,8 +85,6 @@ async def serve(config: Config) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     watchdog = asyncio.create_task(_watchdog())
-    if await api:
-        log.info("HTTP API up (%s)", control.API_SERVICE)
     log.info("farmnode agent %s ready (id %s)", agent.agent_id, agent.state)
     _notify(f"READY=1\nSTATUS=ready, {agent.state}")
 
