@@ -44,10 +44,44 @@ def test_collector_off_during_the_start_and_on_before_the_fork() -> None:
         from farmnode.api import gunicorn_conf
         assert gunicorn_conf.preload_app is True  # the app is imported before the fork
         assert seen == [False], seen
-        gunicorn_conf.when_ready(None)
+        from types import SimpleNamespace
+        from farmnode.api.app import create_app
+        app = create_app()
+        gunicorn_conf.when_ready(SimpleNamespace(app=SimpleNamespace(wsgi=lambda: app)))
         assert gc.isenabled() and gc.get_freeze_count() > 0
+        # the master routed a request already: Falcon's router is compiled before the fork
+        assert app._router._find != app._router._compile_and_find
         print("ok")
     """)
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+def test_ready_comes_from_the_worker_not_the_master(tmp_path: Path) -> None:
+    # gunicorn's master would say READY=1 before forking the worker; `python3 -m
+    # farmnode.api` hides NOTIFY_SOCKET from it, and the worker's post_worker_init says it.
+    address = str(tmp_path / "notify")
+    script = textwrap.dedent(f"""
+        import logging, os, socket
+        from types import SimpleNamespace
+        from unittest import mock
+
+        os.environ["NOTIFY_SOCKET"] = {address!r}
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.bind({address!r})
+        sock.settimeout(10)
+        seen = []
+        with mock.patch("gunicorn.app.wsgiapp.run",
+                        lambda prog: seen.append(os.environ.get("NOTIFY_SOCKET"))):
+            from farmnode.api.__main__ import main
+            main()
+        assert seen == [None], seen
+        from farmnode.api import gunicorn_conf
+        gunicorn_conf.post_worker_init(SimpleNamespace(log=logging.getLogger("t")))
+        print(sock.recv(4096).decode().replace("\\n", " "))
+    """)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split()[0] == "READY=1", r.stdout

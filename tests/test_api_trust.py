@@ -35,6 +35,8 @@ class FakeAgent:
     def __init__(self, networks: list[str]) -> None:
         self.networks = networks
         self.assigned: list[str] = []
+        self.cancelled: list[int] = []
+        self.restarts: list[bool] = []
 
     class _Prop:
         def __init__(self, value: list[str]) -> None:
@@ -50,6 +52,14 @@ class FakeAgent:
     async def assign(self, payload: str) -> str:
         self.assigned.append(payload)
         return "a-1"
+
+    async def cancel_task(self, task_id: int) -> bool:
+        self.cancelled.append(task_id)
+        return True
+
+    async def restart(self, immediately: bool) -> bool:
+        self.restarts.append(immediately)
+        return True
 
     async def get_status(self) -> str:
         return '{"state": "online", "agent_id": "x", "farm_name": null}'
@@ -99,6 +109,40 @@ def test_anyone_else_needs_credentials(agent: FakeAgent, peer: str) -> None:
     assert r.status_code == 401 and agent.assigned == []
     basic = "Basic " + base64.b64encode(b"admin:s3cret").decode()
     assert post_assign(peer, Authorization=basic).status_code == 202
+
+
+def master_call(peer: str, method: str, **headers: str) -> testing.Result:
+    """PyFarm's master's two other unauthenticated calls: pause/delete of a task and
+    "restart agent" (its UI), as it sends them: no body for DELETE, JSON for restart."""
+    c = testing.TestClient(create_app())
+    if method == "DELETE":
+        return c.simulate_delete("/api/v1/tasks/7", remote_addr=peer, headers=headers)
+    return c.simulate_post("/api/v1/restart", json={}, remote_addr=peer, headers=headers)
+
+
+@pytest.mark.parametrize("method", ["DELETE", "POST"])
+@pytest.mark.parametrize("peer", ["192.0.2.10", "::ffff:192.0.2.10", "2001:db8::5"])
+def test_a_trusted_master_may_delete_tasks_and_restart(agent: FakeAgent, peer: str,
+                                                       method: str) -> None:
+    r = master_call(peer, method)
+    assert r.status_code == 202, r.text
+    assert (agent.cancelled, agent.restarts) == (([7], []) if method == "DELETE"
+                                                 else ([], [False]))
+
+
+@pytest.mark.parametrize("method", ["DELETE", "POST"])
+@pytest.mark.parametrize("peer", ["192.0.2.11", "::ffff:192.0.2.11", "2001:db8:1::5",
+                                  "127.0.0.1", ""])
+def test_anyone_else_may_not_delete_tasks_or_restart(agent: FakeAgent, peer: str,
+                                                     method: str) -> None:
+    r = master_call(peer, method, **{"User-Agent": "PyFarm/1.0 (master)",
+                                     "X-Forwarded-For": "192.0.2.10"})
+    assert r.status_code == 401, r.text
+    assert "WWW-Authenticate" in r.headers and r.json["error"]
+    assert agent.cancelled == [] and agent.restarts == []
+    basic = "Basic " + base64.b64encode(b"admin:s3cret").decode()
+    assert master_call(peer, method, Authorization=basic).status_code == 202
+    assert len(agent.cancelled) + len(agent.restarts) == 1
 
 
 def test_trust_covers_only_pyfarm_endpoints(agent: FakeAgent) -> None:

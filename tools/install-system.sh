@@ -15,8 +15,9 @@ install -m 0644 "$src/dbus/org.farmnode.Agent1.xml" "$root/usr/share/dbus-1/inte
 [ -e "$root/etc/farmnode/farmnode.yaml" ] || install -m 0644 "$src/etc/farmnode.yaml" "$root/etc/farmnode/"
 ln -sf /opt/farmnode/bin/farmnode "$root/usr/bin/farmnode"
 ln -sf /opt/farmnode/bin/farmnode-fakerender "$root/usr/bin/farmnode-fakerender"
-# HTTP API ([3]): the generator puts agent_api_port into farmnode-api.socket; the token file
-# is root-only (the service gets a copy through LoadCredential=).
+# HTTP API: the generator puts agent_api_port into farmnode-api.socket; the token file is
+# root-only (the service gets a copy through LoadCredential=). Nothing is enabled here (the
+# callers start farmnode.service, which starts the API units), as the packages start nothing.
 install -d "$root/etc/systemd/system-generators"
 ln -sf /opt/farmnode/bin/farmnode-generator "$root/etc/systemd/system-generators/farmnode-generator"
 [ -e "$root/etc/farmnode/tokens" ] || install -m 0600 /dev/null "$root/etc/farmnode/tokens"

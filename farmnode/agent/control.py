@@ -23,6 +23,7 @@ from farmnode.bus.interface import PATCHABLE_CONFIG_KEYS
 from farmnode.config import ConfigError, load_config
 from farmnode.config.model import SETTINGS, Config
 from farmnode.systemd.journal import output_lines
+from farmnode.systemd.scope import ScopeManager
 from farmnode.tasks import tasklog
 from farmnode.tasks.store import Store
 
@@ -53,6 +54,70 @@ async def own_unit_job(bus: SdBus, action: str) -> None:
         await bus.call_async(message)
     except Exception:
         log.exception("systemd refused to %s %s", action, AGENT_UNIT)
+
+
+# The HTTP API runs exactly while the agent does. farmnode.service Wants= the service, so
+# systemd starts it alongside the agent (in parallel: no After=, the agent's own start
+# overlaps gunicorn's); the agent says READY=1 only once it is up, so no master request
+# waits for its cold start. On a real stop the agent closes the socket, and the port
+# refuses connections; a restart, an upgrade or a crash leaves both alone, so the socket
+# keeps the port open and queues connections meanwhile.
+API_SERVICE = "farmnode-api.service"
+API_SOCKET = "farmnode-api.socket"
+# gunicorn starts in a few hundred milliseconds; this only bounds a start that hangs, which
+# must not keep the agent (and D-Bus control of the node) from becoming ready.
+API_START_TIMEOUT = 30.0
+# gunicorn's graceful stop (graceful_timeout, 5 s) plus margin; under TimeoutStopSec=.
+API_STOP_TIMEOUT = 30.0
+
+
+async def api_up(scopes: ScopeManager) -> bool:
+    """Wait until farmnode-api.service (and so its socket) is active. A failure is logged,
+    not raised: the agent serves D-Bus without its HTTP side."""
+    try:
+        result = await scopes.unit_job(API_SERVICE, "start", API_START_TIMEOUT)
+    except TimeoutError:
+        log.error("%s did not start within %gs; going on without waiting for it",
+                  API_SERVICE, API_START_TIMEOUT)
+        return False
+    except Exception as exc:  # masked, or not installed: the admin's choice
+        log.warning("cannot start %s: %s", API_SERVICE, exc)
+        return False
+    if result != "done":
+        log.error("%s did not start (job %s); see journalctl -u %s", API_SERVICE, result,
+                  API_SERVICE)
+        return False
+    return True
+
+
+async def release_bus_name(bus: SdBus, name: str) -> None:
+    """Leave the bus name before exiting: a client waiting for the agent to go (POST
+    /api/v1/stop with wait) gets its answer before the API itself is stopped."""
+    message = bus.new_method_call_message("org.freedesktop.DBus", "/org/freedesktop/DBus",
+                                          "org.freedesktop.DBus", "ReleaseName")
+    message.append_data("s", name)
+    try:
+        await bus.call_async(message)
+    except Exception:
+        log.exception("could not release %s", name)
+
+
+async def api_down(scopes: ScopeManager) -> None:
+    """A real stop: stop the socket (which stops the service first: it Requires= the
+    socket) and wait, so that once `systemctl stop farmnode` returns the port refuses
+    connections and the master takes its "cannot contact the agent" path, rather than
+    reading 503 from an API with no agent behind it. `systemctl start farmnode` starts
+    both again (Wants=)."""
+    try:
+        result = await scopes.unit_job(API_SOCKET, "stop", API_STOP_TIMEOUT)
+    except TimeoutError:
+        log.error("%s did not stop within %gs", API_SOCKET, API_STOP_TIMEOUT)
+        return
+    except Exception as exc:
+        log.warning("cannot stop %s: %s", API_SOCKET, exc)
+        return
+    if result != "done":
+        log.error("stopping %s: job %s", API_SOCKET, result)
 
 
 def check_signal(signum: int) -> int:

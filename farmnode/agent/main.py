@@ -12,6 +12,7 @@ from pathlib import Path
 from sdbus import request_default_bus_name_async, sd_bus_open_system, set_default_bus
 from systemd import daemon
 
+from farmnode.agent import control
 from farmnode.agent.control import journal_output
 from farmnode.agent.core import Agent
 from farmnode.config import Config
@@ -56,6 +57,8 @@ async def serve(config: Config) -> None:
     set_default_bus(bus)
     scopes = ScopeManager(bus)
     await scopes.start()
+    # Awaited before the bus name is taken and READY=1; meanwhile the agent starts too.
+    api = asyncio.create_task(control.api_up(scopes))
     agent = Agent(config, store, scopes)
     slice_max = agent.slice_memory_max_mb()
     if slice_max > 0:
@@ -71,6 +74,10 @@ async def serve(config: Config) -> None:
     service = Agent1Service(agent)
     service.export_to_dbus(OBJECT_PATH, bus)
     await agent.recover()
+    # The name last: a caller that bus-activated us (dbus-daemon holds its call until the
+    # name appears) gets its answer from an agent that is ready, its HTTP API included.
+    if await api:
+        log.info("HTTP API up (%s)", control.API_SERVICE)
     await request_default_bus_name_async(BUS_NAME)
 
     stop = asyncio.Event()
@@ -118,6 +125,10 @@ async def serve(config: Config) -> None:
         # [4] deliver what is queued; "offline" only when the tasks stopped too (a restart
         # leaves them running, and an offline agent's tasks are requeued by the master)
         await link.stop(offline=job not in RESTART_JOBS)
+    if job not in RESTART_JOBS:
+        _notify("STATUS=closing the HTTP API")
+        await control.release_bus_name(bus, BUS_NAME)
+        await control.api_down(scopes)
     watchdog.cancel()
     store.close()
 

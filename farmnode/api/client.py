@@ -5,7 +5,8 @@ asyncio loops are not shared between threads, so each thread has its own pair.
 
 Calls go to the agent's *unique* bus name, looked up first: a call to the well-known name
 would make dbus-daemon start farmnode.service through bus activation, and the API must not
-bring back an agent that was stopped on purpose (POST /api/v1/stop). No owner means 503.
+bring back an agent that was stopped on purpose (POST /api/v1/stop). No owner means 503,
+unless systemd is restarting the agent: then the request waits for it.
 """
 
 from __future__ import annotations
@@ -28,10 +29,18 @@ from sdbus.dbus_exceptions import DbusFailedError, DbusNameHasNoOwnerError
 
 from farmnode.api.errors import ApiError, from_dbus
 from farmnode.bus.interface import BUS_NAME, OBJECT_PATH, Agent1Interface
+from farmnode.systemd.manager import SYSTEMD, JobProxy, UnitProxy
 
 log = logging.getLogger("farmnode.api")
 T = TypeVar("T")
 DBUS = "org.freedesktop.DBus"
+# farmnode.service's object (systemd escapes "." as _2e).
+AGENT_UNIT_PATH = "/org/freedesktop/systemd1/unit/farmnode_2eservice"
+COMING_BACK_JOBS = {"start", "restart", "try-restart", "reload-or-start", "reload-or-restart",
+                    "try-reload-or-restart"}
+# A restart with running tasks takes about a second (bench/REPORT.md); well under the
+# master's request timeout.
+RESTART_WAIT = 10.0
 
 
 class DbusDaemon(DbusInterfaceCommonAsync, interface_name=DBUS):
@@ -74,11 +83,53 @@ async def agent_proxy(bus: SdBus) -> Agent1Interface:
     daemon = DbusDaemon.new_proxy(DBUS, "/org/freedesktop/DBus", bus)
     try:
         owner = await daemon.get_name_owner(BUS_NAME)
-    except DbusFailedError as exc:
-        if isinstance(exc, DbusNameHasNoOwnerError):
-            raise ApiError(503, "the farmnode agent is not running") from None
-        raise
+    except DbusNameHasNoOwnerError:
+        owner = await _restarted_agent(bus, daemon)
     return Agent1Interface.new_proxy(owner, OBJECT_PATH, bus)
+
+
+async def _restarted_agent(bus: SdBus, daemon: DbusDaemon) -> str:
+    """The agent's unique name once a restarting agent is back, so a restart (`systemctl
+    restart farmnode`, an upgrade, a crash that systemd restarts) costs the master a slower
+    answer rather than a 503. An agent that is stopped, or stopping for good, is 503 at
+    once."""
+    back = asyncio.Event()
+
+    def on_owner(message: Any) -> None:
+        name, _old, new = message.get_contents()
+        if name == BUS_NAME and new:
+            back.set()
+
+    # Subscribed before anything is asked, so an agent that comes back meanwhile is seen.
+    slot = await bus.match_signal_async(DBUS, "/org/freedesktop/DBus", DBUS,
+                                        "NameOwnerChanged", on_owner)
+    try:
+        if await _agent_coming_back(bus):
+            with contextlib.suppress(DbusNameHasNoOwnerError):
+                return await daemon.get_name_owner(BUS_NAME)
+            log.warning("the agent is restarting: a request waits for it (up to %gs)",
+                        RESTART_WAIT)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(back.wait(), RESTART_WAIT)
+                return await daemon.get_name_owner(BUS_NAME)
+    finally:
+        del slot
+    raise ApiError(503, "the farmnode agent is not running")
+
+
+async def _agent_coming_back(bus: SdBus) -> bool:
+    """Whether systemd is (re)starting farmnode.service: a start or restart job on it, or
+    the wait before an automatic restart (Restart=). Read from systemd's unit object, which
+    anyone may read; nothing here starts a unit."""
+    unit = UnitProxy.new_proxy(SYSTEMD, AGENT_UNIT_PATH, bus)
+    try:
+        job_id, job_path = await unit.job
+        if job_id:
+            job_type = await JobProxy.new_proxy(SYSTEMD, job_path, bus).job_type
+            return job_type in COMING_BACK_JOBS
+        return await unit.active_state == "activating"
+    except DbusFailedError:
+        return False  # the unit or its job went meanwhile: not worth waiting on
 
 
 def call(fn: Callable[[Agent1Interface], Awaitable[T]]) -> T:

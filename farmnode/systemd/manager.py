@@ -37,6 +37,10 @@ class ManagerProxy(DbusInterfaceCommonAsync, interface_name=MANAGER_IFACE):
         raise NotImplementedError
 
     @dbus_method_async(input_signature="ss", result_signature="o")
+    async def start_unit(self, name: str, mode: str) -> str:
+        raise NotImplementedError
+
+    @dbus_method_async(input_signature="ss", result_signature="o")
     async def stop_unit(self, name: str, mode: str) -> str:
         raise NotImplementedError
 
@@ -95,7 +99,7 @@ class JobWatcher:
     reply resumes its caller.
     """
 
-    def __init__(self, bus: SdBus, unit_prefix: str) -> None:
+    def __init__(self, bus: SdBus, unit_prefix: str | tuple[str, ...]) -> None:
         self._bus = bus
         self._prefix = unit_prefix
         self._results: dict[str, str] = {}

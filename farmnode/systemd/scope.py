@@ -106,7 +106,8 @@ class ScopeManager:
     def __init__(self, bus: SdBus) -> None:
         self.bus = bus
         self.manager = ManagerProxy.new_proxy(SYSTEMD, MANAGER_PATH, bus)
-        self.jobs = JobWatcher(bus, unit_prefix="farmnode-task-")
+        # The tasks' scopes, and the HTTP API's units, whose start and stop follow the agent.
+        self.jobs = JobWatcher(bus, unit_prefix=("farmnode-task-", "farmnode-api."))
 
     async def start(self) -> None:
         await self.jobs.start(self.manager)
@@ -139,6 +140,14 @@ class ScopeManager:
                 return False
             raise
         return True
+
+    async def unit_job(self, unit: str, action: str, timeout: float) -> str:
+        """Start or stop a unit of ours and wait for systemd's job: its result ("done",
+        "failed", "timeout", ...). A job already queued for the unit (the one farmnode.service's
+        Wants= started) is merged with, so this waits for that one."""
+        call = self.manager.start_unit if action == "start" else self.manager.stop_unit
+        job = await call(unit, "replace")
+        return await self.jobs.wait(job, timeout)
 
     async def own_pending_job(self, pid: int) -> str | None:
         """The type of the job systemd is running on our own unit ("stop", "restart", ...).

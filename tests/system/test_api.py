@@ -1,5 +1,5 @@
-"""The HTTP API through the real socket unit: gunicorn started by systemd on the first
-connection, talking to the real agent over D-Bus. The container shares the host's network,
+"""The HTTP API through the real socket unit: gunicorn started with the agent and handed
+systemd's socket, talking to the real agent over D-Bus. The container shares the host's network,
 so these tests are HTTP clients on 127.0.0.1:<a free port>.
 """
 
@@ -12,6 +12,7 @@ import io
 import json
 import re
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -60,8 +61,23 @@ class Api:
     def post(self, path: str, **kw: Any) -> requests.Response:
         return self.request("POST", path, **kw)
 
-    def service(self, prop: str) -> str:
-        return self.ct.run(["systemctl", "show", "-P", prop, "farmnode-api.service"]).stdout.strip()
+    def service(self, prop: str, unit: str = "farmnode-api.service") -> str:
+        return self.ct.run(["systemctl", "show", "-P", prop, unit]).stdout.strip()
+
+    def refused(self) -> bool:
+        """Whether a connection to the port is refused (nothing listens: no socket unit)."""
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=10).close()
+        except ConnectionRefusedError:
+            return True
+        return False
+
+    def api_log(self) -> str:
+        """What this run of farmnode-api.service logged: gunicorn's master and its worker."""
+        self.ct.run(["journalctl", "--sync"])
+        invocation = self.service("InvocationID")
+        return str(self.ct.run(["journalctl", "-o", "cat", "--no-pager",
+                                f"_SYSTEMD_INVOCATION_ID={invocation}"]).stdout)
 
 
 @pytest.fixture(scope="module")
@@ -76,12 +92,14 @@ EOF
 printf '# test token\\n{TOKEN}\\n' > /etc/farmnode/tokens
 chmod 0600 /etc/farmnode/tokens
 systemctl daemon-reload
+# A running socket keeps its port across daemon-reload: stopped, the agent's start opens the
+# new one.
+systemctl stop farmnode-api.socket
 systemctl restart farmnode.service
-systemctl start farmnode-api.socket
 """)
     yield Api(ct, port)
-    ct.sh(f"rm -f {CONFD} /etc/farmnode/conf.d/90-http-api.yaml; "
-          "systemctl stop farmnode-api.socket farmnode-api.service", check=False)
+    ct.sh(f"rm -f {CONFD} /etc/farmnode/conf.d/90-http-api.yaml; systemctl daemon-reload; "
+          "systemctl stop farmnode-api.socket; systemctl start farmnode.service", check=False)
 
 
 class EventStream:
@@ -135,26 +153,25 @@ def wait_tasks(stream: EventStream, ids: list[int], states: tuple[str, ...]) -> 
 # ---- activation, sandbox ------------------------------------------------------------------
 
 
-def test_socket_activation_starts_gunicorn_on_first_request(api: Api) -> None:
+def test_the_api_is_up_before_the_first_request_after_start(api: Api) -> None:
     listen = api.ct.run(["systemctl", "show", "-P", "Listen", "farmnode-api.socket"]).stdout
     assert f":{api.port} (Stream)" in listen, listen  # the port came from the config
-    assert api.service("ActiveState") == "inactive"
-    r = api.get("/api/versions", auth=None)
-    assert r.status_code == 200 and r.json() == {"versions": [1]}
+    api.ct.run(["systemctl", "stop", "farmnode.service"])
+    assert api.refused()
+    # `systemctl start` returns at the agent's READY=1: by then gunicorn runs, has loaded the
+    # app and took systemd's socket, before any request reached it (its access log is empty).
+    api.ct.run(["systemctl", "start", "farmnode.service"])
     assert api.service("ActiveState") == "active"
     pid = api.service("MainPID")
+    log = api.api_log()
+    listening = f"Listening at: http://[::]:{api.port} ({pid})"
+    assert "Starting gunicorn" in log and listening in log, log[-2000:]
+    assert '"GET ' not in log and '"POST ' not in log, log[-2000:]
     cmdline = api.ct.run(["cat", f"/proc/{pid}/cmdline"]).stdout.replace("\0", " ")
     assert "-m farmnode.api " in cmdline and "--bind" not in cmdline, cmdline
-    # The main process is gunicorn's master and took systemd's socket (LISTEN_PID matched).
-    listening = f"Listening at: http://[::]:{api.port} ({pid})"
-    for _ in range(50):
-        api.ct.run(["journalctl", "--sync"])
-        log = api.ct.run(["journalctl", "-u", "farmnode-api.service", "-o", "cat",
-                          "--no-pager", f"_PID={pid}"]).stdout
-        if listening in log:
-            break
-        time.sleep(0.1)
-    assert "Starting gunicorn" in log and listening in log, log[-2000:]
+    r = api.get("/api/versions", auth=None)
+    assert r.status_code == 200 and r.json() == {"versions": [1]}
+    assert api.service("MainPID") == pid  # the running API answered; nothing was started
     user = api.ct.run(["ps", "-o", "user:32=,group:32=", "-p", pid]).stdout.split()
     assert user == ["farmnode-api", "farmnode"]
     # IPv6 on the same socket
@@ -470,8 +487,51 @@ def test_openapi_document_fuzzed(api: Api) -> None:
 # ---- stop and restart (last: they take the agent away) --------------------------------------
 
 
+def test_restart_keeps_the_api_and_requests_wait_for_the_agent(api: Api) -> None:
+    api_pid = api.service("MainPID")
+    pid = agent_pid(api.ct)
+    api.ct.run(["systemctl", "restart", "farmnode.service"])
+    assert agent_pid(api.ct) not in (pid, 0)
+    # The restart left the socket and gunicorn alone: no queued connection was dropped.
+    assert api.service("MainPID") == api_pid
+    assert api.get("/api/v1/status").status_code == 200
+    # A request that arrives while the agent is down, with its restart pending, waits for it
+    # rather than answering 503. The new agent's start is held on a gate, so the request
+    # surely comes while no agent is there; the gate opens once the API says it waits.
+    gate = "/run/farmnode-test-restart-gate"
+    dropin = "/run/systemd/system/farmnode.service.d/50-test-gate.conf"
+    api.ct.sh(f"""mkdir -p {dropin.rsplit("/", 1)[0]}
+cat > {dropin} <<'EOF'
+[Service]
+ExecStartPre=/bin/sh -c "while [ ! -e {gate} ]; do sleep 0.05; done"
+EOF
+rm -f {gate}; systemctl daemon-reload; systemctl restart --no-block farmnode.service""")
+    try:
+        for _ in range(600):
+            if api.service("SubState", "farmnode.service") == "start-pre":
+                break
+            time.sleep(0.05)
+        assert api.service("SubState", "farmnode.service") == "start-pre"
+        answer: list[requests.Response] = []
+        waiter = threading.Thread(target=lambda: answer.append(api.get("/api/v1/status")))
+        waiter.start()
+        for _ in range(600):
+            if "the agent is restarting: a request waits" in api.api_log():
+                break
+            time.sleep(0.05)
+        assert "the agent is restarting: a request waits" in api.api_log()
+        assert not answer
+    finally:
+        api.ct.sh(f"touch {gate}; rm -f {dropin}; systemctl daemon-reload")
+    waiter.join(60)
+    assert answer and answer[0].status_code == 200, answer and answer[0].text
+    assert answer[0].json()["state"] in ("online", "running")
+    assert api.service("MainPID") == api_pid
+
+
 def test_restart_and_stop(api: Api) -> None:
     pid = agent_pid(api.ct)
+    api_pid = api.service("MainPID")
     with events(api) as stream:
         stream.until(lambda e, d: e == "agent")
         r = api.post("/api/v1/restart", json={"immediately": False})
@@ -479,18 +539,42 @@ def test_restart_and_stop(api: Api) -> None:
         stream.until(lambda e, d: e == "agent" and d["state"] == "offline")
         stream.until(lambda e, d: e == "agent" and d["state"] in ("online", "running"))
     assert agent_pid(api.ct) not in (pid, 0)
+    assert api.service("MainPID") == api_pid  # a restart of the agent is not one of the API
 
+    # Stopped, the node is unreachable: the answer comes first, then the port refuses
+    # connections, so the master takes its "cannot contact the agent" path.
     r = api.post("/api/v1/stop", json={"wait": True})
     assert r.status_code == 200, r.text
-    assert api.ct.run(["systemctl", "is-active", "farmnode.service"],
-                      check=False).stdout.strip() == "inactive"
-    # The API answers 503 and does not bring the agent back through bus activation.
+    # The answer leaves when the agent has left the bus; the agent then closes the socket and
+    # exits, and only then is the unit inactive.
+    for _ in range(600):
+        if api.service("ActiveState", "farmnode.service") == "inactive":
+            break
+        time.sleep(0.05)
+    assert api.service("ActiveState", "farmnode.service") == "inactive"
+    assert api.service("ActiveState", "farmnode-api.socket") == "inactive"
+    assert api.service("ActiveState") == "inactive"
+    assert api.refused()
+    with pytest.raises(requests.ConnectionError):
+        api.get("/api/v1/status")
+    # `systemctl stop farmnode` closes it the same way, before it returns.
+    api.ct.run(["systemctl", "start", "farmnode.service"])
+    assert api.get("/api/v1/status").status_code == 200
+    api.ct.run(["systemctl", "stop", "farmnode.service"])
+    assert api.refused()
+
+    # A socket started by hand still activates the API on the first connection: with no agent
+    # it answers 503 and does not bring the agent back through bus activation.
+    api.ct.run(["systemctl", "start", "farmnode-api.socket"])
+    assert api.service("ActiveState") == "inactive"
     r = api.get("/api/v1/status")
     assert r.status_code == 503 and "not running" in r.json()["error"]
+    assert api.service("ActiveState") == "active"
     assert api.post("/api/v1/assign", json=assignment("command", {"command": ["true"]}, [1])
                     ).status_code == 503
     assert "farmnode_up 0" in api.get("/metrics").text
     assert api.ct.run(["systemctl", "is-active", "farmnode.service"],
                       check=False).stdout.strip() == "inactive"
+    # `systemctl start farmnode` brings the agent back behind the running API.
     api.ct.run(["systemctl", "start", "farmnode.service"])
     assert api.get("/api/v1/status").status_code == 200

@@ -118,13 +118,15 @@ def test_deb_install_use_upgrade_purge(node: Container, packages: Packages) -> N
 
     t0 = time.monotonic()
     install_s = apt(ct, "install", f"/pkgs/{packages.deb.name}")
-    # accounts from the package's sysusers.d; the token file root-only; units enabled
+    # accounts from the package's sysusers.d; the token file root-only; the agent enabled, the
+    # API units static (the agent's unit wants them); nothing started, so the port is closed
     assert ct.run(["id", "-nG", "farmnode-api"]).stdout.split() == ["farmnode"]
     assert ct.run(["stat", "-c", "%a %U", "/etc/farmnode/tokens"]).stdout.split() == ["600",
                                                                                       "root"]
     enabled = ct.run(["systemctl", "is-enabled", "farmnode.service", "farmnode-api.socket"])
-    assert enabled.stdout.split() == ["enabled", "enabled"]
-    assert ct.run(["systemctl", "is-active", "farmnode-api.socket"]).stdout.strip() == "active"
+    assert enabled.stdout.split() == ["enabled", "static"]
+    assert ct.run(["systemctl", "is-active", "farmnode-api.socket"],
+                  check=False).stdout.strip() == "inactive"
     assert ct.run(["systemctl", "is-active", "farmnode.service"],
                   check=False).stdout.strip() == "inactive"
     for path in ("/usr/share/man/man8/farmnode.8.gz", "/usr/share/man/man5/farmnode.yaml.5.gz",
@@ -255,7 +257,8 @@ def test_rpm_files_scriptlets_dependencies(packages: Packages) -> None:
         scripts.split(f"{name} scriptlet (using /bin/sh):\n")[1].split(" scriptlet (using")[0]
         for name in ("preinstall", "postinstall", "preuninstall", "postuninstall"))
     assert "systemd-sysusers" in pre and "u farmnode-api -:farmnode" in pre
-    assert "systemctl --no-reload preset farmnode.service farmnode-api.socket" in post
+    assert "systemctl --no-reload preset farmnode.service " in post
+    assert "systemctl start" not in post  # nothing starts before `systemctl start farmnode`
     # only an erase stops the agent (which stops tasks); an upgrade try-restarts it
     assert re.search(r'if \[ "\$1" -eq 0 \]; then\s+systemctl --no-reload disable --now', preun)
     assert re.search(r'if \[ "\$1" -ge 1 \]; then\s+systemctl try-restart farmnode.service',
