@@ -291,6 +291,115 @@ def test_jobtype_from_the_master_runs_in_the_scope_as_the_user(
         ct.run(["systemctl", "restart", "farmnode.service"])
 
 
+# PyFarm job types as a PyFarm master stores them: PyFarm's import paths, task dicts, hooks.
+PYFARM_RENDER = r'''
+import os
+import re
+
+from pyfarm.core.enums import WorkState
+from pyfarm.jobtypes.core.jobtype import JobType
+
+PROGRESS = re.compile(r"^frame (\d+) at (\d+)%$")
+
+
+class ShellRender(JobType):
+    def get_command_data(self):
+        frames = " ".join(str(int(t["frame"])) for t in self.assignment["tasks"])
+        script = ("for f in %s; do for p in 10 60 100; do echo \"frame $f at $p%%\"; done; "
+                  "done; echo \"$GREETING\" >&2" % frames)
+        env = self.get_environment()
+        env["GREETING"] = self.expandvars("hello from $USER")
+        return self.COMMAND_DATA("/bin/sh", "-c", script, env=env, cwd=self.tempdir())
+
+    def format_stdout_line(self, protocol, stdout):
+        return "[uid %d] %s" % (os.getuid(), stdout)
+
+    def process_stdout_line(self, protocol, stdout):
+        match = PROGRESS.search(stdout.split("] ", 1)[-1])
+        if match is None:
+            return
+        for task in self.assignment["tasks"]:
+            if int(task["frame"]) == int(match.group(1)):
+                self.set_task_progress(task, int(match.group(2)) / 100.0)
+                if match.group(2) == "100":
+                    self.set_task_state(task, WorkState.DONE)
+'''
+
+PYFARM_PY2 = '''from pyfarm.jobtypes.core.jobtype import JobType
+
+
+class Legacy(JobType):
+    def get_command_data(self):
+        print "assembling the command"
+        return self.COMMAND_DATA("/bin/true")
+'''
+
+PYFARM_RAISES = '''from pyfarm.jobtypes.core.jobtype import JobType
+
+
+class Strict(JobType):
+    def get_command_data(self):
+        raise ValueError("job data needs 'scene', got %r" % sorted(self.assignment["job"]["data"]))
+'''
+
+
+def _last_errors(master: MasterStub, task_id: int) -> list[str]:
+    return [r.body["last_error"] for r in master.requests
+            if r.task_id == task_id and r.status == 200 and r.body.get("state") == "failed"]
+
+
+def test_pyfarm_jobtypes_from_the_master_run_unchanged(ct: Container, master: MasterStub,
+                                                        ) -> None:
+    """No drop-in: with a master configured, downloading job types is on by default."""
+    uid = ct.run(["id", "-u", "jobuser"]).stdout.strip()
+    for name, classname, code in (("shellrender", "ShellRender", PYFARM_RENDER),
+                                  ("legacy", "Legacy", PYFARM_PY2),
+                                  ("strict", "Strict", PYFARM_RAISES)):
+        master.jobtypes[(name, "1")] = {"name": name, "version": 1, "classname": classname,
+                                        "code": code, "max_batch": 2, "batch_contiguous": True,
+                                        "software_requirements": []}
+    a = assignment("shellrender", {}, [1, 2], user="jobuser")
+    ids = [t["id"] for t in a["tasks"]]
+    recs = assign_wait(ct, a)["tasks"]
+    assert [r["state"] for r in recs] == ["done", "done"], recs
+    master.wait_for(lambda rs: all(any(r.task_id == t and r.body.get("state") == "done"
+                                       for r in rs) for t in ids), 20, "both tasks done")
+    for t in ids:
+        # the job type's set_task_progress (the agent coalesces it, so the last is certain)
+        progress = [b["progress"] for b in per_task(master, [t])[t] if "progress" in b]
+        assert progress and progress[-1] == 1.0, progress
+    lines = journal(ct, f"FARMNODE_TASK={ids[0]}")
+    msgs = [e["MESSAGE"] for e in lines]
+    # the hooks ran in the scope, as the job's user, in the job's environment
+    assert msgs[:3] == [f"[uid {uid}] frame 1 at {p}%" for p in (10, 60, 100)], msgs
+    assert msgs[-1] == "hello from jobuser", msgs
+    assert {e["_SYSTEMD_UNIT"] for e in lines} == {f"farmnode-task-{ids[0]}.scope"}
+
+    b = assignment("legacy", {}, [1], user="jobuser")
+    (rec,) = assign_wait(ct, b)["tasks"]
+    tid = b["tasks"][0]["id"]
+    digest = hashlib.sha256(PYFARM_PY2.encode()).hexdigest()
+    want = (f"job type 'legacy' v1 is not valid Python 3: "
+            f"/var/cache/farmnode/jobtypes/legacy/1/{digest}.py, line 6: Missing parentheses "
+            "in call to 'print'")
+    assert rec["state"] == "failed" and rec["reason"].startswith(want), rec
+    master.wait_for(lambda rs: bool(_last_errors(master, tid)), 20, "the failed report")
+    assert _last_errors(master, tid)[0].startswith(want)
+
+    c = assignment("strict", {"file": "x"}, [1], user="jobuser")
+    (rec,) = assign_wait(ct, c)["tasks"]
+    tid = c["tasks"][0]["id"]
+    digest = hashlib.sha256(PYFARM_RAISES.encode()).hexdigest()
+    want = ("job type 'strict' v1: ValueError: job data needs 'scene', got ['file'] (in "
+            f"get_command_data, /var/cache/farmnode/jobtypes/strict/1/{digest}.py, line 6)")
+    assert (rec["state"], rec["reason"]) == ("failed", want), rec
+    master.wait_for(lambda rs: bool(_last_errors(master, tid)), 20, "the failed report")
+    assert _last_errors(master, tid) == [want]
+    # the traceback is in the task's log, for whoever reads it on the master
+    err = [e["MESSAGE"] for e in journal(ct, f"FARMNODE_TASK={tid}")]
+    assert any("Traceback (most recent call last)" in m for m in err), err
+
+
 def _log_of(master: MasterStub, task_id: int) -> tuple[str, Any]:
     """(identifier, record) of the log the master has for a task's attempt."""
     for ident, tlog in master.task_logs.items():
