@@ -22,6 +22,7 @@ from container import Container
 
 from tests.master_stub import MasterStub, Request
 from tests.system.conftest import assign_wait, assignment, farmnode, journal
+from tests.system.pyfarm_sources import PYFARM_PY2, PYFARM_RAISES, PYFARM_RENDER
 
 DROPIN = "/etc/farmnode/conf.d/50-test-master.yaml"
 REANNOUNCE = 2.0
@@ -289,58 +290,6 @@ def test_jobtype_from_the_master_runs_in_the_scope_as_the_user(
     finally:
         ct.run(["rm", "-f", dropin])
         ct.run(["systemctl", "restart", "farmnode.service"])
-
-
-# PyFarm job types as a PyFarm master stores them: PyFarm's import paths, task dicts, hooks.
-PYFARM_RENDER = r'''
-import os
-import re
-
-from pyfarm.core.enums import WorkState
-from pyfarm.jobtypes.core.jobtype import JobType
-
-PROGRESS = re.compile(r"^frame (\d+) at (\d+)%$")
-
-
-class ShellRender(JobType):
-    def get_command_data(self):
-        frames = " ".join(str(int(t["frame"])) for t in self.assignment["tasks"])
-        script = ("for f in %s; do for p in 10 60 100; do echo \"frame $f at $p%%\"; done; "
-                  "done; echo \"$GREETING\" >&2" % frames)
-        env = self.get_environment()
-        env["GREETING"] = self.expandvars("hello from $USER")
-        return self.COMMAND_DATA("/bin/sh", "-c", script, env=env, cwd=self.tempdir())
-
-    def format_stdout_line(self, protocol, stdout):
-        return "[uid %d] %s" % (os.getuid(), stdout)
-
-    def process_stdout_line(self, protocol, stdout):
-        match = PROGRESS.search(stdout.split("] ", 1)[-1])
-        if match is None:
-            return
-        for task in self.assignment["tasks"]:
-            if int(task["frame"]) == int(match.group(1)):
-                self.set_task_progress(task, int(match.group(2)) / 100.0)
-                if match.group(2) == "100":
-                    self.set_task_state(task, WorkState.DONE)
-'''
-
-PYFARM_PY2 = '''from pyfarm.jobtypes.core.jobtype import JobType
-
-
-class Legacy(JobType):
-    def get_command_data(self):
-        print "assembling the command"
-        return self.COMMAND_DATA("/bin/true")
-'''
-
-PYFARM_RAISES = '''from pyfarm.jobtypes.core.jobtype import JobType
-
-
-class Strict(JobType):
-    def get_command_data(self):
-        raise ValueError("job data needs 'scene', got %r" % sorted(self.assignment["job"]["data"]))
-'''
 
 
 def _last_errors(master: MasterStub, task_id: int) -> list[str]:
