@@ -44,8 +44,12 @@ def real_master(ct: Container) -> Iterator[Any]:
         ct.sh("systemctl daemon-reload; systemctl restart farmnode.service; "
               "systemctl restart farmnode-api.socket")
         try:
-            _await(lambda: any(a.get("state") in ("online", "running")
-                               for a in m.get("/agents/")), 60, "the agent online", m)
+            def online() -> bool:
+                # the list holds a summary of each agent; its own record has the state
+                return any(m.get(f"/agents/{a['id']}").get("state") in ("online", "running")
+                           for a in m.get("/agents/"))
+
+            _await(online, 60, "the agent online", m)
             yield m
         finally:
             ct.run(["rm", "-f", DROPIN])
