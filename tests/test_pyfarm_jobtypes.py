@@ -138,7 +138,7 @@ class Recorder:
 @dataclass
 class Run:
     rc: int
-    logged: list[tuple[int, str, int]]  # (stream of the job's line, text, priority)
+    logged: list[tuple[int, str, int]]  # (stream, text, priority) as the agent journals them
     reason: str | None  # the failure reason the master would get; None: success
     events: list[tuple[str, int, Any, Any]]
     stdout: str
@@ -166,10 +166,7 @@ def run(tmp_path: Path, name: str, classname: str, code: str,
         for line in text.rstrip("\n").split("\n") if text else []:
             out = jt.handle_line(stream, line)
             if out is not None:
-                # the stream the job type's line came from, as the host says
-                said = json.loads(line[1:]).get("stream") if line.startswith(MARK) else None
-                logged.append((int(stream) if said is None else int(said), out,
-                               jt.line_priority(stream, line)))
+                logged.append((int(stream), out, jt.line_priority(stream, line)))
     status = ExitStatus.from_returncode(proc.returncode)
     reason = None if jt.is_successful(status) else jt.failure_reason(status)
     return Run(proc.returncode, logged, reason, rec.events, proc.stdout, proc.stderr)
@@ -289,7 +286,8 @@ class Long(JobType):
 '''
     r = run(tmp_path, "long", "Long", code)
     assert r.reason is None, r.stderr
-    records = [line for line in r.stdout.split("\n") if line.startswith(MARK)]
+    records = [line for line in r.stdout.split("\n") if line.startswith(MARK)
+               and "line" in json.loads(line[1:])]
     assert all(len(line.encode()) <= 16 * 1024 for line in records)
     assert "".join(t for s, t, _ in r.logged if s == 0) == "x" * 40000
     assert all(json.loads(line[1:])["line"].strip("x") == "" for line in records)

@@ -101,7 +101,7 @@ class RemoteJobType(JobType):
                              json.dumps(payload)])
 
     def handle_line(self, stream: Stream, line: str) -> str | None:
-        if stream is not Stream.STDOUT or not line.startswith(MARK):
+        if not line.startswith(MARK):
             self._priority = 4 if stream is Stream.STDERR else 6
             return line  # the host's own words (e.g. a traceback of the job type)
         try:

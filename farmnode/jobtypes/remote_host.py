@@ -7,7 +7,8 @@ agent says of itself), "expandvars"}. The source is compiled here, never in the 
 be a PyFarm job type (``pyfarm.jobtypes.core.jobtype.JobType``, provided by
 `farmnode.jobtypes.pyfarm`) or a farmnode one (`farmnode.jobtypes.base.JobType`).
 
-Prints, for the agent, marked JSON records: {"line", "stream", "priority"}, {"state", "task",
+Prints, for the agent, marked JSON records (lines of the job's stderr on stderr, the rest on
+stdout): {"line", "stream", "priority"}, {"state", "task",
 "reason"}, {"progress", "task"}, and once, when the job type fails, {"error": reason}: the
 reason the master shows (file and line for source that does not compile or raises). Exits 0
 when the job type calls the run successful.
@@ -45,8 +46,11 @@ def emit(record: dict[str, Any]) -> None:
         emit({**record, "line": text[:half]})
         emit({**record, "line": text[half:]})
         return
-    sys.stdout.write(MARK + data + "\n")
-    sys.stdout.flush()
+    # A line of the job's stderr goes out on ours, so the journal and the task log keep
+    # PyFarm's stream of it; everything else on stdout.
+    out = sys.stderr if record.get("stream") == 1 else sys.stdout
+    out.write(MARK + data + "\n")
+    out.flush()
 
 
 class Failure(Exception):

@@ -322,6 +322,9 @@ def test_pyfarm_jobtypes_from_the_master_run_unchanged(ct: Container, master: Ma
     # the hooks ran in the scope, as the job's user, in the job's environment
     assert msgs[:3] == [f"[uid {uid}] frame 1 at {p}%" for p in (10, 60, 100)], msgs
     assert msgs[-1] == "hello from jobuser", msgs
+    # the job's stderr line stays stderr (PyFarm's stream 1), its stdout lines stdout
+    assert [e["SYSLOG_IDENTIFIER"] for e in lines] == ["farmnode-stdout"] * 6 + [
+        "farmnode-stderr"], lines
     assert {e["_SYSTEMD_UNIT"] for e in lines} == {f"farmnode-task-{ids[0]}.scope"}
 
     b = assignment("legacy", {}, [1], user="jobuser")
