@@ -348,3 +348,39 @@ def test_the_hosts_reason_is_the_tasks_reason(tmp_path: Path) -> None:
     jt.handle_line(Stream.STDOUT, MARK + json.dumps({"error": "job type 'maya' v2: ValueError"}))
     run._conclude({"exit_code": 1})
     assert reports == [(5, TaskState.FAILED, "job type 'maya' v2: ValueError")]
+
+
+class FakeLink:
+    def __init__(self, answer: dict[str, Any] | str) -> None:
+        self.answer = answer
+
+    async def fetch_jobtype(self, name: str, version: int) -> dict[str, Any] | str:
+        return self.answer
+
+
+def test_the_core_caches_what_the_master_serves(tmp_path: Path) -> None:
+    import asyncio
+    import dataclasses
+
+    from farmnode.agent.core import Agent
+    from farmnode.config import Config
+    from farmnode.jobtypes.remote import cache_latest
+    from farmnode.tasks.store import Store
+
+    config = dataclasses.replace(Config(), jobtype_cache_directory=str(tmp_path / "cache"))
+    agent = Agent(config, Store(tmp_path / "db"), scopes=None)  # type: ignore[arg-type]
+    # the master's record as GET /jobtypes/<name>/versions/<v> sends it; PyFarm's master may
+    # hold no classname, and then the job type's name is the class
+    agent.master_link = FakeLink({"name": "Picky", "version": 1, "classname": None,  # type: ignore[assignment]
+                                  "code": RAISES, "max_batch": 1, "batch_contiguous": True,
+                                  "software_requirements": []})
+    assert asyncio.run(agent._fetch_jobtype("Picky", 1)) is None
+    hit = cache_latest(tmp_path / "cache", "Picky", 1)
+    assert hit is not None and hit[1] == "Picky" and hit[0].read_text() == RAISES
+    agent.master_link = FakeLink("GET /jobtypes/Nope/versions/1: 404 not found")  # type: ignore[assignment]
+    assert asyncio.run(agent._fetch_jobtype("Nope", 1)) == (
+        "the master did not serve it (GET /jobtypes/Nope/versions/1: 404 not found)")
+    agent.master_link = FakeLink({"name": "Empty", "version": 1})  # type: ignore[assignment]
+    assert asyncio.run(agent._fetch_jobtype("Empty", 1)) == "the master's record of it has no code"
+    facts = agent.node_facts()
+    assert facts["id"] == agent.agent_id and facts["cpus"] >= 1 and facts["ram"] >= 1
