@@ -384,3 +384,29 @@ def test_the_core_caches_what_the_master_serves(tmp_path: Path) -> None:
     assert asyncio.run(agent._fetch_jobtype("Empty", 1)) == "the master's record of it has no code"
     facts = agent.node_facts()
     assert facts["id"] == agent.agent_id and facts["cpus"] >= 1 and facts["ram"] >= 1
+
+
+def test_is_successful_takes_what_pyfarm_passed() -> None:
+    from farmnode.jobtypes.pyfarm.jobtypes.core.jobtype import ExitReason, JobType
+
+    jt = JobType({"job": {"id": 1}, "jobtype": {"name": "x", "version": 1}, "tasks": []})
+    assert jt.is_successful(ExitReason(0)) and not jt.is_successful(ExitReason(2))
+    killed = ExitReason(-9)
+    assert not jt.is_successful(killed) and (killed.exitCode, killed.signal) == (None, 9)
+    assert killed.describe() == "killed by signal SIGKILL"
+    assert jt.is_successful(0) and not jt.is_successful(1)
+
+    class Terminated:  # a Twisted ProcessTerminated, inside a Failure
+        exitCode = 0
+
+    class Wrapped:
+        value = Terminated()
+
+    assert jt.is_successful(Wrapped())
+
+
+def test_a_huge_reason_still_reaches_the_agent(tmp_path: Path) -> None:
+    code = RAISES.replace("\"job data has no 'scene'\"", "'x' * 100000")
+    r = run(tmp_path, "huge", "Picky", code)
+    assert r.reason is not None and r.reason.startswith("job type 'huge' v1: ValueError: xxx")
+    assert r.reason.endswith(" [...]") and len(r.reason) < 5000

@@ -38,7 +38,14 @@ MAX_RECORD = 15 * 1024
 MODULE_NAME = "farmnode_downloaded_jobtype"
 
 
+MAX_REASON = 4000  # characters of a reason the master gets; the log has the whole story
+
+
 def emit(record: dict[str, Any]) -> None:
+    for key in ("reason", "error"):
+        value = record.get(key)
+        if isinstance(value, str) and len(value) > MAX_REASON:
+            record = {**record, key: value[:MAX_REASON] + " [...]"}
     data = json.dumps(record, ensure_ascii=False)
     text = record.get("line")
     if len(data.encode()) > MAX_RECORD and isinstance(text, str) and len(text) > 1:

@@ -431,13 +431,14 @@ class JobType(Cache, System, Process, TypeChecks):
 
     def is_successful(self, reason: Any) -> bool:
         """True when the process exited 0; ``reason`` is an `ExitReason`."""
-        code = getattr(reason, "exitCode", None)
-        if code is None and not hasattr(reason, "exitCode"):
-            code = getattr(getattr(reason, "value", None), "exitCode", None)
-            if code is None and isinstance(reason, int):
-                code = int(reason)
-        if isinstance(reason, int) or code is not None:
-            return code == 0
+        if isinstance(reason, ExitReason):
+            return reason.exitCode == 0
+        if isinstance(reason, int):
+            return reason == 0
+        # what a Twisted ProcessTerminated, or a Failure wrapping one, would carry
+        for obj in (reason, getattr(reason, "value", None)):
+            if obj is not None and hasattr(obj, "exitCode"):
+                return bool(obj.exitCode == 0)
         raise NotImplementedError(f"cannot tell success from {reason!r}")
 
     def cleanup(self) -> None:
