@@ -410,3 +410,66 @@ def test_a_huge_reason_still_reaches_the_agent(tmp_path: Path) -> None:
     r = run(tmp_path, "huge", "Picky", code)
     assert r.reason is not None and r.reason.startswith("job type 'huge' v1: ValueError: xxx")
     assert r.reason.endswith(" [...]") and len(r.reason) < 5000
+
+
+def test_the_helpers_behave_as_documented(monkeypatch: Any) -> None:
+    import pytest
+
+    from farmnode.jobtypes import pyfarm
+    from farmnode.jobtypes.pyfarm.jobtypes.core import jobtype as pf
+    from farmnode.jobtypes.pyfarm.jobtypes.core.process import ReplaceEnvironment
+
+    events: list[tuple[Any, ...]] = []
+
+    class Sink:
+        def line(self, stream: int, text: str, priority: int) -> None:
+            events.append(("line", stream, text, priority))
+
+        def state(self, task_id: int, state: str, reason: str | None) -> None:
+            events.append(("state", task_id, state, reason))
+
+        def progress(self, task_id: int, progress: float) -> None:
+            events.append(("progress", task_id, progress))
+
+    monkeypatch.setattr(pf, "_sink", Sink())
+    monkeypatch.setitem(pf._node, "hostname", "n1")
+    monkeypatch.setattr(os, "environ", {"HOME": "/home/j", "SHOT": "010", "PATH": "/bin"})
+    task = {"id": 3, "frame": 1.0}
+    jt = pf.JobType({"job": {"id": 1, "data": {}}, "jobtype": {"name": "x", "version": 1},
+                     "tasks": [task]})
+    assert jt.expandvars("$SHOT/${SHOT}/$NOPE") == "010/010/$NOPE"
+    assert jt.expandvars("$SHOT", {"SHOT": "020"}) == "020"
+    assert jt.expandvars("$SHOT", expand=False) == "$SHOT"
+    assert jt.map_path("~/shots/$SHOT") == "/home/j/shots/010"
+    assert jt.get_command_list(["render", 1, "$SHOT"]) == ("render", "1", "010")
+    assert jt.node()["hostname"] == "n1" and jt.node()["operating_system"] == "linux"
+    assert jt.assignments() == [task]
+    cmd = jt.COMMAND_DATA("/bin/echo", 1, 2.5, cwd="/tmp")
+    cmd.validate()
+    assert cmd.arguments == ("1", "2.5")
+    cmd.set_default_environment({"A": "1"})
+    cmd.set_default_environment({"B": "2"})
+    assert cmd.env == {"A": "1"}
+    with pytest.raises(ValueError, match="unexpected keyword"):
+        jt.COMMAND_DATA("/bin/echo", shell=True)
+    with pytest.raises(TypeError, match="argument 0"):
+        jt.COMMAND_DATA("/bin/echo", None).validate()
+    jt.set_task_progress(task, 1.5)
+    jt.set_task_state(task, "FAILED", error=RuntimeError("disk full"))
+    assert jt.failed_tasks == {3} and jt.get_local_task_state(3) == "failed"
+    with pytest.raises(pf.JobTypeError, match="task 4 is not part"):
+        jt.set_task_state({"id": 4}, "done")
+    with pytest.raises(pf.JobTypeError, match="task state 'paused'"):
+        jt.set_task_state(task, "paused")
+    assert events == [("progress", 3, 1.0), ("state", 3, "failed", "RuntimeError: disk full")]
+    env: dict[str, str] = {"KEEP": "1"}
+    with ReplaceEnvironment({"ONLY": "2"}, env):
+        assert env == {"ONLY": "2"}
+    assert env == {"KEEP": "1"}
+    import importlib
+
+    for name in pyfarm.provided():
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    pyfarm.install()
+    assert importlib.import_module("pyfarm.jobtypes.core.jobtype") is pf
+    assert importlib.import_module("pyfarm.core.enums").WorkState.DONE == "done"
