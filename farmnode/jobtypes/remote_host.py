@@ -31,7 +31,6 @@ from farmnode.jobtypes.pyfarm.jobtypes.core import jobtype as pyfarm_jobtype
 from farmnode.jobtypes.pyfarm.jobtypes.core.process import LineSplitter, pump
 from farmnode.jobtypes.remote import MARK
 from farmnode.tasks.model import TaskState
-from farmnode.tasks.schema import parse_assignment
 
 # The agent cuts lines at 16 KiB: a record must stay below that to reach it whole.
 MAX_RECORD = 15 * 1024
@@ -194,6 +193,9 @@ def run_pyfarm(cls: type[pyfarm_jobtype.JobType], payload: dict[str, Any],
 
 
 def run_native(cls: type[JobType], payload: dict[str, Any], path: str, label: str) -> int:
+    # Here only: the schema module pulls in yaml, a tenth of a PyFarm job type's start.
+    from farmnode.tasks.schema import parse_assignment
+
     assignment = parse_assignment(payload["assignment"], payload["id"])
     try:
         jt = cls(assignment, MarkedReporter(),
