@@ -75,10 +75,13 @@ def test_host_runs_the_class_and_the_agent_decodes_it(tmp_path: Path) -> None:
                           timeout=60, env=cmd.env)
     assert proc.returncode == 0, proc.stderr
     # split on newlines only, as the agent does (str.splitlines also splits on \x1e)
-    logged = [out for line in proc.stdout.rstrip("\n").split("\n")
-              if (out := jt.handle_line(Stream.STDOUT, line)) is not None]
-    # stdout went through the job type's hooks; stderr passed through its hooks too
-    assert logged == ["ONE", "two"]
+    logged = [(stream, out) for stream, text in ((Stream.STDOUT, proc.stdout),
+                                                  (Stream.STDERR, proc.stderr))
+              for line in text.rstrip("\n").split("\n")
+              if (out := jt.handle_line(stream, line)) is not None]
+    # stdout went through the job type's hooks; stderr passed through its hooks too, and
+    # stays stderr
+    assert logged == [(Stream.STDOUT, "ONE"), (Stream.STDERR, "two")]
     assert ("progress", 9, 0.5) in rec.events
     # the host's own plain words (say a traceback) are logged as they are
     assert jt.handle_line(Stream.STDERR, "Traceback (most recent call last):") is not None

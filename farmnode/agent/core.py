@@ -102,7 +102,7 @@ class StatusSource(Protocol):
 
     def note_master_contact(self) -> None: ...
 
-    async def fetch_jobtype(self, name: str, version: int) -> dict[str, Any] | None: ...
+    async def fetch_jobtype(self, name: str, version: int) -> dict[str, Any] | str: ...
 
     def assign_refusal(self) -> str | None: ...
 
@@ -239,21 +239,39 @@ class Agent:
         run = AssignmentRun(a, self.config, self.scopes, self._report_states,
                             self._report_progress, self._report_accounting)
         run.fetch_jobtype = self._fetch_jobtype
+        run.node_facts = self.node_facts
         run.report_log = self._report_log
         return run
 
-    async def _fetch_jobtype(self, name: str, version: int) -> None:
-        """Refresh the cache from the master; the run then uses the newest cached source."""
+    async def _fetch_jobtype(self, name: str, version: int) -> str | None:
+        """Refresh the cache from the master; the run then uses the newest cached source.
+
+        Returns why nothing new was cached (None: cached)."""
         if self.master_link is None:
-            return
+            return "no master is configured to download it from"
         record = await self.master_link.fetch_jobtype(name, version)
-        if record is None:
-            return
+        if isinstance(record, str):
+            return f"the master did not serve it ({record})"
+        # PyFarm's master may store no classname: the job type's name is the class then.
+        classname = record.get("classname") or name
+        code = record.get("code")
+        if not isinstance(code, str):
+            log.warning("job type %s v%d from the master has no code: %r", name, version,
+                        sorted(record))
+            return "the master's record of it has no code"
         try:
-            cache_store(self.config.jobtype_cache_directory, name, version,
-                        str(record["classname"]), str(record["code"]))
-        except (KeyError, RemoteJobTypeError, OSError) as exc:
+            cache_store(self.config.jobtype_cache_directory, name, version, str(classname), code)
+        except (RemoteJobTypeError, OSError) as exc:
             log.warning("job type %s v%d from the master not usable: %s", name, version, exc)
+            return f"the master's record of it is not usable: {exc}"
+        return None
+
+    def node_facts(self) -> dict[str, Any]:
+        """What a job type is told of this node (PyFarm's JobType.node() and config)."""
+        return {"master_api": self.config.master_api, "hostname": self.hostname,
+                "systemid": self.agent_id, "id": self.agent_id, "agent_id": self.agent_id,
+                "cpus": self.total_cpus(), "ram": self.total_ram_mb(),
+                "farm_name": self.config.farm_name}
 
     def _start(self, a: Assignment) -> None:
         run = self._new_run(a)

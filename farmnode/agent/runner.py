@@ -26,8 +26,8 @@ from typing import Any
 
 from farmnode.config import Config
 from farmnode.jobtypes.base import CommandData, ExitStatus, JobType, Stream
-from farmnode.jobtypes.registry import UnknownJobType, load_jobtype
-from farmnode.jobtypes.remote import cache_latest, remote_jobtype_class
+from farmnode.jobtypes.registry import UnknownJobType, available_jobtypes, load_jobtype
+from farmnode.jobtypes.remote import RemoteJobType, cache_latest, remote_jobtype_class
 from farmnode.systemd import fdstore, link
 from farmnode.systemd.cgroup import cgroup_path_dir, shim_pid, unit_cgroup_path
 from farmnode.systemd.journal import (
@@ -201,7 +201,11 @@ class AssignmentRun:
     adopting: bool = False  # taken over from a previous agent process
     link_version: int = link.VERSION  # of the shim's protocol (an adopted one may be older)
     # Refreshes the on-disk cache of a job type the master serves ([4]); None: standalone.
-    fetch_jobtype: Callable[[str, int], Awaitable[None]] | None = None
+    # Returns why nothing was cached (None: cached).
+    fetch_jobtype: Callable[[str, int], Awaitable[str | None]] | None = None
+    # What a downloaded job type is told of this node; None: nothing.
+    node_facts: Callable[[], dict[str, Any]] | None = None
+    _fetch_error: str | None = None
     # The agent's own lines for the assignment's task log (and the job's pid), kept by the
     # store; None: no log is kept.
     report_log: Callable[[str, list[InternalLine], int | None], None] | None = None
@@ -248,13 +252,24 @@ class AssignmentRun:
             cls = load_jobtype(a.jobtype.name, a.jobtype.version)
         except UnknownJobType:
             # Not built in: a job type downloaded from the master, run inside the scope.
+            if not self.config.jobtype_enable_download:
+                raise UnknownJobType(a.jobtype.name, a.jobtype.version, available_jobtypes(),
+                                     detail=f"unknown job type {a.jobtype.name!r} (version "
+                                     f"{a.jobtype.version}), and downloading job types from "
+                                     "the master is off (jobtype_enable_download)") from None
             hit = cache_latest(self.config.jobtype_cache_directory, a.jobtype.name,
-                               a.jobtype.version) if self.config.jobtype_enable_download else None
+                               a.jobtype.version)
             if hit is None:
-                raise
+                why = f": {self._fetch_error}" if self._fetch_error else ""
+                raise UnknownJobType(a.jobtype.name, a.jobtype.version, available_jobtypes(),
+                                     detail=f"unknown job type {a.jobtype.name!r} (version "
+                                     f"{a.jobtype.version}), none installed or downloaded"
+                                     f"{why}") from None
             cls = remote_jobtype_class(*hit)
         self.jobtype = cls(a, self, expandvars=self.config.jobtype_expandvars,
                            default_user=self.config.task_default_user)
+        if isinstance(self.jobtype, RemoteJobType) and self.node_facts is not None:
+            self.jobtype.node = self.node_facts()
         return self.jobtype
 
     async def run(self) -> None:
@@ -345,7 +360,7 @@ class AssignmentRun:
             try:
                 load_jobtype(a.jobtype.name, a.jobtype.version)
             except UnknownJobType:
-                await self.fetch_jobtype(a.jobtype.name, a.jobtype.version)
+                self._fetch_error = await self.fetch_jobtype(a.jobtype.name, a.jobtype.version)
         try:
             command = self._load_jobtype().get_command_data()
             ident = resolve_identity(command, self.config)
@@ -661,7 +676,11 @@ class AssignmentRun:
         if ok:
             self._finish_all(TaskState.DONE, None, status)
         else:
-            self._finish_all(TaskState.FAILED, status.describe(), status)
+            reason = status.describe()
+            if self.jobtype is not None:
+                with contextlib.suppress(Exception):
+                    reason = self.jobtype.failure_reason(status)
+            self._finish_all(TaskState.FAILED, reason, status)
 
 
 def _int_or_none(v: object) -> int | None:

@@ -241,7 +241,9 @@ class Config:
 
     # Job types
     jobtype_expandvars: bool = _setting(True)
-    jobtype_enable_download: bool = _setting(False)
+    # PyFarm's agent always ran the master's job types; the code runs only in the task's scope
+    # as the job's user, so this is on (it only acts with a master configured).
+    jobtype_enable_download: bool = _setting(True)
     jobtype_cache_directory: str = _setting("/var/cache/farmnode/jobtypes", _absolute_path)
 
 

@@ -11,7 +11,8 @@ go through the `TaskReporter` the agent hands in.
 Modules: base (the contract), registry (entry-point lookup), command, fakerender, blender (the
 shipped job types), fakerender_cmd (the ``farmnode-fakerender`` test renderer; standard
 library only, so it starts fast), remote and remote_host (job types downloaded from the
-master: cached, and run inside the task's scope as its user, never in the agent).
+master: cached, and run inside the task's scope as its user, never in the agent), pyfarm
+(PyFarm's ``pyfarm.jobtypes…`` import paths for such job types, used by remote_host only).
 
 May import: farmnode.tasks (model, schema) and farmnode.config only. This ``__init__``
 deliberately imports nothing, because the ``farmnode-fakerender`` console script imports the

@@ -453,3 +453,7 @@ class JobType(abc.ABC):
     def is_successful(self, status: ExitStatus) -> bool:
         """Whether the process succeeded; the default is PyFarm's: exit code 0."""
         return status.code == 0
+
+    def failure_reason(self, status: ExitStatus) -> str:
+        """Why an unsuccessful run failed: the reason the master shows (``last_error``)."""
+        return status.describe()

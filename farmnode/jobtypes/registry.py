@@ -3,9 +3,9 @@
 Owns: load_jobtype, available_jobtypes, UnknownJobType, JobTypeLoadError.
 May import: farmnode.tasks.model and farmnode.config only (and this package's base).
 
-Third-party job types install a distribution that declares an entry point in the group; PyFarm's
-alternative, downloading job type source from the master and executing it, is deliberately not
-supported: the agent runs as root.
+Third-party job types install a distribution that declares an entry point in the group. A name
+not found here may be one the master serves (PyFarm's way): the agent downloads it and runs it
+inside the task's scope as the job's user, never in the agent (farmnode.jobtypes.remote).
 """
 
 from __future__ import annotations

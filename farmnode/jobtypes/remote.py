@@ -4,8 +4,11 @@ PyFarm's master serves a job type's Python source (GET /jobtypes/<name>/versions
 code must never run in the root agent: the agent runs `farmnode.jobtypes.remote_host` as the
 task's command, inside the scope and as the task's user; the host imports the downloaded
 class, runs the real command and its line hooks, and writes what they decide — lines to log,
-task states, progress — as marked records on its stdout. `RemoteJobType` on the agent's side
-only decodes those records, so a hostile job type can do no more than the task's user can.
+task states, progress, the reason of a failure — as marked records on its stdout.
+`RemoteJobType` on the agent's side only decodes those records, so a hostile job type can do
+no more than the task's user can. The source may be PyFarm's (``from
+pyfarm.jobtypes.core.jobtype import JobType``; the host provides those import paths, see
+`farmnode.jobtypes.pyfarm`) or a farmnode job type.
 
 Cache: <jobtype_cache_directory>/<name>/<version>/<sha256>.py with <sha256>.json (its class
 name); the newest download of a name+version is used when the master is unreachable, and a
@@ -77,18 +80,28 @@ class RemoteJobType(JobType):
     name: ClassVar[str] = "remote"
     module_path: ClassVar[str] = ""
     classname: ClassVar[str] = ""
-    _priority = 6
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._priority = 6
+        # What the agent says of itself to the job type (PyFarm's JobType.node()).
+        self.node: dict[str, Any] = {}
+        # The host's reason when the job type failed, for the master's last_error.
+        self.error: str | None = None
 
     def get_command_data(self) -> CommandData:
         from farmnode.tasks.schema import assignment_to_json
 
-        payload = {"id": self.assignment.id, "assignment": assignment_to_json(self.assignment)}
+        a = self.assignment
+        payload = {"id": a.id, "assignment": assignment_to_json(a), "name": a.jobtype.name,
+                   "version": a.jobtype.version, "node": self.node,
+                   "expandvars": self.expandvars_enabled}
         return self.make_command_data(
             sys.executable, ["-I", "-m", HOST_MODULE, self.module_path, self.classname,
                              json.dumps(payload)])
 
     def handle_line(self, stream: Stream, line: str) -> str | None:
-        if stream is not Stream.STDOUT or not line.startswith(MARK):
+        if not line.startswith(MARK):
             self._priority = 4 if stream is Stream.STDERR else 6
             return line  # the host's own words (e.g. a traceback of the job type)
         try:
@@ -100,6 +113,10 @@ class RemoteJobType(JobType):
             self._priority = int(rec.get("priority", 6))
             text = rec["line"]
             return None if text is None else str(text)
+        if "error" in rec:
+            self.error = str(rec["error"])
+            self._priority = 3
+            return f"job type failed: {self.error}"
         if "state" in rec:
             self.set_task_state(int(rec["task"]), TaskState(rec["state"]), rec.get("reason"))
         elif "progress" in rec:
@@ -111,3 +128,6 @@ class RemoteJobType(JobType):
 
     def is_successful(self, status: ExitStatus) -> bool:
         return status.code == 0
+
+    def failure_reason(self, status: ExitStatus) -> str:
+        return self.error or super().failure_reason(status)

@@ -207,9 +207,9 @@ class MasterLink:
                 "last_announce": link["last_announce"]}
 
     # ---- job types -------------------------------------------------------------------------
-    async def fetch_jobtype(self, name: str, version: int) -> dict[str, Any] | None:
+    async def fetch_jobtype(self, name: str, version: int) -> dict[str, Any] | str:
         """PyFarm's GET /jobtypes/<name>/versions/<version>: {name, version, classname,
-        code, ...}, or None (logged) when the master cannot say."""
+        code, ...}, or why the master did not serve it (also kept as last_error)."""
         path = f"/jobtypes/{urllib.parse.quote(name, safe='')}/versions/{int(version)}"
         async with self._send_lock:
             self.counters.requests += 1
@@ -217,12 +217,12 @@ class MasterLink:
                 resp = await self.http.request("GET", path)
             except TransportError as exc:
                 self._error(f"GET {path}: {exc}")
-                return None
+                return f"GET {path}: {exc}"
         if resp.ok and isinstance(resp.body, dict):
             self.last_contact = time.time()
             return resp.body
         self._error(f"GET {path}: {resp.error_text()}")
-        return None
+        return f"GET {path}: {resp.error_text()}"
 
     # ---- sending ---------------------------------------------------------------------------
     async def _post(self, path: str, body: dict[str, Any], timeout: float | None = None,

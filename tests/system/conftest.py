@@ -7,6 +7,7 @@ import itertools
 import json
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -55,8 +56,15 @@ def farmnode(ct: Container, *args: str, user: str | None = None, check: bool = T
 
 
 def assign_wait(ct: Container, a: dict[str, Any], user: str | None = None) -> dict[str, Any]:
-    r = farmnode(ct, "--json", "assign", "-", "--wait", input=json.dumps(a), user=user,
-                 check=False)
+    # With a master, an assign is refused while a reannounce is unanswered (the node's view
+    # is in flight, as PyFarm's agent did); it says "try again", so poll until it is taken.
+    deadline = time.monotonic() + 30
+    while True:
+        r = farmnode(ct, "--json", "assign", "-", "--wait", input=json.dumps(a), user=user,
+                     check=False)
+        if r.stdout or "try again" not in r.stderr or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert r.stdout, r.stderr
     out: dict[str, Any] = json.loads(r.stdout)
     return out

@@ -170,6 +170,8 @@ def test_unknown_jobtype_fails_tasks_not_agent(ct: Container) -> None:
     a = assignment("nosuchtype", {}, [1])
     rec = assign_wait(ct, a)["tasks"][0]
     assert rec["state"] == "failed" and "nosuchtype" in rec["reason"]
+    # standalone: downloads are on, but there is no master to take it from, and it says so
+    assert "no master is configured to download it from" in rec["reason"], rec
     a = assignment("command", {"command": "not a list"}, [1])
     rec = assign_wait(ct, a)["tasks"][0]
     assert rec["state"] == "failed" and "job.data.command" in rec["reason"]

@@ -22,6 +22,7 @@ from container import Container
 
 from tests.master_stub import MasterStub, Request
 from tests.system.conftest import assign_wait, assignment, farmnode, journal
+from tests.system.pyfarm_sources import PYFARM_PY2, PYFARM_RAISES, PYFARM_RENDER
 
 DROPIN = "/etc/farmnode/conf.d/50-test-master.yaml"
 REANNOUNCE = 2.0
@@ -289,6 +290,66 @@ def test_jobtype_from_the_master_runs_in_the_scope_as_the_user(
     finally:
         ct.run(["rm", "-f", dropin])
         ct.run(["systemctl", "restart", "farmnode.service"])
+
+
+def _last_errors(master: MasterStub, task_id: int) -> list[str]:
+    return [r.body["last_error"] for r in master.requests
+            if r.task_id == task_id and r.status == 200 and r.body.get("state") == "failed"]
+
+
+def test_pyfarm_jobtypes_from_the_master_run_unchanged(ct: Container, master: MasterStub,
+                                                        ) -> None:
+    """No drop-in: with a master configured, downloading job types is on by default."""
+    uid = ct.run(["id", "-u", "jobuser"]).stdout.strip()
+    for name, classname, code in (("shellrender", "ShellRender", PYFARM_RENDER),
+                                  ("legacy", "Legacy", PYFARM_PY2),
+                                  ("strict", "Strict", PYFARM_RAISES)):
+        master.jobtypes[(name, "1")] = {"name": name, "version": 1, "classname": classname,
+                                        "code": code, "max_batch": 2, "batch_contiguous": True,
+                                        "software_requirements": []}
+    a = assignment("shellrender", {}, [1, 2], user="jobuser")
+    ids = [t["id"] for t in a["tasks"]]
+    recs = assign_wait(ct, a)["tasks"]
+    assert [r["state"] for r in recs] == ["done", "done"], recs
+    master.wait_for(lambda rs: all(any(r.task_id == t and r.body.get("state") == "done"
+                                       for r in rs) for t in ids), 20, "both tasks done")
+    for t in ids:
+        # the job type's set_task_progress (the agent coalesces it, so the last is certain)
+        progress = [b["progress"] for b in per_task(master, [t])[t] if "progress" in b]
+        assert progress and progress[-1] == 1.0, progress
+    lines = journal(ct, f"FARMNODE_TASK={ids[0]}")
+    msgs = [e["MESSAGE"] for e in lines]
+    # the hooks ran in the scope, as the job's user, in the job's environment
+    assert msgs[:3] == [f"[uid {uid}] frame 1 at {p}%" for p in (10, 60, 100)], msgs
+    assert msgs[-1] == "hello from jobuser", msgs
+    # the job's stderr line stays stderr (PyFarm's stream 1), its stdout lines stdout
+    assert [e["SYSLOG_IDENTIFIER"] for e in lines] == ["farmnode-stdout"] * 6 + [
+        "farmnode-stderr"], lines
+    assert {e["_SYSTEMD_UNIT"] for e in lines} == {f"farmnode-task-{ids[0]}.scope"}
+
+    b = assignment("legacy", {}, [1], user="jobuser")
+    (rec,) = assign_wait(ct, b)["tasks"]
+    tid = b["tasks"][0]["id"]
+    digest = hashlib.sha256(PYFARM_PY2.encode()).hexdigest()
+    want = (f"job type 'legacy' v1 is not valid Python 3: "
+            f"/var/cache/farmnode/jobtypes/legacy/1/{digest}.py, line 6: Missing parentheses "
+            "in call to 'print'")
+    assert rec["state"] == "failed" and rec["reason"].startswith(want), rec
+    master.wait_for(lambda rs: bool(_last_errors(master, tid)), 20, "the failed report")
+    assert _last_errors(master, tid)[0].startswith(want)
+
+    c = assignment("strict", {"file": "x"}, [1], user="jobuser")
+    (rec,) = assign_wait(ct, c)["tasks"]
+    tid = c["tasks"][0]["id"]
+    digest = hashlib.sha256(PYFARM_RAISES.encode()).hexdigest()
+    want = ("job type 'strict' v1: ValueError: job data needs 'scene', got ['file'] (in "
+            f"get_command_data, /var/cache/farmnode/jobtypes/strict/1/{digest}.py, line 6)")
+    assert (rec["state"], rec["reason"]) == ("failed", want), rec
+    master.wait_for(lambda rs: bool(_last_errors(master, tid)), 20, "the failed report")
+    assert _last_errors(master, tid) == [want]
+    # the traceback is in the task's log, for whoever reads it on the master
+    err = [e["MESSAGE"] for e in journal(ct, f"FARMNODE_TASK={tid}")]
+    assert any("Traceback (most recent call last)" in m for m in err), err
 
 
 def _log_of(master: MasterStub, task_id: int) -> tuple[str, Any]:

@@ -1,0 +1,1 @@
+"""``pyfarm.agent``: the agent-side names PyFarm job types import (config, logger)."""

@@ -1,0 +1,1 @@
+"""``pyfarm.jobtypes.core``: the job type base class and its helpers."""
