@@ -26,7 +26,7 @@ import signal
 import socket
 import sys
 
-from farmnode.systemd import link
+from farmnode.systemd import framing, link
 from farmnode.systemd.cgroup import own_cgroup_dir, read_accounting
 
 # Not typing.TYPE_CHECKING: importing typing costs ~2 ms of every task's start (mypy treats
@@ -125,7 +125,7 @@ class JournalStream:
         self.identifier = identifier
         self.priority = priority
         self.sock: socket.socket | None = None
-        self.at_line_start = True  # for raw output (no agent): where a prefix goes
+        self.framer = framing.Framer(priority)  # raw output (no agent): where prefixes go
 
     def connect(self) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -159,20 +159,16 @@ class JournalStream:
                     select.select([], [], [], 0.1)
 
     def write_raw(self, data: bytes) -> None:
-        """The job's own bytes with the default priority (when no agent formats them)."""
-        prefix = b"<%d>" % self.priority
-        out = data.replace(b"\n", b"\n" + prefix)
-        if self.at_line_start:
-            out = prefix + out
-        if data.endswith(b"\n"):
-            out = out[:-len(prefix)]
-        self.at_line_start = data.endswith(b"\n")
-        self.write(out)
+        """The job's own bytes with the default priority (when no agent formats them): every
+        line journald reads starts with our prefix, whatever NULs or "<N>" the job prints."""
+        out = self.framer.feed(data)
+        if out:
+            self.write(out)
 
     def finish_raw(self) -> None:
-        if not self.at_line_start:
-            self.write(b"\n")
-            self.at_line_start = True
+        end = self.framer.finish()
+        if end:
+            self.write(end)
 
 
 class Stream:
