@@ -351,5 +351,5 @@ def _cross_check(values: Mapping[str, Any], origins: Mapping[str, _Origin]) -> N
             f"must be at least agent_http_retry_delay ({values['agent_http_retry_delay']:g}), "
             f"got {values['agent_http_retry_max']:g}",
         )
-    if values["task_default_user"] in ("root", "0") and not values["task_allow_root"]:
-        fail("task_default_user", "running tasks as root needs task_allow_root: true")
+    if values["task_default_user"] in ("root", "0"):
+        fail("task_default_user", "tasks never run as root")

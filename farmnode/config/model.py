@@ -23,9 +23,12 @@ Check = Callable[[Any], Any]
 REDACTED = "********"
 
 
-def _setting(default: Any, check: Check | None = None, *, secret: bool = False) -> Any:
-    # repr=False for secrets: a Config ends up in log lines and tracebacks.
-    return field(default=default, repr=not secret, metadata={"check": check, "secret": secret})
+def _setting(default: Any, check: Check | None = None, *, secret: bool = False,
+             listed: bool = False) -> Any:
+    # repr=False for secrets: a Config ends up in log lines and tracebacks. listed: a string of
+    # names that YAML may also write as a list of strings (kept as "a, b").
+    return field(default=default, repr=not secret,
+                 metadata={"check": check, "secret": secret, "listed": listed})
 
 
 # --- checks ---------------------------------------------------------------------------------
@@ -150,6 +153,21 @@ def _user_name(value: str) -> str:
     return value
 
 
+def _user_names(value: str) -> str:
+    names = value.replace(",", " ").split()
+    for name in names:
+        _user_name(name)
+    return ", ".join(names)
+
+
+def _no_root(value: bool) -> bool:
+    # Kept so that configs written for earlier releases still load; "false" is all it can be.
+    if value:
+        raise ValueError("tasks never run as root or in group 0 any more: remove this "
+                         "setting (see task_system_users in farmnode.yaml(5))")
+    return value
+
+
 _SLICE = re.compile(r"^[A-Za-z0-9:_.\\-]+\.slice$")
 
 
@@ -224,7 +242,11 @@ class Config:
     # Tasks (one transient scope per assignment)
     task_slice: str = _setting("farmnode.slice", _slice_name)
     task_default_user: str = _setting("nobody", _user_name)
-    task_allow_root: bool = _setting(False)
+    task_allow_root: bool = _setting(False, _no_root)
+    # Accounts below it are system accounts: tasks run as one only if task_system_users
+    # names it ("auto": SYS_UID_MAX + 1 or UID_MIN from /etc/login.defs, else 1000).
+    task_min_uid: int | Literal["auto"] = _setting("auto", _between(0))
+    task_system_users: str = _setting("nobody", _user_names, listed=True)
     task_ram_headroom: int = _setting(512, _non_negative)
     task_default_ram_max: int | None = _setting(None, _between(1))
     task_memory_high_ratio: float = _setting(0.9, _ratio)
@@ -298,6 +320,7 @@ class Setting:
     choices: tuple[str, ...] = ()
     check: Check | None = None
     secret: bool = False
+    listed: bool = False
 
     @property
     def expected(self) -> str:
@@ -340,6 +363,8 @@ class Setting:
         if base is str:
             if isinstance(value, str):
                 return value
+            if self.listed and isinstance(value, list) and all(isinstance(v, str) for v in value):
+                return ", ".join(value)
             if raw is not None and not isinstance(value, Mapping | list):
                 return raw
         got = describe(value)
@@ -395,6 +420,7 @@ def _setting_from_field(f: dataclasses.Field[Any], hint: Any) -> Setting:
         choices=choices,
         check=f.metadata.get("check"),
         secret=bool(f.metadata.get("secret")),
+        listed=bool(f.metadata.get("listed")),
     )
 
 
