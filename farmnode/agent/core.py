@@ -189,8 +189,8 @@ class Agent:
             return  # the run fails its tasks saying so (NSS may know the user by then)
         refused = accounts.refusal(account, task_user_rules(self.config))
         if refused:
-            where = "job.user" if a.job.user else "job.user (task_default_user)"
-            raise InvalidAssignment(AssignmentError(where, refused))
+            raise InvalidAssignment(AssignmentError(
+                "job.user", refused if a.job.user else f"{refused} (task_default_user)"))
 
     # ---- commands --------------------------------------------------------------------
     def assign(self, payload: object) -> tuple[str, bool]:

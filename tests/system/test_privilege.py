@@ -54,3 +54,66 @@ def test_without_the_agent_raw_output_never_chooses_its_priority(ct: Container) 
     entries = journal(ct, f"_SYSTEMD_UNIT={unit}", "SYSLOG_IDENTIFIER=farmnode-stdout")
     assert {e["PRIORITY"] for e in entries} == {"6"}
     assert messages(entries) == EXPECTED
+
+
+# --- who a task may run as ------------------------------------------------------------------
+
+WRANGLERS_POLICY = """<busconfig><policy group="wranglers">
+<allow send_destination="org.farmnode.Agent1"/></policy></busconfig>"""
+
+
+def refused(ct: Container, user: str) -> str:
+    """The agent's answer to an assignment for this user: refused up front, nothing stored."""
+    a = assignment("command", {"command": ["id", "-un"]}, [1], user=user)
+    r = ct.run(["farmnode", "--json", "assign", "-"], input=json.dumps(a), check=False)
+    assert r.returncode != 0, r.stdout
+    task = ct.run(["farmnode", "--json", "tasks"]).stdout
+    assert str(a["tasks"][0]["id"]) not in task
+    return r.stderr
+
+
+def runs_as(ct: Container, user: str) -> list[str]:
+    a = assignment("command", {"command": ["id", "-un"]}, [1], user=user)
+    rec = assign_wait(ct, a)["tasks"][0]
+    assert rec["state"] == "done", rec
+    return [e["MESSAGE"] for e in journal(ct, f"FARMNODE_TASK={a['tasks'][0]['id']}")]
+
+
+def test_each_kind_of_account(ct: Container) -> None:
+    ct.sh("""
+getent passwd wheelie >/dev/null || useradd -m -G root wheelie
+getent passwd svc >/dev/null || useradd --system -s /usr/sbin/nologin svc
+getent group wranglers >/dev/null || groupadd wranglers
+getent passwd wrangler >/dev/null || useradd -m -G wranglers wrangler
+""")
+    ct.run(["tee", "/etc/dbus-1/system.d/wranglers.conf"], input=WRANGLERS_POLICY)
+    svc_uid = ct.run(["id", "-u", "svc"]).stdout.strip()
+    assert int(svc_uid) < 1000  # a system account by Debian's login.defs
+    cases = {
+        "root": "uid 0 (tasks never run as root)",
+        "wheelie": "a member of group 'root' (gid 0",  # supplementary only
+        "farmnode-api": "it controls farmnode (the HTTP API's account",
+        "artist": "a member of group 'farmnode', which controls farmnode",  # supplementary
+        "wrangler": "a member of group 'wranglers', which controls farmnode (D-Bus policy "
+                    "/etc/dbus-1/system.d/wranglers.conf)",
+        "svc": f"a system account (uid {svc_uid}; below task_min_uid 1000",
+        "daemon": "a system account (uid 1;",
+    }
+    for user, rule in cases.items():
+        err = refused(ct, user)
+        assert f"job.user: refusing to run as '{user}': {rule}" in err, (user, err)
+    assert runs_as(ct, "jobuser") == ["jobuser"]
+    assert runs_as(ct, "nobody") == ["nobody"]  # listed by default (task_system_users)
+
+    # Listing a system account lets it run; listing a controlling one changes nothing.
+    ct.run(["tee", "/etc/farmnode/conf.d/60-system-users.yaml"],
+           input="task_system_users: [nobody, svc, farmnode-api]\n")
+    try:
+        ct.run(["systemctl", "restart", "farmnode.service"], timeout=60)
+        assert runs_as(ct, "svc") == ["svc"]
+        assert "it controls farmnode" in refused(ct, "farmnode-api")
+        assert "system account" in refused(ct, "daemon")
+    finally:
+        ct.run(["rm", "-f", "/etc/farmnode/conf.d/60-system-users.yaml",
+                "/etc/dbus-1/system.d/wranglers.conf"])
+        ct.run(["systemctl", "restart", "farmnode.service"], timeout=60)
