@@ -206,6 +206,8 @@ class Config:
     agent_api_username: str | None = _setting(None, _api_username)
     agent_api_password: str | None = _setting(None, _non_empty, secret=True)
     agent_api_tokens_file: str = _setting("/etc/farmnode/tokens", _absolute_path)
+    # Read by systemd for the API (LoadCredential=), like the tokens: a task can never read it.
+    agent_api_password_file: str = _setting("/etc/farmnode/api-password", _absolute_path)
     agent_api_read_requires_auth: bool = _setting(False)
     agent_api_trusted_masters: str | Literal["auto"] | None = _setting("auto", _networks)
     agent_api_listen: str | None = _setting(None, _addresses)
