@@ -6,7 +6,9 @@ import json
 
 from container import Container
 
-from tests.system.conftest import assign_wait, assignment, journal
+from tests.system.conftest import agent_ready, assign_wait, assignment, journal
+
+BUSCTL = ["busctl", "call", "org.farmnode.Agent1", "/org/farmnode/Agent1", "org.farmnode.Agent1"]
 
 # A job's output that tries to pick its own journal priority: a NUL ends journald's line and
 # a "<0>" after it would be read as PRIORITY 0; so would one after journald's LineMax (48K).
@@ -117,3 +119,34 @@ getent passwd wrangler >/dev/null || useradd -m -G wranglers wrangler
         ct.run(["rm", "-f", "/etc/farmnode/conf.d/60-system-users.yaml",
                 "/etc/dbus-1/system.d/wranglers.conf"])
         ct.run(["systemctl", "restart", "farmnode.service"], timeout=60)
+
+
+# --- secrets ----------------------------------------------------------------------------------
+
+SECRET_DROPIN = "/etc/farmnode/conf.d/70-secret.yaml"
+
+
+def agent_log(ct: Container, since: str) -> str:
+    return ct.run(["journalctl", "-u", "farmnode.service", "--since", since, "--no-pager",
+                   "-o", "cat"]).stdout
+
+
+def test_the_agent_refuses_a_secret_others_can_read(ct: Container) -> None:
+    since = ct.run(["date", "+%Y-%m-%d %H:%M:%S"]).stdout.strip()
+    ct.sh(f"umask 022; echo 'agent_api_password: hunter2' > {SECRET_DROPIN}")
+    try:
+        r = ct.run(["systemctl", "restart", "farmnode.service"], check=False, timeout=60)
+        assert r.returncode != 0
+        assert (f"{SECRET_DROPIN}:1: agent_api_password: this file holds a secret but everyone "
+                "can read it (mode 0644, root:root)") in agent_log(ct, since)
+        # any task could have printed it; made private, the agent starts
+        assert ct.run(["cat", SECRET_DROPIN], user="jobuser", check=False).returncode == 0
+        ct.run(["chmod", "0640", SECRET_DROPIN])
+        ct.run(["chgrp", "farmnode", SECRET_DROPIN])
+        assert ct.run(["cat", SECRET_DROPIN], user="jobuser", check=False).returncode != 0
+        agent_ready(ct)
+        out = ct.run([*BUSCTL, "GetConfig"]).stdout
+        assert "hunter2" not in out and "********" in out  # and still redacted
+    finally:
+        ct.run(["rm", "-f", SECRET_DROPIN])
+        agent_ready(ct)
