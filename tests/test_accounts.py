@@ -160,3 +160,32 @@ def test_the_run_checks_the_host_accounts_too() -> None:
     with pytest.raises(TaskSetupError, match="'no-such-user' does not exist"):
         resolve_identity(CommandData("true", user="no-such-user"), config)
     assert resolve_identity(CommandData("true"), Config()).user == "nobody"
+
+
+def test_a_refused_user_is_a_400_naming_user_and_rule() -> None:
+    from farmnode.api.errors import from_dbus
+    from farmnode.bus.interface import InvalidAssignmentError
+
+    message = ("job.user: refusing to run as 'artist': a member of group 'farmnode', which "
+               "controls farmnode (members may call every method of the agent)")
+    err = from_dbus(InvalidAssignmentError(message))
+    assert err.status_code == 400
+    assert err.to_dict() == {"error": message, "field": "job.user"}
+
+
+def test_the_agent_refuses_the_assignment_before_storing_it(tmp_path: Path) -> None:
+    from farmnode.agent.core import Agent, InvalidAssignment
+    from farmnode.systemd.scope import ScopeManager
+    from farmnode.tasks.store import Store
+
+    store = Store(tmp_path / "state.db")
+    agent = Agent(Config(task_system_users=""), store, ScopeManager.__new__(ScopeManager))
+    payload = {"job": {"id": 1, "by": 1, "user": "root"},
+               "jobtype": {"name": "command", "version": 1}, "tasks": [{"id": 7, "frame": 1}]}
+    with pytest.raises(InvalidAssignment, match=r"^job\.user: refusing to run as 'root': uid 0"):
+        agent.assign(payload)
+    del payload["job"]["user"]  # task_default_user nobody, not listed here
+    with pytest.raises(InvalidAssignment, match=r"'nobody': a system account .*"
+                                                r"\(task_default_user\)$"):
+        agent.assign(payload)
+    assert store.task(7) is None and agent.runs == {}
