@@ -249,8 +249,12 @@ def step_setup(args: argparse.Namespace) -> dict[str, Any]:
     sh("journalctl", "--flush")
     Path("/etc/farmnode/conf.d").mkdir(parents=True, exist_ok=True)
     Path("/etc/farmnode/conf.d/50-bench.yaml").write_text(
-        f"agent_api_port: {args.port}\nagent_api_username: {API_USER}\n"
-        f"agent_api_password: {API_PASSWORD}\nagent_time_offset: 0\n")
+        f"agent_api_port: {args.port}\nagent_api_username: {API_USER}\nagent_time_offset: 0\n")
+    # The password as a credential of the API: the agent refuses a readable file holding it.
+    secret = Path("/etc/farmnode/api-password")
+    secret.touch(mode=0o600)
+    secret.chmod(0o600)
+    secret.write_text(f"{API_PASSWORD}\n")
     sh("systemctl", "daemon-reload")
     sh("systemctl", "restart", "farmnode.service")
     sh("systemctl", "restart", "farmnode-api.socket")

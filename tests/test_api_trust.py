@@ -16,7 +16,7 @@ import pytest
 from falcon import testing
 
 from farmnode.api import client, settings, trusted
-from farmnode.api.app import create_app
+from farmnode.api.app import MASTER_CONTACT_EVERY, Guard, create_app
 from farmnode.api.generator import generate
 from farmnode.config import ConfigError, load_config
 from farmnode.master.trust import (
@@ -37,6 +37,9 @@ class FakeAgent:
         self.assigned: list[str] = []
         self.cancelled: list[int] = []
         self.restarts: list[bool] = []
+
+
+        self.master_contacts = 0
 
     class _Prop:
         def __init__(self, value: list[str]) -> None:
@@ -68,7 +71,7 @@ class FakeAgent:
         return "[]"
 
     async def note_master_contact(self) -> None:
-        pass
+        self.master_contacts += 1
 
 
 @pytest.fixture
@@ -143,6 +146,37 @@ def test_anyone_else_may_not_delete_tasks_or_restart(agent: FakeAgent, peer: str
     basic = "Basic " + base64.b64encode(b"admin:s3cret").decode()
     assert master_call(peer, method, Authorization=basic).status_code == 202
     assert len(agent.cancelled) + len(agent.restarts) == 1
+
+
+MASTER_UA = {"User-Agent": "PyFarm/1.0 (master)"}
+
+
+@pytest.mark.parametrize(("method", "path"), [("GET", "/api/v1/status"),
+                                              ("GET", "/api/v1/tasks/"),
+                                              ("POST", "/api/v1/assign"),
+                                              ("GET", "/api/versions"),
+                                              ("GET", "/api/v1/no-such-thing")])
+def test_a_strangers_master_user_agent_is_no_master_contact(agent: FakeAgent, method: str,
+                                                            path: str) -> None:
+    # The header is anyone's to send: from an untrusted address without credentials the
+    # agent's state (last_master_contact) must not change, whatever the answer.
+    Guard.last_master_note = -MASTER_CONTACT_EVERY
+    c = testing.TestClient(create_app())
+    c.simulate_request(method, path, json=ASSIGNMENT, remote_addr="192.0.2.99",
+                       headers={**MASTER_UA, "Authorization": "Bearer wrong"})
+    assert agent.master_contacts == 0 and agent.assigned == []
+
+
+@pytest.mark.parametrize("headers", [
+    {"Authorization": "Basic " + base64.b64encode(b"admin:s3cret").decode()},
+    {}])
+def test_the_master_is_noted_once_trusted_or_authenticated(agent: FakeAgent,
+                                                           headers: dict[str, str]) -> None:
+    Guard.last_master_note = -MASTER_CONTACT_EVERY
+    peer = "192.0.2.99" if headers else "192.0.2.10"  # credentials, or a trusted address
+    r = testing.TestClient(create_app()).simulate_get(
+        "/api/v1/status", remote_addr=peer, headers={**MASTER_UA, **headers})
+    assert r.status_code == 200 and agent.master_contacts == 1
 
 
 def test_trust_covers_only_pyfarm_endpoints(agent: FakeAgent) -> None:

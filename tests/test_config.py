@@ -95,14 +95,14 @@ def test_secret_not_in_repr(etc: Path) -> None:
 def test_file_values_are_typed(etc: Path) -> None:
     write(
         etc / "farmnode.yaml",
-        "agent_api_port: 8080\nagent_cpus: 4\nagent_ram: 16384\ntask_allow_root: true\n"
+        "agent_api_port: 8080\nagent_cpus: 4\nagent_ram: 16384\ntask_allow_root: false\n"
         "master: farm.example:5000\nagent_log_level: WARNING\n",
     )
     config = load(etc)
     assert config.agent_api_port == 8080
     assert config.agent_cpus == 4.0 and isinstance(config.agent_cpus, float)
     assert config.agent_ram == 16384
-    assert config.task_allow_root is True
+    assert config.task_allow_root is False
     assert config.master_api == "http://farm.example:5000/api/v1"
     assert config.agent_log_level == "warning"
 
@@ -281,9 +281,25 @@ def test_cross_key_checks(etc: Path) -> None:
     )
     (etc / "conf.d" / "10.yaml").unlink()
     path = write(etc / "farmnode.yaml", "task_default_user: root\n")
-    assert str(error(etc)).startswith(f"{path}:1: task_default_user: running tasks as root")
-    write(etc / "farmnode.yaml", "task_default_user: root\ntask_allow_root: true\n")
-    assert load(etc).task_default_user == "root"
+    assert str(error(etc)) == f"{path}:1: task_default_user: tasks never run as root"
+    # the old escape hatch is refused, naming where it is, rather than silently ignored
+    path = write(etc / "farmnode.yaml", "task_default_user: nobody\ntask_allow_root: true\n")
+    assert str(error(etc)).startswith(f"{path}:2: task_allow_root: tasks never run as root")
+
+
+def test_task_user_rule_keys(etc: Path) -> None:
+    assert load(etc).task_min_uid == "auto" and load(etc).task_system_users == "nobody"
+    write(etc / "farmnode.yaml", "task_min_uid: 500\ntask_system_users: [nobody, render]\n")
+    config = load(etc)
+    assert config.task_min_uid == 500 and config.task_system_users == "nobody, render"
+    write(etc / "farmnode.yaml", "task_system_users: nobody render\n")
+    assert load(etc).task_system_users == "nobody, render"
+    path = write(etc / "farmnode.yaml", "task_system_users: [nobody, 'a/b']\n")
+    assert str(error(etc)) == f"{path}:1: task_system_users: must be a user name, got 'a/b'"
+    path = write(etc / "farmnode.yaml", "task_system_users: [nobody, 3]\n")
+    assert "expected a string, got a list" in str(error(etc))
+    write(etc / "farmnode.yaml", "task_min_uid: -1\n")
+    assert "task_min_uid: must be at least 0" in str(error(etc))
 
 
 def test_invalid_yaml_names_line_and_column(etc: Path) -> None:

@@ -307,7 +307,8 @@ def agent_run(tmp_path: Path, name: str, **settings: Any) -> tuple[Any, list[tup
                                  jobtype_cache_directory=str(tmp_path / "cache"), **settings)
     reports: list[tuple[Any, ...]] = []
     run = AssignmentRun(a, config, None,  # type: ignore[arg-type]
-                        lambda _a, t, s, reason, *_: reports.append((t, s, reason)),
+                        lambda _a, changes: reports.extend(
+                            (c.task_id, c.state, c.reason) for c in changes),
                         lambda *_: None, lambda *_: None)
     return run, reports
 

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from farmnode.systemd import link
+from farmnode.systemd import framing, link
+from farmnode.systemd.journal import format_line
 
 
 class FakeJournal:
@@ -286,3 +287,68 @@ def test_journald_away_blocks_the_job_on_its_pipe_once_the_cap_is_held(tmp: Path
     assert marker.exists()
     out = b"".join(shim.journaled())
     assert out == b"".join(b"%099d\n" % i for i in range(lines))
+
+
+LINE_MAX = 48 * 1024  # journald's default LineMax
+
+
+def journald_lines(stream: bytes) -> list[bytes]:
+    """Where journald's stdout-stream reader ends lines (systemd 252, journald-stream.c):
+    at a newline, at a NUL, and at LineMax; each such line is one entry whose "<N>" at the
+    start, if any, is its priority."""
+    lines, line = [], bytearray()
+    for byte in stream:
+        if byte in (0, 10):
+            lines.append(bytes(line))
+            line.clear()
+            continue
+        line.append(byte)
+        if len(line) >= LINE_MAX:
+            lines.append(bytes(line))
+            line.clear()
+    if line:
+        lines.append(bytes(line))
+    return lines
+
+
+HOSTILE = [b"ok\n", b"a\0<0>nul ends the line\n", b"<0>own prefix\n", b"\0\0\n",
+           b"x" * (LINE_MAX - 3) + b"<0>after LineMax\n", b"y" * 70000 + b"\n",
+           "\u00e9".encode() * 20000 + b"<1>\n", b"\n", b"<0>", b"no newline<0>"]
+
+
+def test_framing_gives_every_journald_line_our_priority() -> None:
+    whole = b"".join(HOSTILE)
+    expected = whole.replace(b"\0", "\ufffd".encode()).replace(b"\n", b"")
+    for chunk in (1, 7, 4096, len(whole)):  # the job's writes may cut anywhere
+        framer = framing.Framer(6)
+        out = b"".join(framer.feed(whole[i:i + chunk]) for i in range(0, len(whole), chunk))
+        out += framer.finish()
+        assert b"\0" not in out and out.endswith(b"\n")
+        lines = journald_lines(out)
+        assert all(line.startswith(b"<6>") for line in lines), [
+            line[:20] for line in lines if not line.startswith(b"<6>")]
+        assert max(map(len, lines)) <= framing.LINE_BYTES + 3
+        assert b"".join(line[3:] for line in lines) == expected  # nothing lost or added
+        assert lines[:4] == [b"<6>ok", "<6>a\ufffd<0>nul ends the line".encode(),
+                             b"<6><0>own prefix", "<6>\ufffd\ufffd".encode()]
+
+
+def test_formatted_lines_are_framed_too() -> None:
+    text = "\0" * 16000 + "<0>tripled by U+FFFD"
+    lines = journald_lines(format_line(4, text))
+    assert all(line.startswith(b"<4>") for line in lines) and len(lines) == 3
+    assert journald_lines(format_line(3, "x" * 20000 + "\n<0>y")) == [
+        b"<3>" + b"x" * framing.LINE_BYTES, b"<3>" + b"x" * (20000 - framing.LINE_BYTES),
+        b"<3><0>y"]
+
+
+def test_gone_agent_raw_output_cannot_choose_its_priority(tmp: Path) -> None:
+    script = tmp / "hostile"
+    script.write_bytes(b"".join(HOSTILE))
+    shim = Shim(tmp, ["/bin/cat", str(script)])
+    shim.sock.close()
+    assert shim.proc.wait(timeout=30) == 0
+    lines = journald_lines(b"".join(shim.journaled()))
+    assert lines and all(line.startswith(b"<6>") for line in lines)
+    assert b"".join(line[3:] for line in lines) == b"".join(HOSTILE).replace(
+        b"\0", "\ufffd".encode()).replace(b"\n", b"")

@@ -25,7 +25,8 @@ from typing import Any, Protocol
 import psutil
 
 from farmnode import __version__
-from farmnode.agent.runner import AssignmentRun, scope_unit_name
+from farmnode.agent import accounts
+from farmnode.agent.runner import AssignmentRun, scope_unit_name, task_user_rules
 from farmnode.config import Config
 from farmnode.jobtypes.remote import RemoteJobTypeError, cache_store
 from farmnode.master.trust import TrustedMasters
@@ -196,6 +197,19 @@ class Agent:
         if a.job.cpus is not None and a.job.cpus > self.total_cpus():
             raise NotEnoughResources("cpus", self.total_cpus(), a.job.cpus)
 
+    def _check_user(self, a: Assignment) -> None:
+        """Refuse now (4xx) an assignment whose account the rule forbids; the run checks the
+        account the job type finally picks again."""
+        name = a.job.user or self.config.task_default_user
+        try:
+            account = accounts.lookup(name)
+        except accounts.UnknownAccount:
+            return  # the run fails its tasks saying so (NSS may know the user by then)
+        refused = accounts.refusal(account, task_user_rules(self.config))
+        if refused:
+            raise InvalidAssignment(AssignmentError(
+                "job.user", refused if a.job.user else f"{refused} (task_default_user)"))
+
     # ---- commands --------------------------------------------------------------------
     def assign(self, payload: object) -> tuple[str, bool]:
         """Validate and start an assignment; (id, False) for an identical repeat."""
@@ -218,6 +232,7 @@ class Agent:
             if running_ids == new_ids and run.assignment.job.id == a.job.id:
                 return run.assignment.id, False  # PyFarm: an identical repeat is accepted
             raise PartialOverlap(sorted(common))
+        self._check_user(a)
         self._check_resources(a)
         unit = scope_unit_name(a)
         if any(r.unit == unit for r in self.runs.values()):

@@ -13,7 +13,6 @@ import contextlib
 import json
 import logging
 import os
-import pwd
 import secrets
 import socket
 import subprocess
@@ -24,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from farmnode.agent import accounts
 from farmnode.config import Config
 from farmnode.jobtypes.base import CommandData, ExitStatus, JobType, Stream
 from farmnode.jobtypes.registry import UnknownJobType, available_jobtypes, load_jobtype
@@ -83,32 +83,20 @@ class TaskSetupError(Exception):
     """The task cannot start (bad user, job type error): fail its tasks with this reason."""
 
 
-@dataclass(frozen=True)
-class Identity:
-    user: str
-    uid: int
-    gid: int
-    groups: list[int]
-    home: str
+def task_user_rules(config: Config) -> accounts.TaskUserRules:
+    return accounts.rules_for(config.task_min_uid, config.task_system_users)
 
 
-def resolve_identity(command: CommandData, config: Config) -> Identity:
-    name = command.user or config.task_default_user
+def resolve_identity(command: CommandData, config: Config) -> accounts.Account:
+    """The account the task runs as, or TaskSetupError naming the user and the rule."""
     try:
-        pw = pwd.getpwnam(name)
-    except KeyError:
-        raise TaskSetupError(f"user {name!r} does not exist on this node") from None
-    gid = pw.pw_gid
-    if command.group:
-        import grp
-
-        try:
-            gid = grp.getgrnam(command.group).gr_gid
-        except KeyError:
-            raise TaskSetupError(f"group {command.group!r} does not exist on this node") from None
-    if (pw.pw_uid == 0 or gid == 0) and not config.task_allow_root:
-        raise TaskSetupError(f"refusing to run as {name!r}: root tasks are off (task_allow_root)")
-    return Identity(name, pw.pw_uid, gid, os.getgrouplist(name, gid), pw.pw_dir)
+        account = accounts.lookup(command.user or config.task_default_user, command.group)
+    except accounts.UnknownAccount as exc:
+        raise TaskSetupError(str(exc)) from None
+    refused = accounts.refusal(account, task_user_rules(config))
+    if refused:
+        raise TaskSetupError(refused)
+    return account
 
 
 @dataclass
@@ -381,7 +369,7 @@ class AssignmentRun:
         self.status_path().unlink(missing_ok=True)
         spec = {
             "argv": [command.command, *command.arguments], "env": env, "cwd": command.cwd,
-            "uid": ident.uid, "gid": ident.gid, "groups": ident.groups,
+            "uid": ident.uid, "gid": ident.gid, "groups": list(ident.groups),
             "status_path": str(self.status_path()),
             "journal": [list(p) for p in zip(IDENTIFIERS, DEFAULT_PRIORITIES, strict=True)],
         }

@@ -60,13 +60,18 @@ class Guard:
 
     last_master_note = 0.0
 
-    def _note_master(self, req: falcon.Request) -> None:
+    def _note_master(self, req: falcon.Request, authenticated: bool) -> None:
         # PyFarm counts "last master contact" from requests with the master's User-Agent; the
         # agent's reannounce timer relies on it (a master that polls us has heard from us).
+        # Anyone can send that header: only a request from a trusted master's address or
+        # with accepted credentials counts, so a stranger cannot hold off the reannounce.
         if req.user_agent != MASTER_USER_AGENT:
             return
         now = time.monotonic()
         if now - Guard.last_master_note < MASTER_CONTACT_EVERY:
+            return
+        if not (authenticated or trusted.trusted(req.remote_addr)
+                or self._credentials_accepted(req, settings.current())):
             return
         Guard.last_master_note = now
         try:
@@ -75,7 +80,6 @@ class Guard:
             log.debug("could not note the master's contact: %s", exc)
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
-        self._note_master(req)
         # A separator in a log identifier arrives decoded (%2F) and would route nowhere;
         # PyFarm answers 400 for it, so do we, before routing.
         if req.path.startswith(TASK_LOGS):
@@ -88,6 +92,7 @@ class Guard:
         if resource is None or not callable(getattr(resource, f"on_{req.method.lower()}",
                                                     None)):
             return  # 404 / 405 from falcon
+        authenticated = False
         if not resource.public:
             s = settings.current()
             if s.error:
@@ -96,8 +101,15 @@ class Guard:
                     and not (getattr(resource, "pyfarm", False)
                              and trusted.trusted(req.remote_addr)):
                 self._authenticate(req, s)
+                authenticated = True
+        self._note_master(req, authenticated)
         check_content_type(req, resource.consumes)
         check_accept(req, resource.produces)
+
+    @staticmethod
+    def _credentials_accepted(req: falcon.Request, s: settings.ApiSettings) -> bool:
+        return s.error is None and accepted(parse_authorization(req.get_header("Authorization")),
+                                            s.username, s.password, s.tokens)
 
     @staticmethod
     def _authenticate(req: falcon.Request, s: settings.ApiSettings) -> None:

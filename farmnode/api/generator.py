@@ -7,8 +7,10 @@ generator directory:
   farmnode-api.socket.d/50-farmnode-config.conf    ListenStream= agent_api_port (IPv4+IPv6),
                                                    on agent_api_listen's addresses if set
   farmnode-api.service.d/50-farmnode-config.conf   LoadCredential= agent_api_tokens_file
+                                                   and agent_api_password_file
 
-After changing agent_api_port, agent_api_listen or agent_api_tokens_file:
+After changing agent_api_port, agent_api_listen, agent_api_tokens_file or
+agent_api_password_file (or creating one of those files):
   systemctl daemon-reload && systemctl restart farmnode-api.socket farmnode-api.service
 
 A generator must not fail the boot: on a config error it logs, writes nothing, and the
@@ -43,10 +45,15 @@ def socket_dropin(port: int, listen: str | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def service_dropin(tokens_file: str) -> str:
-    # systemd (root) reads the root-only file and gives the service a private copy in
-    # $CREDENTIALS_DIRECTORY/tokens; the service user never needs to read the original.
-    return f"{HEADER}[Service]\nLoadCredential=tokens:{tokens_file}\n"
+def service_dropin(tokens_file: str | None, password_file: str | None = None) -> str:
+    # systemd (root) reads the root-only files and gives the service private copies in
+    # $CREDENTIALS_DIRECTORY; the service user never needs to read the originals.
+    lines = [f"{HEADER}[Service]"]
+    if tokens_file:
+        lines.append(f"LoadCredential=tokens:{tokens_file}")
+    if password_file:
+        lines.append(f"LoadCredential=api-password:{password_file}")
+    return "\n".join(lines) + "\n"
 
 
 def generate(out: Path, config_path: Path) -> None:
@@ -56,11 +63,14 @@ def generate(out: Path, config_path: Path) -> None:
     (sock / "50-farmnode-config.conf").write_text(
         socket_dropin(config.agent_api_port, config.agent_api_listen))
     # LoadCredential= of a missing file fails the service (243/CREDENTIALS): only when present.
-    if Path(config.agent_api_tokens_file).is_file():
+    tokens = config.agent_api_tokens_file if Path(config.agent_api_tokens_file).is_file() \
+        else None
+    password = config.agent_api_password_file \
+        if Path(config.agent_api_password_file).is_file() else None
+    if tokens or password:
         svc = out / "farmnode-api.service.d"
         svc.mkdir(parents=True, exist_ok=True)
-        (svc / "50-farmnode-config.conf").write_text(
-            service_dropin(config.agent_api_tokens_file))
+        (svc / "50-farmnode-config.conf").write_text(service_dropin(tokens, password))
 
 
 def main(argv: list[str] | None = None) -> int:

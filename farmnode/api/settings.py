@@ -20,6 +20,8 @@ CONFIG_PATH = Path(os.environ.get("FARMNODE_CONFIG", "/etc/farmnode/farmnode.yam
 # LoadCredential=tokens:<agent_api_tokens_file> in farmnode-api.service (the generator writes
 # it): the file stays root-only and systemd hands this service a private copy.
 TOKENS_CREDENTIAL = "tokens"
+# LoadCredential=api-password:<agent_api_password_file>, the same way: no task can read it.
+PASSWORD_CREDENTIAL = "api-password"
 
 
 @dataclass(frozen=True)
@@ -36,11 +38,30 @@ class ApiSettings:
         return bool(self.tokens) or (self.username is not None and self.password is not None)
 
 
-def _tokens_path(configured: str) -> Path:
+def _credential_path(name: str, configured: str) -> Path:
     creds = os.environ.get("CREDENTIALS_DIRECTORY")
-    if creds and (Path(creds) / TOKENS_CREDENTIAL).exists():
-        return Path(creds) / TOKENS_CREDENTIAL
+    if creds and (Path(creds) / name).exists():
+        return Path(creds) / name
     return Path(configured)
+
+
+def _watched(*configured: str) -> list[Path]:
+    """Every file a credential may come from: a change to any one re-reads the settings."""
+    creds = os.environ.get("CREDENTIALS_DIRECTORY")
+    paths = [Path(p) for p in configured]
+    if creds:
+        paths += [Path(creds) / TOKENS_CREDENTIAL, Path(creds) / PASSWORD_CREDENTIAL]
+    return paths
+
+
+def _read_password(path: Path) -> str | None:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None  # missing or unreadable: agent_api_password, if any, applies
+    # One line; the newline `echo` or an editor adds is not part of the password.
+    password = text.removesuffix("\n").removesuffix("\r")
+    return password or None
 
 
 def _stamp(paths: list[Path]) -> tuple[tuple[str, int, int], ...]:
@@ -61,24 +82,26 @@ def _config_files(path: Path) -> list[Path]:
     return files
 
 
-def _load(path: Path) -> tuple[ApiSettings, Path | None]:
+def _load(path: Path) -> tuple[ApiSettings, list[Path]]:
     try:
         config = load_config(path)
     except ConfigError as exc:
-        return ApiSettings(error=f"configuration error: {exc}"), None
-    tokens_path = _tokens_path(config.agent_api_tokens_file)
+        return ApiSettings(error=f"configuration error: {exc}"), []
+    tokens_path = _credential_path(TOKENS_CREDENTIAL, config.agent_api_tokens_file)
     try:
         tokens = parse_tokens(tokens_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError):
         # Missing or unreadable: no tokens (Basic auth may still be configured).
         tokens = frozenset()
+    password_path = _credential_path(PASSWORD_CREDENTIAL, config.agent_api_password_file)
+    password = _read_password(password_path) or config.agent_api_password
     return ApiSettings(
         username=config.agent_api_username,
-        password=config.agent_api_password,
+        password=password,
         tokens=tokens,
         read_requires_auth=config.agent_api_read_requires_auth,
         pretty=config.agent_pretty_json,
-    ), tokens_path
+    ), _watched(config.agent_api_tokens_file, config.agent_api_password_file)
 
 
 class _Cache:
@@ -86,17 +109,15 @@ class _Cache:
         self._lock = threading.Lock()
         self._key: object = None
         self._value = ApiSettings()
-        self._tokens: Path | None = None
+        self._credentials: list[Path] = []
 
     def get(self, path: Path) -> ApiSettings:
         with self._lock:
-            tokens = [self._tokens] if self._tokens is not None else []
             config_stamp = _stamp(_config_files(path))
-            if (config_stamp, _stamp(tokens)) != self._key:
+            if (config_stamp, _stamp(self._credentials)) != self._key:
                 # Stamps taken before reading: a file changed meanwhile is re-read next time.
-                self._value, self._tokens = _load(path)
-                tokens = [self._tokens] if self._tokens is not None else []
-                self._key = (config_stamp, _stamp(tokens))
+                self._value, self._credentials = _load(path)
+                self._key = (config_stamp, _stamp(self._credentials))
             return self._value
 
 

@@ -269,7 +269,7 @@ def _run_agent(args: argparse.Namespace) -> int:
     if args.port is not None:
         overrides["agent_api_port"] = str(args.port)
     try:
-        config = load_config(args.config, overrides=overrides)
+        config = load_config(args.config, overrides=overrides, private_secrets=True)
     except ConfigError as exc:
         raise CliError(f"configuration error: {exc}", EXIT_USAGE) from None
     return run(config)

@@ -7,9 +7,11 @@ error, even one found only after merging, points at the line to fix.
 from __future__ import annotations
 
 import difflib
+import grp
 import os
 import pwd
 import re
+import stat
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,6 +84,7 @@ def load_config(
     dropin_dir: str | Path | None = None,
     overrides: Mapping[str, str] | None = None,
     environ: Mapping[str, str] | None = None,
+    private_secrets: bool = False,
 ) -> Config:
     """Load the effective config; raises ConfigError.
 
@@ -90,6 +93,8 @@ def load_config(
     Then `$var`/`${var}` in string values expand from `environ` (default: os.environ), then
     from other settings; `$$` is a literal `$`; a leading `~` is the home directory.
     Secrets are never expanded nor substituted into other values: passwords contain `$`.
+    `private_secrets` (the agent): a file holding a secret that others can read is an error,
+    and so are the credential files (agent_api_tokens_file, agent_api_password_file).
     """
     path = Path(path)
     dropins = Path(dropin_dir) if dropin_dir is not None else path.parent / "conf.d"
@@ -101,6 +106,12 @@ def load_config(
     for file in _config_files(path, dropins):
         for entry in _parse_file(file):
             _apply(entry, values, origins)
+            if private_secrets and SETTINGS[entry.key].secret and entry.value is not None:
+                problem = exposure(file)
+                if problem:
+                    raise ConfigError(str(file), entry.origin.line, entry.key,
+                                      f"{entry.key}: this file holds a secret but {problem}; "
+                                      "or move it to agent_api_password_file")
     for key, text in (overrides or {}).items():
         _apply(_parse_override_value(key, text), values, origins)
 
@@ -116,7 +127,44 @@ def load_config(
             values[name] = _checked(name, origins[name], SETTINGS[name].validate, value)
 
     _cross_check(values, origins)
+    if private_secrets:
+        for key in ("agent_api_tokens_file", "agent_api_password_file"):
+            problem = exposure(Path(values[key]))
+            if problem:
+                raise ConfigError(values[key], None, key,
+                                  f"{key}: {values[key]} holds secrets but {problem}")
     return Config(**values)
+
+
+# Who besides root may read a file holding a secret: group farmnode (the API's group, that
+# no task can be in: farmnode.agent.accounts).
+SECRET_GROUP = "farmnode"
+
+
+def exposure(path: Path) -> str | None:
+    """Why others than root (and group farmnode) can read this file, or None (or missing)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    try:
+        group = grp.getgrgid(st.st_gid).gr_name
+    except KeyError:
+        group = str(st.st_gid)
+    try:
+        owner = pwd.getpwuid(st.st_uid).pw_name
+    except KeyError:
+        owner = str(st.st_uid)
+    mode = stat.S_IMODE(st.st_mode)
+    fix = "chmod 0600, or 0640 with chown root:farmnode"
+    where = f"(mode {mode:04o}, {owner}:{group}): {fix}"
+    if mode & 0o004:
+        return f"everyone can read it {where}"
+    if mode & 0o040 and st.st_gid != 0 and group != SECRET_GROUP:
+        return f"group {group!r} can read it {where}"
+    if st.st_uid != 0 and st.st_uid != os.geteuid():
+        return f"user {owner!r} owns it {where}"
+    return None
 
 
 # --- sources --------------------------------------------------------------------------------
@@ -351,5 +399,5 @@ def _cross_check(values: Mapping[str, Any], origins: Mapping[str, _Origin]) -> N
             f"must be at least agent_http_retry_delay ({values['agent_http_retry_delay']:g}), "
             f"got {values['agent_http_retry_max']:g}",
         )
-    if values["task_default_user"] in ("root", "0") and not values["task_allow_root"]:
-        fail("task_default_user", "running tasks as root needs task_allow_root: true")
+    if values["task_default_user"] in ("root", "0"):
+        fail("task_default_user", "tasks never run as root")

@@ -23,9 +23,12 @@ Check = Callable[[Any], Any]
 REDACTED = "********"
 
 
-def _setting(default: Any, check: Check | None = None, *, secret: bool = False) -> Any:
-    # repr=False for secrets: a Config ends up in log lines and tracebacks.
-    return field(default=default, repr=not secret, metadata={"check": check, "secret": secret})
+def _setting(default: Any, check: Check | None = None, *, secret: bool = False,
+             listed: bool = False) -> Any:
+    # repr=False for secrets: a Config ends up in log lines and tracebacks. listed: a string of
+    # names that YAML may also write as a list of strings (kept as "a, b").
+    return field(default=default, repr=not secret,
+                 metadata={"check": check, "secret": secret, "listed": listed})
 
 
 # --- checks ---------------------------------------------------------------------------------
@@ -150,6 +153,21 @@ def _user_name(value: str) -> str:
     return value
 
 
+def _user_names(value: str) -> str:
+    names = value.replace(",", " ").split()
+    for name in names:
+        _user_name(name)
+    return ", ".join(names)
+
+
+def _no_root(value: bool) -> bool:
+    # Kept so that configs written for earlier releases still load; "false" is all it can be.
+    if value:
+        raise ValueError("tasks never run as root or in group 0 any more: remove this "
+                         "setting (see task_system_users in farmnode.yaml(5))")
+    return value
+
+
 _SLICE = re.compile(r"^[A-Za-z0-9:_.\\-]+\.slice$")
 
 
@@ -188,6 +206,8 @@ class Config:
     agent_api_username: str | None = _setting(None, _api_username)
     agent_api_password: str | None = _setting(None, _non_empty, secret=True)
     agent_api_tokens_file: str = _setting("/etc/farmnode/tokens", _absolute_path)
+    # Read by systemd for the API (LoadCredential=), like the tokens: a task can never read it.
+    agent_api_password_file: str = _setting("/etc/farmnode/api-password", _absolute_path)
     agent_api_read_requires_auth: bool = _setting(False)
     agent_api_trusted_masters: str | Literal["auto"] | None = _setting("auto", _networks)
     agent_api_listen: str | None = _setting(None, _addresses)
@@ -224,7 +244,11 @@ class Config:
     # Tasks (one transient scope per assignment)
     task_slice: str = _setting("farmnode.slice", _slice_name)
     task_default_user: str = _setting("nobody", _user_name)
-    task_allow_root: bool = _setting(False)
+    task_allow_root: bool = _setting(False, _no_root)
+    # Accounts below it are system accounts: tasks run as one only if task_system_users
+    # names it ("auto": SYS_UID_MAX + 1 or UID_MIN from /etc/login.defs, else 1000).
+    task_min_uid: int | Literal["auto"] = _setting("auto", _between(0))
+    task_system_users: str = _setting("nobody", _user_names, listed=True)
     task_ram_headroom: int = _setting(512, _non_negative)
     task_default_ram_max: int | None = _setting(None, _between(1))
     task_memory_high_ratio: float = _setting(0.9, _ratio)
@@ -300,6 +324,7 @@ class Setting:
     choices: tuple[str, ...] = ()
     check: Check | None = None
     secret: bool = False
+    listed: bool = False
 
     @property
     def expected(self) -> str:
@@ -342,6 +367,8 @@ class Setting:
         if base is str:
             if isinstance(value, str):
                 return value
+            if self.listed and isinstance(value, list) and all(isinstance(v, str) for v in value):
+                return ", ".join(value)
             if raw is not None and not isinstance(value, Mapping | list):
                 return raw
         got = describe(value)
@@ -397,6 +424,7 @@ def _setting_from_field(f: dataclasses.Field[Any], hint: Any) -> Setting:
         choices=choices,
         check=f.metadata.get("check"),
         secret=bool(f.metadata.get("secret")),
+        listed=bool(f.metadata.get("listed")),
     )
 
 

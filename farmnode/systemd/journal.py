@@ -32,6 +32,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from farmnode.systemd import framing
+
 UNITS_DIR = Path("/run/systemd/units")
 STREAM_NAMES = ("stdout", "stderr")
 IDENTIFIERS = ("farmnode-stdout", "farmnode-stderr")
@@ -184,13 +186,12 @@ def _text(value: object) -> str:
 def format_line(priority: int, text: str) -> bytes:
     """One line as the shim writes it to journald's stream (level prefix on).
 
-    journald ends a stream line at NUL as at a newline: a NUL is shown as U+FFFD, and a
-    formatter's embedded newline starts another entry with the same priority (unprefixed, a
-    job's own "<3>" at its start would be taken for a priority)."""
-    prefix = b"<%d>" % min(max(priority, 0), 7)
-    if "\0" in text:
-        text = text.replace("\0", "\ufffd")
+    journald ends a stream line at NUL as at a newline, and cuts one at LineMax: a NUL is
+    written as U+FFFD, a formatter's embedded newline starts another entry with the same
+    priority, and a line longer than framing.LINE_BYTES is cut into several, each with its
+    own prefix (unprefixed, a job's own "<0>" at a line's start would be taken for a
+    priority; framing.py)."""
     raw = text.encode("utf-8", "surrogateescape")
-    if b"\n" in raw:
-        raw = raw.replace(b"\n", b"\n" + prefix)
-    return prefix + raw + b"\n"
+    if b"\n" in raw or b"\0" in raw or len(raw) > framing.LINE_BYTES:
+        return framing.frame_text(priority, raw)
+    return framing.prefix_of(priority) + raw + b"\n"

@@ -34,7 +34,7 @@ import sys
 import time
 from collections import deque
 
-from farmnode.systemd import link
+from farmnode.systemd import framing, link
 from farmnode.systemd.cgroup import SHIM_NAME, own_cgroup_dir, read_accounting
 
 # Not typing.TYPE_CHECKING: importing typing costs ~2 ms of every task's start (mypy treats
@@ -151,7 +151,7 @@ class JournalStream:
         self.priority = priority
         self.journalctl = journalctl
         self.sock: socket.socket | None = None
-        self.at_line_start = True  # for raw output (no agent): where a prefix goes
+        self.framer = framing.Framer(priority)  # raw output (no agent): where prefixes go
         self.buf = bytearray()  # not known to be taken by journald yet
         self.base = 0  # offset (in all bytes ever queued) of buf[0]
         self.written = 0  # offset up to which buf went out on the current connection
@@ -193,20 +193,14 @@ class JournalStream:
             self._release(0)
 
     def add_raw(self, data: bytes, raw_end: int) -> None:
-        """The job's own bytes with the default priority (when no agent formats them)."""
-        prefix = b"<%d>" % self.priority
-        out = data.replace(b"\n", b"\n" + prefix)
-        if self.at_line_start:
-            out = prefix + out
-        if data.endswith(b"\n"):
-            out = out[:-len(prefix)]
-        self.at_line_start = data.endswith(b"\n")
-        self.add(out, raw_end)
+        """The job's own bytes with the default priority (when no agent formats them): every
+        line journald reads starts with our prefix, whatever NULs or "<N>" the job prints."""
+        self.add(self.framer.feed(data), raw_end)
 
     def finish_raw(self) -> None:
-        if not self.at_line_start:
-            self.add(b"\n", self.taken_raw if not self.marks else self.marks[-1][1])
-            self.at_line_start = True
+        end = self.framer.finish()
+        if end:
+            self.add(end, self.taken_raw if not self.marks else self.marks[-1][1])
 
     @property
     def pending(self) -> bool:

@@ -87,7 +87,10 @@ def api(ct: Container) -> Iterator[Api]:
 cat > {CONFD} <<'EOF'
 agent_api_port: {port}
 agent_api_username: {USER}
-agent_api_password: '{PASSWORD}'
+EOF
+install -m 0600 /dev/null /etc/farmnode/api-password
+cat > /etc/farmnode/api-password <<'EOF'
+{PASSWORD}
 EOF
 printf '# test token\\n{TOKEN}\\n' > /etc/farmnode/tokens
 chmod 0600 /etc/farmnode/tokens
@@ -98,8 +101,9 @@ systemctl stop farmnode-api.socket
 systemctl restart farmnode.service
 """)
     yield Api(ct, port)
-    ct.sh(f"rm -f {CONFD} /etc/farmnode/conf.d/90-http-api.yaml; systemctl daemon-reload; "
-          "systemctl stop farmnode-api.socket; systemctl start farmnode.service", check=False)
+    ct.sh(f"rm -f {CONFD} /etc/farmnode/conf.d/90-http-api.yaml /etc/farmnode/api-password; "
+          "systemctl daemon-reload; systemctl stop farmnode-api.socket; "
+          "systemctl start farmnode.service", check=False)
 
 
 class EventStream:
@@ -266,7 +270,8 @@ def test_status_versions_config_metrics(api: Api) -> None:
         assert key in st
     assert st["agent_id"] == json.loads(farmnode(api.ct, "--json", "status").stdout)["agent_id"]
     cfg = api.get("/api/v1/config").json()
-    assert cfg["agent_api_password"] == "********" and PASSWORD not in json.dumps(cfg)
+    # the password is a credential of the API (redaction: test_privilege.py)
+    assert PASSWORD not in json.dumps(cfg) and cfg["agent_api_password_file"]
     metrics = api.get("/metrics").text
     assert "farmnode_up 1" in metrics
     assert re.search(r'^farmnode_tasks\{state="done"\} [1-9]', metrics, re.M), metrics
