@@ -10,9 +10,14 @@ from __future__ import annotations
 import gc
 from typing import Any
 
-worker_class = "gthread"
+# gthread, with the request head read by the main loop and what one client may hold bounded
+# (farmnode.api.worker explains the limits).
+worker_class = "farmnode.api.worker.Worker"
 workers = 1
 threads = 32
+# Connections open at once, kept-alive and half-read ones included (each peer address at most
+# farmnode.api.worker.MAX_PER_PEER); farmnode-api.service's LimitNOFILE= leaves room for them.
+worker_connections = 2000
 # The app (Falcon, sdbus, the config loader) is imported once, by the master, before the
 # worker is forked: an import error fails the start itself (before READY=1, not in a worker
 # after systemd was told the service is up), and a worker that dies is replaced without

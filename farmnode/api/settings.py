@@ -2,7 +2,7 @@
 
 The API reads its settings itself rather than over D-Bus because the agent redacts the
 password. It keeps no state: the settings are re-read whenever a file's mtime or size changes
-(a cache, so a PATCH of agent_pretty_json or agent_api_read_requires_auth applies at once).
+(a cache, so a PATCH of agent_pretty_json or agent_api_*_requires_auth applies at once).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ class ApiSettings:
     password: str | None = None
     tokens: frozenset[str] = frozenset()
     read_requires_auth: bool = False
+    output_requires_auth: bool = True
     pretty: bool = True
     error: str | None = None  # the config could not be read: refuse what needs it
 
@@ -77,6 +78,7 @@ def _load(path: Path) -> tuple[ApiSettings, Path | None]:
         password=config.agent_api_password,
         tokens=tokens,
         read_requires_auth=config.agent_api_read_requires_auth,
+        output_requires_auth=config.agent_api_output_requires_auth,
         pretty=config.agent_pretty_json,
     ), tokens_path
 

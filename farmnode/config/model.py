@@ -189,6 +189,7 @@ class Config:
     agent_api_password: str | None = _setting(None, _non_empty, secret=True)
     agent_api_tokens_file: str = _setting("/etc/farmnode/tokens", _absolute_path)
     agent_api_read_requires_auth: bool = _setting(False)
+    agent_api_output_requires_auth: bool = _setting(True)
     agent_api_trusted_masters: str | Literal["auto"] | None = _setting("auto", _networks)
     agent_api_listen: str | None = _setting(None, _addresses)
     agent_pretty_json: bool = _setting(True)
