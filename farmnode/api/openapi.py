@@ -49,8 +49,9 @@ COMMON = {
     "503": _error("The agent is not running, not reachable, or takes no work now."),
 }
 WITH_BODY = {
-    "400": _error("Malformed JSON, or a body that breaks the schema (the error names the "
-                  "field)."),
+    "400": _error("Malformed JSON, JSON nested more than 64 levels, or a body that breaks "
+                  "the schema (the error names the field)."),
+    "408": _error("The body did not arrive in time (60 s)."),
     "413": _error("Body larger than 4 MiB."),
 }
 
