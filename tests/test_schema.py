@@ -411,3 +411,28 @@ def test_yaml_only_values_are_refused_by_the_parser(tmp_path: Path) -> None:
     err = error(load_assignment_file(path))
     assert err.field == "job.data.when"
     assert err.message == "expected a JSON value, got a date"
+
+
+def _nested(depth: int) -> dict[str, Any]:
+    """{"a": {"a": ... {}}}: `depth` objects, the outermost included."""
+    value: dict[str, Any] = {}
+    for _ in range(depth - 1):
+        value = {"a": value}
+    return value
+
+
+def test_job_data_nesting_is_bounded() -> None:
+    from farmnode.tasks.schema import MAX_DATA_DEPTH
+
+    # MAX_DATA_DEPTH levels inside job.data are fine, one more is not.
+    assert parse_assignment(with_job(data=_nested(MAX_DATA_DEPTH + 1))).job.data
+    err = error(with_job(data=_nested(MAX_DATA_DEPTH + 2)))
+    assert err.field == "job.data" + ".a" * (MAX_DATA_DEPTH + 1)
+    assert err.message == f"nested deeper than {MAX_DATA_DEPTH} levels"
+    # what once reached Python's recursion limit in the agent: an error naming the field
+    err = error(with_job(data=_nested(600)))
+    assert err.field.startswith("job.data.a.a") and "nested deeper" in err.message
+    lists: Any = []
+    for _ in range(600):
+        lists = [lists]
+    assert error(with_job(data={"x": lists})).field.startswith("job.data.x[0][0]")

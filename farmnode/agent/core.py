@@ -48,6 +48,7 @@ PROGRESS_INTERVAL = 0.5  # s: how often a task's changing progress is stored and
 STORAGE_RETRY = 2.0  # s: how often held outcomes are written again while the store refuses
 # What a full, read-only or failing state directory raises from the store.
 STORAGE_ERRORS = (sqlite3.OperationalError, OSError)
+LOG_BUILDS = 4  # task logs built from journald at once (GET /api/v1/task_logs/, TaskLog)
 
 
 class AgentState(enum.StrEnum):
@@ -147,6 +148,9 @@ class Agent:
         # commits in 8 s held the Blender job type to 55 % of journald's speed).
         self._progress_pending: dict[tuple[str, int], float] = {}
         self._progress_timer: asyncio.TimerHandle | None = None
+        # Logs built at once: each holds a memfd and a journal reader (one descriptor per
+        # journal file); callers beyond these wait holding nothing.
+        self._log_builds = asyncio.Semaphore(LOG_BUILDS)
         # The FQDN for GetStatus, resolved once off the event loop: getfqdn() asks DNS, and a
         # lost reply stalled every GetStatus (and the whole loop) for 5 s (bench/REPORT.md).
         self.hostname = socket.gethostname()
@@ -711,13 +715,16 @@ class Agent:
                                                                            identifier))
         except control.NoSuchLog as exc:
             raise UnknownTask(str(exc)) from None
-        fd = os.memfd_create("farmnode-task-log", os.MFD_CLOEXEC)
-        try:
-            await asyncio.to_thread(control.write_log, fd, record,
-                                    self.config.task_log_max_size * 1024 * 1024)
-        except BaseException:
-            os.close(fd)
-            raise
-        # sd-bus duplicates the fd into the reply after this returns; close ours later.
-        asyncio.get_running_loop().call_later(30, os.close, fd)
+        async with self._log_builds:
+            fd = os.memfd_create("farmnode-task-log", os.MFD_CLOEXEC)
+            try:
+                await asyncio.to_thread(control.write_log, fd, record,
+                                        self.config.task_log_max_size * 1024 * 1024)
+            except BaseException:
+                os.close(fd)
+                raise
+        # sd-bus duplicates the fd into the reply as this coroutine returns (sdbus builds and
+        # sends the reply in the same step of the loop): ours can go at the next step. Kept
+        # longer, a burst of requests held a descriptor each until the limit was reached.
+        asyncio.get_running_loop().call_soon(os.close, fd)
         return fd

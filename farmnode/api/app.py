@@ -92,17 +92,22 @@ class Guard:
         if resource is None or not callable(getattr(resource, f"on_{req.method.lower()}",
                                                     None)):
             return  # 404 / 405 from falcon
-        authenticated = False
+        req.context.authenticated = False
         if not resource.public:
             s = settings.current()
             if s.error:
                 raise ApiError(503, s.error)
-            if (req.method in MUTATING or s.read_requires_auth) \
+            if (req.method in MUTATING or s.read_requires_auth
+                    or (resource.output and s.output_requires_auth)) \
                     and not (getattr(resource, "pyfarm", False)
                              and trusted.trusted(req.remote_addr)):
                 self._authenticate(req, s)
-                authenticated = True
-        self._note_master(req, authenticated)
+                req.context.authenticated = True
+            elif req.get_header("Authorization"):  # counted as theirs where it matters
+                req.context.authenticated = accepted(
+                    parse_authorization(req.get_header("Authorization")), s.username,
+                    s.password, s.tokens)
+        self._note_master(req, req.context.authenticated)
         check_content_type(req, resource.consumes)
         check_accept(req, resource.produces)
 
@@ -113,7 +118,8 @@ class Guard:
 
     @staticmethod
     def _authenticate(req: falcon.Request, s: settings.ApiSettings) -> None:
-        headers = {"WWW-Authenticate": CHALLENGE}
+        # Closed after the answer: a client without credentials keeps nothing open here.
+        headers = {"WWW-Authenticate": CHALLENGE, "Connection": "close"}
         if not s.has_credentials:
             raise ApiError(401, "no API credentials are configured on this node: set "
                                 "agent_api_username and agent_api_password, or add a token "

@@ -26,6 +26,7 @@ from sdbus import (
     sd_bus_open_system,
 )
 from sdbus.dbus_exceptions import DbusFailedError, DbusNameHasNoOwnerError
+from sdbus.sd_bus_internals import SdBusLibraryError
 
 from farmnode.api.errors import ApiError, from_dbus
 from farmnode.bus.interface import BUS_NAME, OBJECT_PATH, Agent1Interface
@@ -149,12 +150,19 @@ def call_with_bus(fn: Callable[[SdBus], Awaitable[T]]) -> T:
     except ApiError:
         raise
     except DbusFailedError as exc:
+        if str(getattr(exc, "dbus_error_name", "")).endswith(".Disconnected"):
+            reset()  # sd-bus's own reply for a connection that is gone
         raise from_dbus(exc) from None
-    except Exception as exc:
+    except SdBusLibraryError as exc:
         # Not an answer from the agent: the connection itself failed. Start afresh next time.
         log.warning("D-Bus call failed, reconnecting: %s", exc, exc_info=True)
         reset()
         raise ApiError(503, f"the system bus is not reachable: {exc}") from None
+    except Exception as exc:
+        # An error reply sdbus turned into a Python exception (org.python.Error.*: the agent
+        # failed on its side) or a fault of ours: the connection is fine and stays.
+        log.warning("D-Bus call failed: %s", exc, exc_info=True)
+        raise ApiError(502, f"the agent failed: {type(exc).__name__}: {exc}"[:500]) from None
 
 
 def run(coro: Awaitable[Any]) -> Any:

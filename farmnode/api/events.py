@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,6 +22,66 @@ from farmnode.bus.interface import BUS_NAME, INTERFACE, OBJECT_PATH, Agent1Inter
 
 HEARTBEAT = 15.0  # a comment line this often: proxies keep the stream, dead peers are noticed
 EVENT_STREAM = "text/event-stream"
+# Each stream holds one of gunicorn's 32 threads for as long as it lasts: together they may
+# hold at most these, the rest stay for requests. Streams of clients without credentials
+# (only with agent_api_output_requires_auth: false) have their own, smaller share, so they
+# cannot take the authenticated clients' streams either.
+MAX_STREAMS = 8
+MAX_PUBLIC_STREAMS = 4
+RETRY_AFTER = "5"
+
+
+class StreamSlots:
+    """How many streams are open, of each kind; a stream takes a slot or is refused."""
+
+    def __init__(self, limits: dict[bool, int]) -> None:
+        self._lock = threading.Lock()
+        self._limits = limits
+        self._open = dict.fromkeys(limits, 0)
+
+    def take(self, authenticated: bool) -> bool:
+        with self._lock:
+            if self._open[authenticated] >= self._limits[authenticated]:
+                return False
+            self._open[authenticated] += 1
+            return True
+
+    def give_back(self, authenticated: bool) -> None:
+        with self._lock:
+            self._open[authenticated] -= 1
+
+    def open(self, authenticated: bool) -> int:
+        with self._lock:
+            return self._open[authenticated]
+
+
+slots = StreamSlots({True: MAX_STREAMS, False: MAX_PUBLIC_STREAMS})
+
+
+class _Held:
+    """A stream that gives its slot back when the server closes it: at its end, on a write
+    that failed, or before its first byte (a generator never started runs no `finally`)."""
+
+    def __init__(self, stream: Iterator[bytes], authenticated: bool) -> None:
+        self._stream = stream
+        self._authenticated = authenticated
+        self._held = True
+
+    def __iter__(self) -> _Held:
+        return self
+
+    def __next__(self) -> bytes:
+        return next(self._stream)
+
+    def close(self) -> None:
+        try:
+            close = getattr(self._stream, "close", None)
+            if close is not None:
+                close()
+        finally:
+            if self._held:
+                self._held = False
+                slots.give_back(self._authenticated)
 
 
 def sse(event: str, data: dict[str, Any]) -> bytes:
@@ -40,18 +101,32 @@ def signal_event(member: str, args: tuple[Any, ...]) -> bytes | None:
 class Events(Resource):
     produces = (EVENT_STREAM,)
 
+    output = True
+
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        queue: asyncio.Queue[bytes] = asyncio.Queue()
-        slots = client.call_with_bus(lambda bus: _subscribe(bus, queue))
+        authenticated = bool(getattr(req.context, "authenticated", False))
+        if not slots.take(authenticated):
+            limit = MAX_STREAMS if authenticated else MAX_PUBLIC_STREAMS
+            who = "" if authenticated else " without credentials"
+            raise ApiError(503, f"too many event streams{who} are open (at most {limit}); "
+                                "try again later",
+                           headers={"Retry-After": RETRY_AFTER, "Connection": "close"})
         try:
-            state = json.loads(client.call(lambda a: a.get_status())).get("state", "unknown")
-        except ApiError as exc:
-            if exc.status_code != 503:
-                raise
-            state = "offline"
+            queue: asyncio.Queue[bytes] = asyncio.Queue()
+            matches = client.call_with_bus(lambda bus: _subscribe(bus, queue))
+            try:
+                state = json.loads(client.call(lambda a: a.get_status())).get("state",
+                                                                               "unknown")
+            except ApiError as exc:
+                if exc.status_code != 503:
+                    raise
+                state = "offline"
+        except BaseException:
+            slots.give_back(authenticated)
+            raise
         resp.content_type = EVENT_STREAM
         resp.set_header("Cache-Control", "no-store")
-        resp.stream = _stream(queue, slots, state)
+        resp.stream = _Held(_stream(queue, matches, state), authenticated)
 
 
 async def _subscribe(bus: Any, queue: asyncio.Queue[bytes]) -> list[Any]:

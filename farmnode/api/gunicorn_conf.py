@@ -15,9 +15,14 @@ from typing import Any
 # which would say READY=1 before it has forked its worker: the worker says it instead.
 NOTIFY_ENV = "FARMNODE_API_NOTIFY_SOCKET"
 
-worker_class = "gthread"
+# gthread, with the request head read by the main loop and what one client may hold bounded
+# (farmnode.api.worker explains the limits).
+worker_class = "farmnode.api.worker.Worker"
 workers = 1
 threads = 32
+# Connections open at once, kept-alive and half-read ones included (each peer address at most
+# farmnode.api.worker.MAX_PER_PEER); farmnode-api.service's LimitNOFILE= leaves room for them.
+worker_connections = 2000
 # The app (Falcon, sdbus, the config loader) is imported once, by the master, before the
 # worker is forked: an import error fails the start itself (before READY=1, not in a worker
 # after systemd was told the service is up), and a worker that dies is replaced without

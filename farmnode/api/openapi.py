@@ -36,6 +36,8 @@ def _ok(description: str, schema: dict[str, Any]) -> dict[str, Any]:
 MUTATING: list[dict[str, list[str]]] = [{"basicAuth": []}, {"bearerAuth": []}]
 # Reads need credentials only with agent_api_read_requires_auth: true.
 READ: list[dict[str, list[str]]] = [{}, {"basicAuth": []}, {"bearerAuth": []}]
+# Task output and the event stream need them unless agent_api_output_requires_auth: false.
+OUTPUT = MUTATING
 
 TASK_ID = {"name": "task_id", "in": "path", "required": True, "schema": INT64,
            "description": "A task id (PyFarm's task ids are integers)."}
@@ -47,8 +49,9 @@ COMMON = {
     "503": _error("The agent is not running, not reachable, or takes no work now."),
 }
 WITH_BODY = {
-    "400": _error("Malformed JSON, or a body that breaks the schema (the error names the "
-                  "field)."),
+    "400": _error("Malformed JSON, JSON nested more than 64 levels, or a body that breaks "
+                  "the schema (the error names the field)."),
+    "408": _error("The body did not arrive in time (60 s)."),
     "413": _error("Body larger than 4 MiB."),
 }
 
@@ -140,6 +143,7 @@ STATS: dict[str, Any] = {
 _SETTING_SCHEMAS: dict[str, dict[str, Any]] = {
     "agent_pretty_json": {"type": ["boolean", "null"]},
     "agent_api_read_requires_auth": {"type": ["boolean", "null"]},
+    "agent_api_output_requires_auth": {"type": ["boolean", "null"]},
     "farm_name": {"type": ["string", "null"], "minLength": 1},
     "agent_log_level": {"type": ["string", "null"]},
     "agent_master_reannounce": {"type": ["number", "null"], "exclusiveMinimum": 0},
@@ -266,7 +270,7 @@ OPERATIONS: dict[str, dict[str, dict[str, Any]]] = {
         "operationId": "taskLog",
         "summary": "A task's output from journald: CSV (time, pid, stream, line, message) as "
                    "PyFarm wrote it, or plain text.",
-        "security": READ,
+        "security": OUTPUT,
         "parameters": [
             {"name": "identifier", "in": "path", "required": True,
              "description": "A task id, an assignment id, or <assignment id>.csv.",
@@ -283,7 +287,7 @@ OPERATIONS: dict[str, dict[str, dict[str, Any]]] = {
         "operationId": "events",
         "summary": "Server-sent events: `task` (assignment_id, task_id, state, reason, "
                    "progress) and `agent` (state), as they happen.",
-        "security": READ,
+        "security": OUTPUT,
         "responses": {"200": {"description": "An endless event stream.", "content": {
             "text/event-stream": {"schema": {"type": "string"}}}}}}},
     "/api/v1/openapi.json": {"get": {

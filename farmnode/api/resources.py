@@ -34,6 +34,8 @@ class Resource:
     public: ClassVar[bool] = False
     # One of PyFarm's agent endpoints: a trusted master may call it without credentials.
     pyfarm: ClassVar[bool] = False
+    # Task output: needs credentials unless agent_api_output_requires_auth is false.
+    output: ClassVar[bool] = False
 
 
 def task_id_param(raw: str) -> int:
@@ -199,6 +201,7 @@ IDENTIFIER = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
 class TaskLogs(Resource):
     pyfarm = True
+    output = True
     produces = ("text/csv", "text/plain")
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, identifier: str) -> None:

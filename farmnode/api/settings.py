@@ -2,7 +2,7 @@
 
 The API reads its settings itself rather than over D-Bus because the agent redacts the
 password. It keeps no state: the settings are re-read whenever a file's mtime or size changes
-(a cache, so a PATCH of agent_pretty_json or agent_api_read_requires_auth applies at once).
+(a cache, so a PATCH of agent_pretty_json or agent_api_*_requires_auth applies at once).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ class ApiSettings:
     password: str | None = None
     tokens: frozenset[str] = frozenset()
     read_requires_auth: bool = False
+    output_requires_auth: bool = True
     pretty: bool = True
     error: str | None = None  # the config could not be read: refuse what needs it
 
@@ -100,6 +101,7 @@ def _load(path: Path) -> tuple[ApiSettings, list[Path]]:
         password=password,
         tokens=tokens,
         read_requires_auth=config.agent_api_read_requires_auth,
+        output_requires_auth=config.agent_api_output_requires_auth,
         pretty=config.agent_pretty_json,
     ), _watched(config.agent_api_tokens_file, config.agent_api_password_file)
 

@@ -56,6 +56,7 @@ class InvalidArgumentError(DbusFailedError):
 PATCHABLE_CONFIG_KEYS: tuple[str, ...] = (
     "agent_pretty_json",
     "agent_api_read_requires_auth",
+    "agent_api_output_requires_auth",
     "farm_name",
     "agent_log_level",
     "agent_master_reannounce",

@@ -66,6 +66,9 @@ class Agent1Service(Agent1Interface):
         async def call() -> str:
             try:
                 payload = json.loads(assignment_json)
+            except RecursionError:
+                raise core.InvalidArgument("assignment is not valid JSON: nested too deeply")\
+                    from None
             except ValueError as exc:
                 raise core.InvalidArgument(f"assignment is not valid JSON: {exc}") from None
             assignment_id, _created = self.agent.assign(payload)
@@ -161,6 +164,9 @@ class Agent1Service(Agent1Interface):
         async def call() -> str:
             try:
                 patch = json.loads(patch_json)
+            except RecursionError:
+                raise core.InvalidArgument("patch is not valid JSON: nested too deeply")\
+                    from None
             except ValueError as exc:
                 raise core.InvalidArgument(f"patch is not valid JSON: {exc}") from None
             return _dumps(self.agent.patch_config(patch))

@@ -209,6 +209,7 @@ class Config:
     # Read by systemd for the API (LoadCredential=), like the tokens: a task can never read it.
     agent_api_password_file: str = _setting("/etc/farmnode/api-password", _absolute_path)
     agent_api_read_requires_auth: bool = _setting(False)
+    agent_api_output_requires_auth: bool = _setting(True)
     agent_api_trusted_masters: str | Literal["auto"] | None = _setting("auto", _networks)
     agent_api_listen: str | None = _setting(None, _addresses)
     agent_pretty_json: bool = _setting(True)

@@ -199,7 +199,12 @@ def _jobtype_name(value: str) -> str | None:
     return None
 
 
-def _json_copy(value: object, path: str) -> Any:
+# Nesting allowed inside job.data. Job types read a few flat keys; the limit keeps the copy
+# (and every later walk over the data) far from Python's recursion limit, whatever arrives.
+MAX_DATA_DEPTH = 32
+
+
+def _json_copy(value: object, path: str, depth: int = 0) -> Any:
     """A deep copy of a JSON value; refuses what JSON cannot carry (it is stored as JSON)."""
     if value is None or isinstance(value, bool | str) or _is_int(value):
         return value
@@ -207,14 +212,16 @@ def _json_copy(value: object, path: str) -> Any:
         if not math.isfinite(value):
             raise AssignmentError(path, f"must be a finite number, got {_describe(value)}")
         return value
+    if isinstance(value, list | dict) and depth > MAX_DATA_DEPTH:
+        raise AssignmentError(path, f"nested deeper than {MAX_DATA_DEPTH} levels")
     if isinstance(value, list):
-        return [_json_copy(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        return [_json_copy(v, f"{path}[{i}]", depth + 1) for i, v in enumerate(value)]
     if isinstance(value, dict):
         out: dict[str, Any] = {}
         for k, v in value.items():
             if not isinstance(k, str):
                 raise AssignmentError(path, f"keys must be strings, got {_describe(k)}")
-            out[k] = _json_copy(v, f"{path}.{k}")
+            out[k] = _json_copy(v, f"{path}.{k}", depth + 1)
         return out
     raise AssignmentError(path, f"expected a JSON value, got {_describe(value)}")
 

@@ -16,6 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -332,19 +333,22 @@ def test_signal_task(api: Api) -> None:
 # ---- auth and bad input --------------------------------------------------------------------
 
 
-def _mutating_routes(api: Api) -> list[tuple[str, str]]:
+def _routes_with_auth(api: Api) -> list[tuple[str, str]]:
     doc = api.get("/api/v1/openapi.json", auth=None).json()
     routes = []
     for path, ops in doc["paths"].items():
         for method, op in ops.items():
             if {} not in op["security"]:
-                routes.append((method.upper(), path.replace("{task_id}", "1")))
+                routes.append((method.upper(), path.replace("{task_id}", "1")
+                               .replace("{identifier}", "1")))
     return routes
 
 
 def test_auth_on_every_mutating_route(api: Api) -> None:
-    routes = _mutating_routes(api)
-    assert {m for m, _ in routes} == {"POST", "PATCH", "DELETE"} and len(routes) >= 7
+    routes = _routes_with_auth(api)
+    assert {m for m, _ in routes} == {"POST", "PATCH", "DELETE", "GET"} and len(routes) >= 9
+    # the reads that need credentials by default: task output and the event stream
+    assert {p for m, p in routes if m == "GET"} == {"/api/v1/task_logs/1", "/api/v1/events"}
     before = (agent_pid(api.ct), api.get("/api/v1/config").text,
               api.get("/api/v1/tasks/").text)
     wrong = {"wrong basic": "Basic " + base64.b64encode(f"{USER}:nope".encode()).decode(),
@@ -354,7 +358,8 @@ def test_auth_on_every_mutating_route(api: Api) -> None:
     for method, path in routes:
         for name, header in [("missing", None), *wrong.items()]:
             headers = {"Authorization": header} if header else {}
-            r = api.request(method, path, auth=None, json=body, headers=headers)
+            r = api.request(method, path, auth=None, json=body if method != "GET" else None,
+                            headers=headers)
             assert r.status_code == 401, (method, path, name, r.text)
             assert "error" in r.json() and "Basic" in r.headers["WWW-Authenticate"]
     after = (agent_pid(api.ct), api.get("/api/v1/config").text, api.get("/api/v1/tasks/").text)
@@ -423,6 +428,262 @@ def test_update_is_recorded_not_faked(api: Api) -> None:
     logs = api.ct.run(["journalctl", "-u", "farmnode.service", "--no-pager", "-g",
                        "update to farmnode 9.9.9"]).stdout
     assert "package manager" in logs
+
+
+# ---- availability under unauthenticated load ------------------------------------------------
+
+# Generous: the answer must come while the attackers are held; how fast is the bench's business.
+ANSWER_TIMEOUT = 120
+PER_ADDRESS = 40  # attackers per source address, below the API's cap per peer (64)
+
+
+class Attackers:
+    """`n` connections held open from 127.0.0.2, 127.0.0.3, ... (PER_ADDRESS each), each
+    sending `opening`, then `trickle` every half second when given (slowloris). One the
+    server answers with anything but a 200 stream, or closes, is opened again at once, so
+    `n` are held (or tried) for as long as the block lasts."""
+
+    def __init__(self, port: int, n: int, opening: bytes, trickle: bytes = b"") -> None:
+        self.port, self.n, self.opening, self.trickle = port, n, opening, trickle
+        self.socks: list[socket.socket | None] = [None] * n
+        self.statuses: dict[str, int] = {}
+        self.opened = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _open(self, i: int) -> None:
+        source = f"127.0.0.{2 + i // PER_ADDRESS}"
+        try:
+            s = socket.create_connection(("127.0.0.1", self.port), timeout=10,
+                                         source_address=(source, 0))
+            s.sendall(self.opening)
+        except OSError:
+            self.socks[i] = None
+            return
+        self.socks[i] = s
+        self.opened += 1
+
+    def _check(self, i: int) -> None:
+        s = self.socks[i]
+        if s is None:
+            self._open(i)
+            return
+        try:
+            peek = s.recv(16, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            peek = None  # nothing yet: still held
+        except OSError:
+            peek = b""
+        if peek is not None and not peek.startswith(b"HTTP/1.1 200"):
+            status = peek[9:12].decode(errors="replace") if peek else "closed"
+            self.statuses[status] = self.statuses.get(status, 0) + 1
+            s.close()
+            self._open(i)
+        elif peek is None and self.trickle:
+            with contextlib.suppress(OSError):
+                s.send(self.trickle)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for i in range(self.n):
+                self._check(i)
+            self._stop.wait(0.5)
+
+    def __enter__(self) -> Attackers:
+        for i in range(self.n):
+            self._open(i)
+        assert self.opened == self.n, f"only {self.opened} of {self.n} connections opened"
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(30)
+        for s in self.socks:
+            if s is not None:
+                s.close()
+
+    def streams(self) -> int:
+        """Connections that got a 200 event stream and hold it."""
+        count = 0
+        for s in list(self.socks):
+            with contextlib.suppress(OSError):
+                if s is not None and s.recv(16, socket.MSG_PEEK | socket.MSG_DONTWAIT) \
+                        .startswith(b"HTTP/1.1 200"):
+                    count += 1
+        return count
+
+
+EVENTS = b"GET /api/v1/events HTTP/1.1\r\nHost: node\r\nAccept: text/event-stream\r\n\r\n"
+HALF_HEAD = b"POST /api/v1/assign HTTP/1.1\r\nHost: node\r\nContent-Type: appl"
+
+
+@contextlib.contextmanager
+def output_open(api: Api) -> Iterator[None]:
+    r = api.request("PATCH", "/api/v1/config", json={"agent_api_output_requires_auth": False})
+    assert r.status_code == 200, r.text
+    try:
+        yield
+    finally:
+        r = api.request("PATCH", "/api/v1/config",
+                        json={"agent_api_output_requires_auth": None})
+        assert r.status_code == 200, r.text
+
+
+def serves_authenticated_clients(api: Api) -> None:
+    """Status, an assignment and an event stream, each answered, with credentials."""
+    r = api.get("/api/v1/status", timeout=ANSWER_TIMEOUT)
+    assert r.status_code == 200 and r.json()["state"] in ("online", "running"), r.text
+    a = assignment("command", {"command": ["true"]}, [1])
+    r = api.post("/api/v1/assign", json=a, auth="bearer", timeout=ANSWER_TIMEOUT)
+    assert r.status_code == 202, r.text
+    stream = api.get("/api/v1/events", stream=True, timeout=(ANSWER_TIMEOUT, ANSWER_TIMEOUT),
+                     headers={"Accept": "text/event-stream"})
+    try:
+        assert stream.status_code == 200, stream.text
+        for line in stream.iter_lines(decode_unicode=True):
+            if line.startswith("event: agent"):
+                break  # the stream is live
+        else:
+            raise AssertionError("the event stream ended before its first event")
+    finally:
+        stream.close()
+
+
+@pytest.mark.parametrize("n", [40, 400])
+@pytest.mark.parametrize("attack", ["idle events", "idle events, output open",
+                                    "half-sent head", "slowloris"])
+def test_the_api_answers_while_unauthenticated_clients_hold_connections(
+        api: Api, attack: str, n: int) -> None:
+    opening, trickle = {"idle events": (EVENTS, b""),
+                        "idle events, output open": (EVENTS, b""),
+                        "half-sent head": (HALF_HEAD, b""),
+                        "slowloris": (HALF_HEAD, b"i")}[attack]
+    with contextlib.ExitStack() as stack:
+        if attack == "idle events, output open":
+            stack.enter_context(output_open(api))
+        attackers = stack.enter_context(Attackers(api.port, n, opening, trickle))
+        serves_authenticated_clients(api)
+        if attack == "idle events":  # the stream needs credentials: refused, at once
+            assert attackers.statuses.get("401", 0) >= 1, attackers.statuses
+            assert attackers.streams() == 0
+        elif attack == "idle events, output open":  # a few get a stream, the rest are told
+            assert 1 <= attackers.streams() <= 4, attackers.statuses
+            assert attackers.statuses.get("503", 0) >= 1, attackers.statuses
+        else:  # every head still unfinished: none of them was served
+            assert set(attackers.statuses) <= {"408", "closed"}, attackers.statuses
+
+
+def _get_many(port: int, paths: list[str], headers: dict[str, str]) -> dict[int, int]:
+    """GET each path (32 at a time, each on its own connection); {status: count}."""
+    import http.client
+
+    def one(path: str) -> int:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=ANSWER_TIMEOUT)
+        try:
+            conn.request("GET", path, headers=headers)
+            r = conn.getresponse()
+            r.read()
+            return r.status
+        finally:
+            conn.close()
+
+    counts: dict[int, int] = {}
+    with ThreadPoolExecutor(32) as pool:
+        for status in pool.map(one, paths):
+            counts[status] = counts.get(status, 0) + 1
+    return counts
+
+
+def _agent_fds(api: Api) -> int:
+    return len(api.ct.run(["ls", f"/proc/{agent_pid(api.ct)}/fd"]).stdout.split())
+
+
+def test_a_task_log_flood_leaves_the_agent_its_descriptors(api: Api) -> None:
+    assert api.ct.run(["systemctl", "show", "-P", "LimitNOFILESoft", "farmnode.service"]
+                      ).stdout.strip() == "65536"
+
+    def open_files(pid: int | str) -> tuple[int, int]:
+        limits = api.ct.run(["cat", f"/proc/{pid}/limits"]).stdout
+        m = re.search(r"^Max open files\s+(\d+)\s+(\d+)", limits, re.M)
+        assert m, limits
+        return int(m.group(1)), int(m.group(2))
+
+    # 65536, or all that systemd itself may give (the test container's PID 1 inherits a
+    # lower hard limit from the host): never the default soft limit of 1024 again.
+    ceiling = min(65536, open_files(1)[1])
+    assert open_files(agent_pid(api.ct)) == (ceiling, ceiling)
+    a = assignment("fakerender", {"duration": 0.1, "lines": 3}, [1])
+    with events(api) as stream:
+        stream.until(lambda e, d: e == "agent")
+        r = api.post("/api/v1/assign", json=a)
+        assert r.status_code == 202, r.text
+        aid = r.json()["id"]
+        wait_tasks(stream, [a["tasks"][0]["id"]], ("done",))
+    before = _agent_fds(api)
+    # Without credentials: refused (task output is not public), ten times over.
+    for n in (1100, 11000):
+        counts = _get_many(api.port, [f"/api/v1/task_logs/{aid}.csv"] * n, {})
+        assert counts == {401: n}, counts
+    # Opened to everyone, the flood that once left 1023 descriptors held: each log's memfd
+    # goes as its answer is sent, so the agent holds about what it held before.
+    with output_open(api):
+        counts = _get_many(api.port, [f"/api/v1/task_logs/{aid}.csv"] * 1100, {})
+        assert counts == {200: 1100}, counts
+        after = _agent_fds(api)
+    assert after <= before + 16, (before, after)
+    # and the next assignment runs
+    b = assignment("command", {"command": ["true"]}, [1])
+    with events(api) as stream:
+        stream.until(lambda e, d: e == "agent")
+        r = api.post("/api/v1/assign", json=b)
+        assert r.status_code == 202, r.text
+        wait_tasks(stream, [b["tasks"][0]["id"]], ("done",))
+
+
+def test_bad_input_of_any_shape_is_a_4xx_and_chunked_bodies_work(api: Api) -> None:
+    def reconnects() -> int:
+        api.ct.run(["journalctl", "--sync"])
+        return api.ct.run(["journalctl", "-u", "farmnode-api.service", "-o", "cat",
+                           "--no-pager"]).stdout.count("reconnecting")
+
+    pid, before = agent_pid(api.ct), reconnects()
+    deep: Any = {}
+    for _ in range(600):
+        deep = {"a": deep}
+    a = assignment("command", {"command": ["true"], "x": deep}, [1])
+    r = api.post("/api/v1/assign", json=a)
+    assert r.status_code == 400 and r.json()["error"].startswith("job.data.x.a.a"), r.text
+    assert "nested more than" in r.json()["error"]
+    # below the API's own bound, above job.data's: the agent names it
+    shallow: Any = {}
+    for _ in range(40):
+        shallow = {"a": shallow}
+    a = assignment("command", {"command": ["true"], "x": shallow}, [1])
+    r = api.post("/api/v1/assign", json=a)
+    assert r.status_code == 400 and "job.data.x.a" in r.json()["error"], r.text
+    assert "nested deeper than" in r.json()["error"]
+    # straight over D-Bus, the agent's own answer is an error naming the field
+    out = api.ct.run(["busctl", "call", "org.farmnode.Agent1", "/org/farmnode/Agent1",
+                      "org.farmnode.Agent1", "Assign", "s",
+                      json.dumps(assignment("command", {"x": deep}, [1]))], check=False)
+    assert out.returncode != 0 and "job.data.x.a" in out.stderr, out.stderr
+    out = api.ct.run(["busctl", "call", "org.farmnode.Agent1", "/org/farmnode/Agent1",
+                      "org.farmnode.Agent1", "Assign", "s", "[" * 100_000], check=False)
+    assert out.returncode != 0 and "nested too deeply" in out.stderr, out.stderr[-500:]
+    r = api.post("/api/v1/assign", data=b"[" * 100_000,
+                 headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and "nested" in r.json()["error"], r.text
+    # a valid body sent chunked (a generator: requests sends it without Content-Length)
+    good = assignment("command", {"command": ["true"]}, [1])
+    body = json.dumps(good).encode()
+    r = api.post("/api/v1/assign", data=(body[i:i + 100] for i in range(0, len(body), 100)),
+                 headers={"Content-Type": "application/json"})
+    assert r.request.headers.get("Transfer-Encoding") == "chunked"
+    assert r.status_code == 202, r.text
+    # nothing of it reached the bus connection or the agent
+    assert api.get("/api/v1/status").status_code == 200
+    assert agent_pid(api.ct) == pid and reconnects() == before
 
 
 # ---- the OpenAPI document, fuzzed -----------------------------------------------------------
