@@ -47,7 +47,13 @@ def test_journald_stopped_30s_mid_task_loses_no_line(ct: Container) -> None:
         assert task["state"] == "running", task
         time.sleep(max(0.0, 30 - (time.monotonic() - stopped)))
     finally:
-        ct.run(["systemctl", "start", *JOURNALD_UNITS])
+        started = ct.run(["systemctl", "start", *JOURNALD_UNITS], check=False)
+        if started.returncode != 0:
+            why = ct.run(["sh", "-c", "systemctl show -p Result,NRestarts,ExecMainStatus "
+                          "systemd-journald.service; systemctl status --no-pager -l "
+                          "systemd-journald.service; df -h /run /var/log"], check=False)
+            raise AssertionError(f"journald did not start again: {started.stderr}\n"
+                                 f"{why.stdout}{why.stderr}")
     farmnode(ct, "wait", aid)
     task = next(t for t in json.loads(farmnode(ct, "--json", "tasks").stdout)
                 if t["id"] == task_id)

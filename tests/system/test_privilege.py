@@ -69,8 +69,8 @@ def refused(ct: Container, user: str) -> str:
     a = assignment("command", {"command": ["id", "-un"]}, [1], user=user)
     r = ct.run(["farmnode", "--json", "assign", "-"], input=json.dumps(a), check=False)
     assert r.returncode != 0, r.stdout
-    task = ct.run(["farmnode", "--json", "tasks"]).stdout
-    assert str(a["tasks"][0]["id"]) not in task
+    tasks = json.loads(ct.run(["farmnode", "--json", "tasks"]).stdout)
+    assert a["tasks"][0]["id"] not in {t["id"] for t in tasks}
     return r.stderr
 
 
