@@ -303,3 +303,22 @@ def test_gpus_survive_in_the_store(tmp_path: Path) -> None:
     store = Store(tmp_path / "db")
     assert store.gpus_of(aid) == agent.runs[aid].gpu_ids
     assert store.gpus_of(str(uuid.uuid4())) == ()
+
+
+def test_job_types_take_the_agents_gpus_key() -> None:
+    # `gpus` is the agent's; a job type that refuses unknown data keys must not refuse it
+    from farmnode.jobtypes.command import CommandJobType
+    from farmnode.tasks.model import Job, JobTypeRef, Task
+
+    a = Assignment("a", Job(id=1, by=1, data={"command": ["/bin/true"], "gpus": 1}),
+                   JobTypeRef("command", 1), (Task(1, 1.0),))
+
+    class Reporter:
+        def set_task_state(self, *args: Any) -> None: ...
+        def set_task_progress(self, *args: Any) -> None: ...
+
+    assert CommandJobType(a, Reporter()).get_command_data().arguments == ()  # type: ignore[arg-type]
+    typo = Assignment("b", Job(id=1, by=1, data={"command": ["/bin/true"], "gpu": 1}),
+                      JobTypeRef("command", 1), (Task(1, 1.0),))
+    with pytest.raises(ValueError, match=r"job.data.gpu: unknown key"):
+        CommandJobType(typo, Reporter()).get_command_data()  # type: ignore[arg-type]
