@@ -136,10 +136,11 @@ def slice_reserve() -> dict[str, Any]:
 # EPERM: the difference is the kernel's verdict.
 FAKE_GPUS = ("0000:01:00.0", "0000:02:00.0")
 NVIDIA_MAJOR = 195
+# No braces: the command job type's argument expansion would take them for placeholders.
 PROBE = """
 import errno, json, os, sys, time
-out = {"env": {k: os.environ.get(k) for k in ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES",
-                                              "CUDA_DEVICE_ORDER")}, "open": {}}
+names = ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER")
+out = dict(env=dict((k, os.environ.get(k)) for k in names), open=dict())
 for node in ("/dev/nvidia0", "/dev/nvidia1", "/dev/nvidiactl", "/dev/null"):
     try:
         os.close(os.open(node, os.O_RDWR))
@@ -218,11 +219,14 @@ def gpu_devices() -> dict[str, Any]:
         busy = try_assign(third)
         too_many, _ = probe(3, hold=False)
         never = try_assign(too_many)
-        # both probes have reported before they are let go
-        for path in (first_out, second_out):
+        # both probes have reported (or ended without) before they are let go
+        for path, a in ((first_out, first), (second_out, second)):
             deadline = time.time() + 300
             while not os.path.exists(path) and time.time() < deadline:
-                time.sleep(0.1)
+                rec = json.loads(sh("farmnode", "--json", "tasks", "--active"))
+                if a["tasks"][0]["id"] not in {t["id"] for t in rec}:
+                    break  # its assignment ended: it will write nothing more
+                time.sleep(0.2)
         release.write_text("")
         first_rec, second_rec = wait(first_id), wait(second_id)
         none, none_out = probe(None, hold=False)
@@ -242,7 +246,9 @@ def gpu_devices() -> dict[str, Any]:
                 "first_id": first_id, "second_id": second_id,
                 "first_task": tasks.get(first["tasks"][0]["id"]),
                 "records": [first_rec, second_rec, none_rec],
-                "busy_refusal": busy, "never_refusal": never}
+                "busy_refusal": busy, "never_refusal": never,
+                "journal": sh("journalctl", "-b", "-u", "farmnode.service", "-u", unit, "-n",
+                              "40", "--no-pager", check=False)[-6000:]}
     finally:
         sh("umount", str(devices), check=False)
         for node in nodes:

@@ -74,13 +74,14 @@ def test_slice_reserve_holds(results: dict[str, Any]) -> None:
 
 def test_gpus_bound_per_task_by_the_kernel(results: dict[str, Any]) -> None:
     rec = scenario(results, "gpu_devices")
+    journal = rec.pop("journal")  # the agent's and the first scope's lines, for a failure
     # detected from the (fake) PCI tree, no UUID without a driver: named by PCI address
     assert [(g["id"], g["devices"], g["assignment"]) for g in rec["status_gpus"]] == [
         ("0000:01:00.0", ["/dev/nvidia0"], None), ("0000:02:00.0", ["/dev/nvidia1"], None)]
     # without a scope's device policy both nodes open as far as the missing driver
     assert rec["unconfined"] == {"/dev/nvidia0": "ENXIO", "/dev/nvidia1": "ENXIO",
                                  "/dev/nvidiactl": "ENXIO"}
-    assert rec["device_policy"] == "closed"
+    assert rec["device_policy"] == "closed", journal
     assert "/dev/nvidia0 rw" in rec["device_allow"] and "/dev/nvidia1" not in rec["device_allow"]
     held = {g["id"]: g["assignment"] for g in rec["busy_gpus"]}
     assert held == {"0000:01:00.0": rec["first_id"], "0000:02:00.0": rec["second_id"]}
