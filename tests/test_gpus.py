@@ -322,3 +322,27 @@ def test_job_types_take_the_agents_gpus_key() -> None:
                       JobTypeRef("command", 1), (Task(1, 1.0),))
     with pytest.raises(ValueError, match=r"job.data.gpu: unknown key"):
         CommandJobType(typo, Reporter()).get_command_data()  # type: ignore[arg-type]
+
+
+def test_store_of_an_older_build_gains_the_gpus_column(tmp_path: Path) -> None:
+    import sqlite3
+
+    from farmnode.tasks import store as store_mod
+
+    # the schema as builds before GPUs wrote it
+    old = store_mod.SCHEMA.replace(
+        "accounting TEXT,  -- JSON: the scope's cgroup figures, last sampled or final\n"
+        "    gpus TEXT  -- JSON: the GPUs (UUID, else PCI address) the assignment holds\n",
+        "accounting TEXT\n")
+    assert "gpus" not in old
+    db = sqlite3.connect(tmp_path / "db")
+    db.executescript(old)
+    db.execute("INSERT INTO assignments (id, job_id, payload, unit, created) VALUES"
+               " ('a1', 1, '{}', 'u.scope', 0)")
+    db.execute("INSERT INTO tasks (assignment_id, id, job_id, frame, attempt, state, created)"
+               " VALUES ('a1', 1, 1, 1, 0, 'queued', 0)")
+    db.commit()
+    db.close()
+    store = Store(tmp_path / "db")
+    # rows written before it hold no GPUs; a task of theirs reads as holding none
+    assert store.gpus_of("a1") == () and [t.gpus for t in store.tasks("a1")] == [()]
