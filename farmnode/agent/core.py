@@ -26,11 +26,14 @@ import psutil
 
 from farmnode import __version__
 from farmnode.agent import accounts
+from farmnode.agent.gpus import FIELD as GPUS_FIELD
+from farmnode.agent.gpus import GpuPool, GpuRequestError, requested
 from farmnode.agent.runner import AssignmentRun, scope_unit_name, task_user_rules
 from farmnode.config import Config
+from farmnode.config.model import jobtype_counts
 from farmnode.jobtypes.remote import RemoteJobTypeError, cache_store
 from farmnode.master.trust import TrustedMasters
-from farmnode.sysinfo import host
+from farmnode.sysinfo import gpu, host
 from farmnode.systemd import fdstore, link
 from farmnode.systemd.cgroup import cgroup_path_dir, read_accounting, unit_cgroup_path
 from farmnode.systemd.journal import exported_units, remove_unit_settings
@@ -75,9 +78,10 @@ class PartialOverlap(AgentError):
 
 
 class NotEnoughResources(AgentError):
-    def __init__(self, what: str, available: float, required: float) -> None:
+    def __init__(self, what: str, available: float, required: float,
+                 field: str | None = None) -> None:
         super().__init__(f"Not enough {what}: agent_{what}={available:g} requires_{what}="
-                         f"{required:g} (job.{what})")
+                         f"{required:g} ({field or 'job.' + what})")
         self.what, self.available, self.required = what, available, required
 
 
@@ -119,8 +123,12 @@ class TaskChange:
 
 
 class Agent:
-    def __init__(self, config: Config, store: Store, scopes: ScopeManager) -> None:
+    def __init__(self, config: Config, store: Store, scopes: ScopeManager,
+                 gpu_pool: GpuPool | None = None) -> None:
         self.config = config
+        # Detected once: GPUs do not come and go while the node runs (a hot-plugged one
+        # counts from the next agent start).
+        self.gpu_pool = gpu_pool if gpu_pool is not None else GpuPool.of(gpu.gpus())
         self.store = store
         self.scopes = scopes
         self.runs: dict[str, AssignmentRun] = {}
@@ -201,6 +209,29 @@ class Agent:
         if a.job.cpus is not None and a.job.cpus > self.total_cpus():
             raise NotEnoughResources("cpus", self.total_cpus(), a.job.cpus)
 
+    def gpus_held(self) -> dict[str, tuple[str, ...]]:
+        return {aid: run.gpu_ids for aid, run in self.runs.items() if run.gpu_ids}
+
+    def _pick_gpus(self, a: Assignment) -> tuple[str, ...]:
+        """The GPUs the assignment gets; refuses one that can never fit here (400 naming the
+        field) and one that does not fit now (PyFarm's "Not enough" answer: the master's
+        scheduler offers the work again later)."""
+        try:
+            count = requested(a, jobtype_counts(self.config.task_gpus))
+        except GpuRequestError as exc:
+            raise InvalidAssignment(AssignmentError(GPUS_FIELD, str(exc))) from None
+        if count == 0:
+            return ()
+        total = len(self.gpu_pool.gpus)
+        if count > total:
+            raise InvalidAssignment(AssignmentError(
+                GPUS_FIELD, f"asks for {count} GPUs; this node has {total}"
+                + (f" ({', '.join(g.fullname for g in self.gpu_pool.gpus)})" if total else "")))
+        free = self.gpu_pool.free(i for ids in self.gpus_held().values() for i in ids)
+        if count > len(free):
+            raise NotEnoughResources("gpus", len(free), count, GPUS_FIELD)
+        return tuple(g.ident for g in free[:count])
+
     def _check_user(self, a: Assignment) -> None:
         """Refuse now (4xx) an assignment whose account the rule forbids; the run checks the
         account the job type finally picks again."""
@@ -238,6 +269,7 @@ class Agent:
             raise PartialOverlap(sorted(common))
         self._check_user(a)
         self._check_resources(a)
+        gpu_ids = self._pick_gpus(a)
         unit = scope_unit_name(a)
         if any(r.unit == unit for r in self.runs.values()):
             raise PartialOverlap([a.tasks[0].id])
@@ -245,18 +277,23 @@ class Agent:
             raise StorageFailed(f"the state directory refuses writes ({self.storage_error}): "
                                 "no new work until it takes them again")
         try:
-            self.store.add_assignment(a, unit)
+            self.store.add_assignment(a, unit, gpu_ids)
         except STORAGE_ERRORS as exc:
             self._storage_failed(exc)
             raise StorageFailed(f"the assignment could not be stored ({exc}): not accepted"
                                 ) from None
-        self._start(a)
-        log.info("accepted assignment %s: job %d tasks %s", a.id, a.job.id, list(a.task_ids))
+        self._start(a, gpu_ids)
+        log.info("accepted assignment %s: job %d tasks %s%s", a.id, a.job.id, list(a.task_ids),
+                 f" GPUs {', '.join(gpu_ids)}" if gpu_ids else "")
         return a.id, True
 
-    def _new_run(self, a: Assignment) -> AssignmentRun:
+    def _new_run(self, a: Assignment, gpu_ids: Sequence[str] = ()) -> AssignmentRun:
         run = AssignmentRun(a, self.config, self.scopes, self._report_states,
                             self._report_progress, self._report_accounting)
+        run.gpu_ids = tuple(gpu_ids)
+        # On a node with GPUs every task is confined to its own (none when it asked for
+        # none); a node without keeps systemd's default device access.
+        run.gpus = self.gpu_pool.by_ident(gpu_ids) if self.gpu_pool.gpus else None
         run.fetch_jobtype = self._fetch_jobtype
         run.node_facts = self.node_facts
         run.report_log = self._report_log
@@ -292,8 +329,8 @@ class Agent:
                 "cpus": self.total_cpus(), "ram": self.total_ram_mb(),
                 "farm_name": self.config.farm_name}
 
-    def _start(self, a: Assignment) -> None:
-        run = self._new_run(a)
+    def _start(self, a: Assignment, gpu_ids: Sequence[str] = ()) -> None:
+        run = self._new_run(a, gpu_ids)
         for rec in self.store.tasks(a.id):
             self._emit(a.id, rec.id, rec)
         self._launch(run, run.run())
@@ -517,6 +554,8 @@ class Agent:
             "jobs": sorted({r.assignment.job.id for r in self.runs.values()}),
             "assignments": sorted(self.runs),
             "running_tasks": sum(len(r.assignment.tasks) for r in self.runs.values()),
+            # The node's GPUs tasks may get, and which assignment holds each (null: free).
+            "gpus": self._gpu_status(),
             "farm_name": self.config.farm_name,
             # Set while the state directory refuses writes (outcomes held in memory).
             "storage_error": self.storage_error,
@@ -526,6 +565,12 @@ class Agent:
             # [4] master sync: last contact, queued reports, last error (None: standalone)
             **(self.master_link.status() if self.master_link else {"master_link": None}),
         }
+
+    def _gpu_status(self) -> list[dict[str, Any]]:
+        holder = {i: aid for aid, ids in self.gpus_held().items() for i in ids}
+        return [{"id": g.ident, "pci_slot": g.pci_slot, "name": g.fullname,
+                 "uuid": g.uuid, "devices": list(g.devices),
+                 "assignment": holder.get(g.ident)} for g in self.gpu_pool.gpus]
 
     def note_master_contact(self) -> None:
         """The master called our HTTP API (its User-Agent): it has heard from us."""
@@ -544,7 +589,7 @@ class Agent:
         inherited = fdstore.inherited()
         active = self.store.active_assignments()
         for a in active:
-            run = self._new_run(a)
+            run = self._new_run(a, self.store.gpus_of(a.id))
             records = self.store.tasks(a.id)
             fds = inherited.pop(fdstore.link_name(a.id, link.VERSION), [])
             if not fds:

@@ -24,10 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from farmnode.agent import accounts
+from farmnode.agent.gpus import device_allow, split_listed
+from farmnode.agent.gpus import environment as gpu_environment
 from farmnode.config import Config
 from farmnode.jobtypes.base import CommandData, ExitStatus, JobType, Stream
 from farmnode.jobtypes.registry import UnknownJobType, available_jobtypes, load_jobtype
 from farmnode.jobtypes.remote import RemoteJobType, cache_latest, remote_jobtype_class
+from farmnode.sysinfo.gpu import Gpu
 from farmnode.systemd import fdstore, link
 from farmnode.systemd.cgroup import cgroup_path_dir, shim_pid, unit_cgroup_path
 from farmnode.systemd.journal import (
@@ -204,6 +207,10 @@ class AssignmentRun:
     # Set once the run reads its link (an adopted one: after RESUME went out), so that the
     # agent says READY only when every task it inherited is attached again.
     attached: asyncio.Event = field(default_factory=asyncio.Event)
+    # The GPUs the agent gave the assignment (UUID, else PCI address).
+    gpu_ids: tuple[str, ...] = ()
+    # Their devices; None: the node has no GPUs and its tasks keep systemd's default access.
+    gpus: list[Gpu] | None = None
 
     def __post_init__(self) -> None:
         self.unit = scope_unit_name(self.assignment)
@@ -365,6 +372,10 @@ class AssignmentRun:
         env.setdefault("HOME", ident.home)
         env.setdefault("USER", ident.user)
         env.setdefault("LOGNAME", ident.user)
+        if self.gpus is not None:
+            # Over the job's own: its devices are the agent's to say (the kernel holds it to
+            # them anyway).
+            env.update(gpu_environment(self.gpus))
         self.status_path().parent.mkdir(parents=True, exist_ok=True)
         self.status_path().unlink(missing_ok=True)
         spec = {
@@ -389,7 +400,9 @@ class AssignmentRun:
         props = scope_properties([self._proc.pid], self.config.task_slice, description,
                                  limits_for(a, self.config),
                                  int(self.config.task_stop_grace * 1_000_000),
-                                 kill_signal=self.jobtype.stop_signal)
+                                 kill_signal=self.jobtype.stop_signal,
+                                 devices=None if self.gpus is None else device_allow(
+                                     self.gpus, split_listed(self.config.task_device_allow)))
         try:
             await self.scopes.start_scope(self.unit, props)
         except ScopeError as exc:

@@ -184,7 +184,8 @@ OPERATIONS: dict[str, dict[str, dict[str, Any]]] = {
                 "type": "object", "required": ["id"],
                 "properties": {"id": {"type": "string", "format": "uuid"}}}),
             "400": _error("Bad JSON, a field breaking the schema (named), or not enough "
-                          "RAM/CPUs (with agent_ram and requires_ram, or cpus likewise)."),
+                          "RAM/CPUs/GPUs free now (with agent_ram and requires_ram, or cpus, "
+                          "gpus likewise); more GPUs than the node has (job.data.gpus)."),
             "409": _error("Some tasks are already running here.", "Overlap"),
             "413": WITH_BODY["413"]}}},
     "/api/v1/tasks/": {"get": {
@@ -230,7 +231,15 @@ OPERATIONS: dict[str, dict[str, dict[str, Any]]] = {
         "responses": {"200": _ok("The status.", {
             "type": "object", "required": ["state", "agent_id", "free_ram"],
             "properties": {"state": {"type": "string"}, "agent_id": {"type": "string"},
-                           "free_ram": {"type": "integer"}}})}}},
+                           "free_ram": {"type": "integer"},
+                           "gpus": {"type": "array", "description": (
+                               "The GPUs tasks may get and the assignment holding each."),
+                               "items": {"type": "object", "properties": {
+                                   "id": {"type": "string"}, "pci_slot": {"type": "string"},
+                                   "name": {"type": "string"},
+                                   "uuid": {"type": ["string", "null"]},
+                                   "devices": {"type": "array", "items": {"type": "string"}},
+                                   "assignment": {"type": ["string", "null"]}}}}}})}}},
     "/api/v1/stop": {"post": {
         "operationId": "stop", "summary": "Stop the agent; its tasks are stopped gracefully.",
         "security": MUTATING,

@@ -198,7 +198,10 @@ async def _client(args: argparse.Namespace) -> int:
         return await _wait(args, proxy, changes, args.assignment, args.until)
     if args.command == "status":
         st = json.loads(await proxy.get_status())
-        human = "\n".join(f"{k}: {v}" for k, v in st.items())
+        human = "\n".join(f"{k}: {v}" for k, v in st.items() if k != "gpus")
+        for g in st.get("gpus") or []:
+            human += f"\ngpu {g['id']} ({g['name']}, {g['pci_slot']}): " + (
+                f"assignment {g['assignment']}" if g["assignment"] else "free")
         _print(args, st, human)
     elif args.command == "tasks":
         tasks = json.loads(await proxy.list_tasks(args.active))

@@ -160,6 +160,39 @@ def _user_names(value: str) -> str:
     return ", ".join(names)
 
 
+def jobtype_counts(value: str) -> dict[str, int]:
+    """`task_gpus`: "blender=1, cycles=2" → {"blender": 1, "cycles": 2}."""
+    out: dict[str, int] = {}
+    for part in (p.strip() for p in value.split(",")):
+        if not part:
+            continue
+        name, sep, count = (x.strip() for x in part.partition("="))
+        if not sep or not name or not count.isdigit():
+            raise ValueError(f"each entry must be JOBTYPE=COUNT, got {part!r}")
+        out[name] = int(count)
+    return out
+
+
+def _jobtype_counts(value: str) -> str:
+    return ", ".join(f"{k}={v}" for k, v in jobtype_counts(value).items())
+
+
+_DEVICE_MODE = re.compile(r"^[rwm]{1,3}$")
+
+
+def _device_allow(value: str) -> str:
+    # systemd's DeviceAllow=: a /dev path or char-NAME/block-NAME, then optional r/w/m
+    entries = [e.strip() for e in value.split(",") if e.strip()]
+    for entry in entries:
+        spec, _, mode = entry.partition(" ")
+        if not (spec.startswith("/dev/") or spec.startswith(("char-", "block-"))):
+            raise ValueError(f"each entry must be a /dev path or char-NAME/block-NAME, got "
+                             f"{entry!r}")
+        if mode.strip() and not _DEVICE_MODE.match(mode.strip()):
+            raise ValueError(f"the access of {spec!r} must be of r, w, m; got {mode.strip()!r}")
+    return ", ".join(entries)
+
+
 def _no_root(value: bool) -> bool:
     # Kept so that configs written for earlier releases still load; "false" is all it can be.
     if value:
@@ -257,6 +290,11 @@ class Config:
     task_tasks_max: int = _setting(4096, _between(1))
     task_io_weight: int = _setting(100, _between(1, 10000))
     task_allowed_cpus: str | None = _setting(None, _cpuset)
+    # GPUs a job of a type gets when its job data has no `gpus` ("blender=1, cycles=2")
+    task_gpus: str = _setting("", _jobtype_counts, listed=True)
+    # Devices every task may open besides its GPUs, on nodes whose tasks are confined to
+    # theirs ("/dev/fuse rw")
+    task_device_allow: str = _setting("", _device_allow, listed=True)
     task_stop_grace: float = _setting(30.0, _positive)
     task_max_runtime: float | None = _setting(None, _positive)
     task_accounting_interval: float = _setting(5.0, _positive)

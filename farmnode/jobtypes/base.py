@@ -62,6 +62,10 @@ def _has_nul(value: str) -> bool:
     return "\0" in value
 
 
+# job.data keys the agent itself reads (the GPUs a job asks for): every job type takes them.
+AGENT_DATA_KEYS = frozenset({"gpus"})
+
+
 @dataclass(frozen=True)
 class CommandData:
     """What to execute for an assignment; the agent spawns it without a shell.
@@ -342,7 +346,7 @@ class JobType(abc.ABC):
     def checked_data(self, allowed: frozenset[str]) -> dict[str, Any]:
         """job.data, refusing keys this job type does not know (a typo must not be ignored)."""
         data = self.job.data
-        unknown = sorted(set(data) - allowed)
+        unknown = sorted(set(data) - allowed - AGENT_DATA_KEYS)
         if unknown:
             names = ", ".join(sorted(allowed))
             raise ValueError(f"job.data.{unknown[0]}: unknown key (allowed: {names})")

@@ -71,7 +71,10 @@ def cpuset_mask(spec: str) -> bytes:
 
 
 def scope_properties(pids: Sequence[int], slice_name: str, description: str, limits: ScopeLimits,
-                     stop_timeout_usec: int, kill_signal: int = 15) -> list[UnitProperty]:
+                     stop_timeout_usec: int, kill_signal: int = 15,
+                     devices: Sequence[tuple[str, str]] | None = None) -> list[UnitProperty]:
+    """`devices`: (node, access) the task alone may open besides systemd's pseudo devices
+    (/dev/null, zero, full, random, urandom, tty, ptmx); None leaves device access alone."""
     props: list[UnitProperty] = [
         ("PIDs", ("au", list(pids))),
         ("Slice", ("s", slice_name)),
@@ -99,6 +102,9 @@ def scope_properties(pids: Sequence[int], slice_name: str, description: str, lim
     props += [(name, ("t", value)) for name, value in simple if value is not None]
     if limits.allowed_cpus:
         props.append(("AllowedCPUs", ("ay", cpuset_mask(limits.allowed_cpus))))
+    if devices is not None:
+        props.append(("DevicePolicy", ("s", "closed")))
+        props.append(("DeviceAllow", ("a(ss)", [(node, access) for node, access in devices])))
     return props
 
 

@@ -28,7 +28,8 @@ CREATE TABLE IF NOT EXISTS assignments (
     active INTEGER NOT NULL DEFAULT 1,
     created REAL NOT NULL,
     jobtype TEXT,  -- the job type's name, so reading a task never parses the payload
-    accounting TEXT  -- JSON: the scope's cgroup figures, last sampled or final
+    accounting TEXT,  -- JSON: the scope's cgroup figures, last sampled or final
+    gpus TEXT  -- JSON: the GPUs (UUID, else PCI address) the assignment holds
 );
 CREATE TABLE IF NOT EXISTS tasks (
     assignment_id TEXT NOT NULL REFERENCES assignments(id),
@@ -103,10 +104,12 @@ class TaskRecord:
     created: float
     started: float | None
     finished: float | None
+    gpus: tuple[str, ...] = ()  # the assignment's GPUs (UUID, else PCI address)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["state"] = str(self.state)
+        d["gpus"] = list(self.gpus)
         return d
 
 
@@ -134,18 +137,23 @@ class Store:
                 self.db.execute("ALTER TABLE assignments ADD COLUMN jobtype TEXT")
                 self.db.execute("UPDATE assignments SET"
                                 " jobtype=json_extract(payload, '$.jobtype.name')")
+        if "gpus" not in columns:
+            with self.db:
+                self.db.execute("BEGIN IMMEDIATE")
+                self.db.execute("ALTER TABLE assignments ADD COLUMN gpus TEXT")
 
     def close(self) -> None:
         self.db.close()
 
-    def add_assignment(self, a: Assignment, unit: str) -> None:
+    def add_assignment(self, a: Assignment, unit: str, gpus: Sequence[str] = ()) -> None:
         now = time.time()
         with self.db:
             self.db.execute("BEGIN")
             self.db.execute(
-                "INSERT INTO assignments (id, job_id, payload, unit, created, jobtype)"
-                " VALUES (?,?,?,?,?,?)",
-                (a.id, a.job.id, json.dumps(assignment_to_json(a)), unit, now, a.jobtype.name),
+                "INSERT INTO assignments (id, job_id, payload, unit, created, jobtype, gpus)"
+                " VALUES (?,?,?,?,?,?,?)",
+                (a.id, a.job.id, json.dumps(assignment_to_json(a)), unit, now, a.jobtype.name,
+                 json.dumps(list(gpus))),
             )
             self.db.executemany(
                 "INSERT INTO tasks (assignment_id, id, job_id, frame, tile, attempt, state,"
@@ -168,6 +176,11 @@ class Store:
         row = self.db.execute("SELECT payload FROM assignments WHERE id=?",
                               (assignment_id,)).fetchone()
         return None if row is None else parse_assignment(json.loads(row["payload"]), assignment_id)
+
+    def gpus_of(self, assignment_id: str) -> tuple[str, ...]:
+        row = self.db.execute("SELECT gpus FROM assignments WHERE id=?",
+                              (assignment_id,)).fetchone()
+        return () if row is None else tuple(json.loads(row["gpus"] or "[]"))
 
     def unit_of(self, assignment_id: str) -> str | None:
         row = self.db.execute("SELECT unit FROM assignments WHERE id=?",
@@ -381,7 +394,7 @@ class Store:
         # older farmnode wrote have no column value yet.
         "SELECT t.*, a.unit AS unit,"
         " COALESCE(a.jobtype, json_extract(a.payload, '$.jobtype.name')) AS jobtype,"
-        " a.accounting AS accounting"
+        " a.accounting AS accounting, a.gpus AS gpus"
         " FROM tasks t JOIN assignments a ON a.id = t.assignment_id"
     )
 
@@ -394,7 +407,7 @@ class Store:
             exit_code=row["exit_code"], signal=row["signal"], unit=row["unit"],
             jobtype=row["jobtype"], accounting=json.loads(row["accounting"] or "{}"),
             created=row["created"], started=row["started"],
-            finished=row["finished"],
+            finished=row["finished"], gpus=tuple(json.loads(row["gpus"] or "[]")),
         )
 
     def tasks(self, assignment_id: str | None = None, active_only: bool = False,

@@ -137,7 +137,134 @@ def slice_reserve() -> dict[str, Any]:
             "tasks": recs, "agent_active": sh("systemctl", "is-active", "farmnode.service").strip()}
 
 
-SCENARIOS: list[Callable[[], dict[str, Any]]] = [slice_reserve, oom_kill, cpu_half, fork_bomb]
+# A GPU that needs no driver: a PCI display device of NVIDIA's in a sysfs tree laid over the
+# VM's, and its /dev/nvidiaN made with mknod under NVIDIA's major (195). With no driver bound
+# to the major, opening a node the device cgroup allows fails with ENXIO, one it refuses with
+# EPERM: the difference is the kernel's verdict.
+FAKE_GPUS = ("0000:01:00.0", "0000:02:00.0")
+NVIDIA_MAJOR = 195
+# No braces: the command job type's argument expansion would take them for placeholders.
+PROBE = """
+import errno, json, os, sys, time
+names = ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER")
+out = dict(env=dict((k, os.environ.get(k)) for k in names), open=dict())
+for node in ("/dev/nvidia0", "/dev/nvidia1", "/dev/nvidiactl", "/dev/null"):
+    try:
+        os.close(os.open(node, os.O_RDWR))
+        out["open"][node] = "ok"
+    except OSError as exc:
+        out["open"][node] = errno.errorcode[exc.errno]
+with open(sys.argv[1] + ".tmp", "w") as f:
+    json.dump(out, f)
+os.rename(sys.argv[1] + ".tmp", sys.argv[1])
+# Holds its GPU until told to go (a file), so that the next job finds it taken.
+deadline = time.time() + 300
+while len(sys.argv) > 2 and not os.path.exists(sys.argv[2]) and time.time() < deadline:
+    time.sleep(0.1)
+"""
+
+
+def open_errno(node: str) -> str:
+    import errno
+    import os
+    try:
+        os.close(os.open(node, os.O_RDWR))
+        return "ok"
+    except OSError as exc:
+        return errno.errorcode[exc.errno or 0]
+
+
+def try_assign(a: dict[str, Any]) -> tuple[int, str]:
+    r = subprocess.run(["farmnode", "assign", "-"], input=json.dumps(a), capture_output=True,
+                       text=True, timeout=600)
+    return r.returncode, (r.stdout + r.stderr).strip()
+
+
+def gpu_devices() -> dict[str, Any]:
+    import os
+    import pathlib
+    devices = pathlib.Path("/sys/bus/pci/devices")
+    sh("mount", "-t", "tmpfs", "fake-pci", str(devices))
+    for slot in FAKE_GPUS:
+        d = devices / slot
+        d.mkdir()
+        for name, value in (("class", "0x030200"), ("vendor", "0x10de"), ("device", "0x2330")):
+            (d / name).write_text(value + "\n")
+    nodes = {"/dev/nvidia0": 0, "/dev/nvidia1": 1, "/dev/nvidiactl": 255}
+    for node, minor in nodes.items():
+        os.mknod(node, 0o20666, os.makedev(NVIDIA_MAJOR, minor))
+        os.chmod(node, 0o666)
+    results = pathlib.Path("/tmp/farmnode-vm-gpu")
+    results.mkdir(mode=0o1777, exist_ok=True)
+    results.chmod(0o1777)
+    release = results / "release"
+    try:
+        agent_config("")  # a restart: the agent detects GPUs at start
+        status_gpus = json.loads(sh("farmnode", "--json", "status"))["gpus"]
+        # Outside any task scope (this runner's own cgroup has no device policy): ENXIO.
+        unconfined = {n: open_errno(n) for n in nodes}
+
+        def probe(gpus: int | None, hold: bool) -> tuple[dict[str, Any], str]:
+            a = job("command", {"command": ["/usr/bin/python3", "-c", PROBE]})
+            out = results / f"{a['job']['id']}.json"
+            a["job"]["data"]["command"] += [str(out)] + ([str(release)] if hold else [])
+            if gpus is not None:
+                a["job"]["data"]["gpus"] = gpus
+            return a, str(out)
+
+        first, first_out = probe(1, hold=True)
+        first_id = assign(first)
+        second, second_out = probe(1, hold=True)
+        sh("farmnode", "wait", first_id, "--until", "running")
+        second_id = assign(second)
+        sh("farmnode", "wait", second_id, "--until", "running")
+        unit = f"farmnode-task-{first['tasks'][0]['id']}.scope"
+        policy = sh("systemctl", "show", "-P", "DevicePolicy", unit).strip()
+        allow = sh("systemctl", "show", "-P", "DeviceAllow", unit).strip()
+        busy_gpus = json.loads(sh("farmnode", "--json", "status"))["gpus"]
+        third, _ = probe(1, hold=False)
+        busy = try_assign(third)
+        too_many, _ = probe(3, hold=False)
+        never = try_assign(too_many)
+        # both probes have reported (or ended without) before they are let go
+        for path, a in ((first_out, first), (second_out, second)):
+            deadline = time.time() + 300
+            while not os.path.exists(path) and time.time() < deadline:
+                rec = json.loads(sh("farmnode", "--json", "tasks", "--active"))
+                if a["tasks"][0]["id"] not in {t["id"] for t in rec}:
+                    break  # its assignment ended: it will write nothing more
+                time.sleep(0.2)
+        release.write_text("")
+        first_rec, second_rec = wait(first_id), wait(second_id)
+        none, none_out = probe(None, hold=False)
+        none_rec = wait(assign(none))
+        tasks = {t["id"]: t for t in json.loads(sh("farmnode", "--json", "tasks"))}
+
+        def read(path: str) -> Any:
+            try:
+                with open(path) as f:
+                    return json.load(f)
+            except OSError as exc:
+                return {"missing": str(exc)}
+
+        return {"status_gpus": status_gpus, "busy_gpus": busy_gpus, "unconfined": unconfined,
+                "device_policy": policy, "device_allow": allow,
+                "first": read(first_out), "second": read(second_out), "none": read(none_out),
+                "first_id": first_id, "second_id": second_id,
+                "first_task": tasks.get(first["tasks"][0]["id"]),
+                "records": [first_rec, second_rec, none_rec],
+                "busy_refusal": busy, "never_refusal": never,
+                "journal": sh("journalctl", "-b", "-u", "farmnode.service", "-u", unit, "-n",
+                              "40", "--no-pager", check=False)[-6000:]}
+    finally:
+        sh("umount", str(devices), check=False)
+        for node in nodes:
+            pathlib.Path(node).unlink(missing_ok=True)
+        agent_config("")
+
+
+SCENARIOS: list[Callable[[], dict[str, Any]]] = [gpu_devices, slice_reserve, oom_kill, cpu_half,
+                                                 fork_bomb]
 
 
 def main() -> int:

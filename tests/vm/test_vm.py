@@ -70,3 +70,38 @@ def test_slice_reserve_holds(results: dict[str, Any]) -> None:
     states = [(t["state"], t["reason"]) for t in rec["tasks"]]
     assert ("failed", "oom-kill") in states, states
     assert rec["agent_active"] == "active"
+
+
+def test_gpus_bound_per_task_by_the_kernel(results: dict[str, Any]) -> None:
+    rec = scenario(results, "gpu_devices")
+    journal = rec.pop("journal")  # the agent's and the first scope's lines, for a failure
+    # detected from the (fake) PCI tree, no UUID without a driver: named by PCI address
+    assert [(g["id"], g["devices"], g["assignment"]) for g in rec["status_gpus"]] == [
+        ("0000:01:00.0", ["/dev/nvidia0"], None), ("0000:02:00.0", ["/dev/nvidia1"], None)]
+    # without a scope's device policy both nodes open as far as the missing driver
+    assert rec["unconfined"] == {"/dev/nvidia0": "ENXIO", "/dev/nvidia1": "ENXIO",
+                                 "/dev/nvidiactl": "ENXIO"}
+    assert rec["device_policy"] == "closed", journal
+    assert "/dev/nvidia0 rw" in rec["device_allow"] and "/dev/nvidia1" not in rec["device_allow"]
+    held = {g["id"]: g["assignment"] for g in rec["busy_gpus"]}
+    assert held == {"0000:01:00.0": rec["first_id"], "0000:02:00.0": rec["second_id"]}
+    first, second, none = rec["first"], rec["second"], rec["none"]
+    # each task opens its own GPU and the driver's control node; the kernel refuses the other
+    assert first["open"] == {"/dev/nvidia0": "ENXIO", "/dev/nvidia1": "EPERM",
+                             "/dev/nvidiactl": "ENXIO", "/dev/null": "ok"}, first
+    assert second["open"] == {"/dev/nvidia0": "EPERM", "/dev/nvidia1": "ENXIO",
+                              "/dev/nvidiactl": "ENXIO", "/dev/null": "ok"}, second
+    assert first["env"] == {"CUDA_VISIBLE_DEVICES": "0", "NVIDIA_VISIBLE_DEVICES": "0",
+                            "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+    assert second["env"]["CUDA_VISIBLE_DEVICES"] == "1"
+    # a task that asked for none opens none
+    assert none["open"] == {"/dev/nvidia0": "EPERM", "/dev/nvidia1": "EPERM",
+                            "/dev/nvidiactl": "EPERM", "/dev/null": "ok"}, none
+    assert none["env"]["CUDA_VISIBLE_DEVICES"] == ""
+    assert [r["state"] for r in rec["records"]] == ["done", "done", "done"], rec["records"]
+    assert rec["first_task"]["gpus"] == ["0000:01:00.0"]
+    # both GPUs taken: PyFarm's "try later" answer; more than the node has: invalid
+    code, text = rec["busy_refusal"]
+    assert code != 0 and "Not enough gpus: agent_gpus=0 requires_gpus=1" in text, text
+    code, text = rec["never_refusal"]
+    assert code != 0 and "job.data.gpus: asks for 3 GPUs; this node has 2" in text, text
