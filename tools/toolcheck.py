@@ -50,7 +50,7 @@ HOST_BASE: Mapping[str, str] = {
     **dict.fromkeys(["cat", "cp", "rm", "ln", "ls", "mkdir", "install", "tee", "touch", "env",
                      "id", "stat", "du", "chgrp", "test", "["], "coreutils: Essential"),
     "sed": "sed: Essential", "grep": "grep: Essential", "awk": "mawk: Priority required",
-    **dict.fromkeys(["chmod", "sleep", "mv", "dd", "sync", "nproc", "seq", "date"],
+    **dict.fromkeys(["chmod", "sleep", "mv", "dd", "sync", "nproc", "seq", "date", "df"],
                     "coreutils: Essential"),
     "hostname": "hostname: Essential",
     "apt-get": "apt: in every Debian install",
