@@ -13,12 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from farmnode.systemd.shim import JournalStream
+from farmnode.systemd import spool
+from farmnode.systemd.journal import TaskLogFields
+from farmnode.systemd.shim import JournalStream, spool_paths
 
 HEADER = b"farmnode-stdout\n\n6\n1\n0\n0\n0\n"
 
 FAKE_JOURNALCTL = """\
-import json, sys
+import json, os, sys
+if "--sync" in sys.argv:
+    sys.exit(1 if os.path.exists(sys.argv[0] + ".down") else 0)
 args = dict(a.split("=", 1) for a in sys.argv[1:] if "=" in a)
 open(sys.argv[0] + ".calls", "a").write(" ".join(sys.argv[1:]) + "\\n")
 since = float(args["--since"].lstrip("@"))
@@ -165,3 +169,69 @@ def test_a_line_journald_read_only_half_of_is_sent_again_whole(journald: Journal
     journald.take(len(LINES[1] + LINES[2]))
     pump_until(s, lambda: not s.pending)
     assert journald.messages() == ["<6>one", "<6>two", "<6>three"]
+
+
+FIELDS = TaskLogFields("farmnode-task-7.scope", 3, "a1", (7, 8), "command")
+
+
+def spooled_stream(j: Journald, tmp: Path) -> tuple[JournalStream, str]:
+    """A stream that had two of three lines taken when journald stopped, then held two more
+    lines in its spool while journald was away: and then the shim was killed."""
+    status = str(tmp / "a1.json")
+    s = stream(j)
+    s.spool_path = spool_paths(status, s.identifier)[0]
+    s.add(b"".join(LINES), 30)
+    s.pump(time.monotonic())
+    j.take(len(LINES[0] + LINES[1]))
+    j.stop()
+    s.pump(time.monotonic())
+    s.spool(time.monotonic())
+    s.add(b"<3>four\n<6>f\xc3\xbcnf\n", 50)
+    s.pump(time.monotonic())
+    s.spool(time.monotonic(), force=True)
+    assert s.pending and s.spool_current
+    os.close(s.spool_fd)  # SIGKILL: what is on disk is all there is
+    return s, status
+
+
+def test_spool_holds_what_journald_did_not_take_and_is_replayed_once(
+        journald: Journald, tmp_path: Path) -> None:
+    _, status = spooled_stream(journald, tmp_path)
+    sent: list[tuple[str, ...]] = []
+    done = spool.replay(status, FIELDS, journalctl=str(journald.journalctl),
+                        send=lambda *f: sent.append(f))
+    messages = [f[0] for f in sent if "SYSLOG_IDENTIFIER=farmnode-stdout" in f]
+    # "one" and "two" are in the journal already (counted there), the rest comes once.
+    assert messages == ["MESSAGE=three", "MESSAGE=four", "MESSAGE=fünf"]
+    assert [f[1] for f in sent[:3]] == ["PRIORITY=6", "PRIORITY=3", "PRIORITY=6"]
+    for f in sent:
+        assert "OBJECT_SYSTEMD_UNIT=farmnode-task-7.scope" in f
+        assert {"FARMNODE_TASK=7", "FARMNODE_TASK=8", "FARMNODE_JOB=3"} <= set(f)
+    assert done.lines == 3 and done.bytes == len("three\nfour\nfünf\n".encode())
+    note = done.describe()
+    assert note is not None and "3 output lines" in note
+    assert sent[-1][0] == f"MESSAGE={note}" and "SYSLOG_IDENTIFIER=farmnode-shim" in sent[-1]
+    assert spool.spools(status) == [] and not list(tmp_path.glob("a1.json.*"))
+
+
+def test_spool_stays_while_journald_is_away(journald: Journald, tmp_path: Path) -> None:
+    _, status = spooled_stream(journald, tmp_path)
+    Path(f"{journald.journalctl}.down").touch()
+    sent: list[tuple[str, ...]] = []
+    with pytest.raises(OSError):
+        spool.replay(status, FIELDS, journalctl=str(journald.journalctl),
+                     send=lambda *f: sent.append(f))
+    assert sent == [] and len(spool.spools(status)) == 1
+
+
+def test_spool_is_removed_once_journald_has_taken_all(journald: Journald, tmp_path: Path) -> None:
+    s, status = spooled_stream(journald, tmp_path)
+    s.spool_fd = os.open(s.spool_path, os.O_WRONLY)  # the shim lives on after all
+    journald.start()
+    s.pump(time.monotonic() + 10)
+    journald.accept()
+    journald.take(len(b"<6>three\n<3>four\n<6>f\xc3\xbcnf\n"))
+    pump_until(s, lambda: not s.pending)
+    s.spool(time.monotonic())
+    assert s.spool_fd < 0 and spool.spools(status) == []
+    assert not Path(s.spool_path).exists()

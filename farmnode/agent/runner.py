@@ -31,7 +31,7 @@ from farmnode.jobtypes.base import CommandData, ExitStatus, JobType, Stream
 from farmnode.jobtypes.registry import UnknownJobType, available_jobtypes, load_jobtype
 from farmnode.jobtypes.remote import RemoteJobType, cache_latest, remote_jobtype_class
 from farmnode.sysinfo.gpu import Gpu
-from farmnode.systemd import fdstore, link
+from farmnode.systemd import fdstore, link, spool
 from farmnode.systemd.cgroup import cgroup_path_dir, shim_pid, unit_cgroup_path
 from farmnode.systemd.journal import (
     DEFAULT_PRIORITIES,
@@ -204,6 +204,9 @@ class AssignmentRun:
     _log_fields: TaskLogFields | None = None
     _proc: subprocess.Popen[bytes] | None = None
     _stopping: asyncio.Task[bool] | None = None
+    # What became of output journald could not take in time (added to the outcome's reason).
+    _output_note: str | None = None
+    _spool_retry: asyncio.Task[None] | None = None
     # Set once the run reads its link (an adopted one: after RESUME went out), so that the
     # agent says READY only when every task it inherited is attached again.
     attached: asyncio.Event = field(default_factory=asyncio.Event)
@@ -231,12 +234,50 @@ class AssignmentRun:
         self.report_progress(self.assignment.id, task_id, progress)
 
     def _finish_all(self, state: TaskState, reason: str | None, status: ExitStatus | None) -> None:
+        if self._output_note:
+            reason = f"{reason}; {self._output_note}" if reason else self._output_note
         changes = [StateChange(task.id, state, reason, status.code if status else None,
                                status.signal if status else None)
                    for task in self.assignment.tasks if task.id not in self._finished]
         self._finished.update(c.task_id for c in changes)
         # One batch: the store commits it once, however many tasks the assignment holds.
         self.report_states(self.assignment.id, changes)
+
+    async def _journal_spool(self) -> None:
+        """Journal the output the shim left in its spool (journald was away when the scope
+        was stopped or the shim gave up waiting), and say so in the outcome. While journald
+        is still away the spool stays and a retry runs until it is back."""
+        fields = self._log_fields
+        if fields is None or not spool.spools(str(self.status_path())):
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            done = await loop.run_in_executor(None, spool.replay, str(self.status_path()),
+                                              fields)
+        except OSError as exc:
+            log.warning("assignment %s: output held while journald was away waits in its "
+                        "spool: %s", self.assignment.id, exc)
+            self._output_note = ("output held while journald was away waits in "
+                                 f"{self.status_path()}.*.spool and is journaled once "
+                                 "journald is back")
+            self._spool_retry = loop.create_task(self._retry_spool())
+            return
+        self._output_note = done.describe()
+
+    async def _retry_spool(self) -> None:
+        fields = self._log_fields
+        assert fields is not None
+        loop = asyncio.get_running_loop()
+        delay = 1.0
+        while spool.spools(str(self.status_path())):
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+            try:
+                done = await loop.run_in_executor(None, spool.replay, str(self.status_path()),
+                                                  fields)
+            except OSError:
+                continue
+            log.warning("assignment %s: %s", self.assignment.id, done.describe())
 
     def status_path(self) -> Path:
         return Path(self.config.agent_runtime_dir) / "tasks" / f"{self.assignment.id}.json"
@@ -332,6 +373,7 @@ class AssignmentRun:
                     await _wait_pid(pid)
                 if timer is not None:
                     timer.cancel()
+            await self._journal_spool()
             record = self.recorded_exit()
             if record is not None:
                 self._conclude(record)
@@ -513,9 +555,11 @@ class AssignmentRun:
                 # reported finished only with all its output journaled.
                 while await loop.sock_recv(sock, 1024):
                     pass
+            await self._journal_spool()
             self._conclude(record)
         never_started = False
         if record is None:
+            await self._journal_spool()
             never_started = self._conclude_without_exit()
         fdstore.remove(self.fd_name)
         sock.close()

@@ -128,6 +128,17 @@ RECV_SIZE = 256 * 1024  # a SEQPACKET read shorter than the packet would lose it
 SIOCOUTQ = 0x5411  # bytes sent on a socket that the peer has not read yet (see confirm())
 RETRY_FIRST, RETRY_MAX = 0.05, 1.0  # seconds between tries to reach journald again
 CONFIRM_EVERY = 0.02  # while journald has not read everything yet: how often to look
+# Once the job has ended and the agent has its exit, how long the shim waits for a journald
+# that is away before it leaves, its held output in the spool for the agent to journal.
+JOURNAL_GRACE = 60.0
+SPOOL_META_EVERY = 0.2  # seconds between rewrites of a spool's record while it changes
+
+
+def spool_paths(status_path: str, identifier: str) -> tuple[str, str]:
+    """(data, record) of a stream's spool: the formatted lines journald has not taken, kept
+    on disk while journald is away so that a stopped scope (SIGKILL) or a shim that leaves
+    loses none of them (farmnode.systemd.spool journals them later)."""
+    return f"{status_path}.{identifier}.spool", f"{status_path}.{identifier}.spool.json"
 
 
 class JournalStream:
@@ -164,6 +175,13 @@ class JournalStream:
         self.retry_delay = RETRY_FIRST
         self.down_since: float | None = None  # wall clock: journald unreachable since
         self.outages: list[tuple[float, float]] = []  # (from, to) wall clock, not yet noted
+        self.spool_path = ""  # set by the shim; empty: no spool (the host tests' streams)
+        self.spool_fd = -1
+        self.spool_start = 0  # offset (in all bytes ever queued) of the spool file's byte 0
+        self.spooled = 0  # offset up to which the spool file holds buf
+        self.spool_meta: tuple[int, int, float] | None = None  # as last recorded
+        self.spool_meta_at = 0.0
+        self.spool_error = ""
 
     def connect(self) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -259,6 +277,68 @@ class JournalStream:
             self.down_since = time.time()
         self.retry_at = 0.0
 
+    # ---- the spool ----------------------------------------------------------------------
+    def spool(self, now: float, force: bool = False) -> None:
+        """While journald is away (and until it has taken what was held): keep buf on disk.
+
+        The file only grows (written at each byte's offset from spool_start); its record says
+        from where on journald had not taken it (base) and what the journal needs to tell how
+        many of the following lines it took after all (the connection's opening time and the
+        lines taken on it: see resolve()). A record older than the file is still true, only
+        less precise: the journal count corrects it."""
+        if not self.spool_path or self.spool_error:
+            return
+        if self.spool_fd < 0:
+            if self.sock is not None or not (self.buf or self.unresolved):
+                return
+            try:
+                self.spool_fd = os.open(self.spool_path,
+                                        os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+                                        0o600)
+            except OSError as exc:
+                self._spool_failed(exc)
+                return
+            self.spool_start = self.spooled = self.base
+            force = True
+        elif self.sock is not None and not self.buf and not self.unresolved:
+            # journald has taken all: the spool is of no use any more.
+            os.close(self.spool_fd)
+            self.spool_fd = -1
+            for path in spool_paths_of(self.spool_path):
+                try:  # noqa: SIM105 (contextlib would cost every task's start an import)
+                    os.unlink(path)
+                except OSError:
+                    pass
+            self.spool_meta = None
+            return
+        end = self.base + len(self.buf)
+        try:
+            start = max(self.spooled, self.base)
+            while start < end:
+                start += os.pwrite(self.spool_fd, memoryview(self.buf)[start - self.base:],
+                                   start - self.spool_start)
+            self.spooled = end
+            meta = (self.base, self.lines_taken, self.opened_at)
+            if meta != self.spool_meta and (force or now - self.spool_meta_at >= SPOOL_META_EVERY):
+                _write_status(spool_paths_of(self.spool_path)[1], {
+                    "identifier": self.identifier, "priority": self.priority,
+                    "pid": os.getpid(), "start": self.spool_start, "base": self.base,
+                    "lines_taken": self.lines_taken, "opened_at": self.opened_at})
+                self.spool_meta = meta
+                self.spool_meta_at = now
+        except OSError as exc:
+            self._spool_failed(exc)
+
+    def _spool_failed(self, exc: OSError) -> None:
+        self.spool_error = f"cannot spool to {self.spool_path}: {exc.strerror or exc}"
+
+    @property
+    def spool_current(self) -> bool:
+        """Everything held is in the spool and its record is up to date."""
+        return (self.spool_fd >= 0 and not self.spool_error
+                and self.spooled == self.base + len(self.buf)
+                and self.spool_meta == (self.base, self.lines_taken, self.opened_at))
+
     # ---- inside -------------------------------------------------------------------------
     def flush(self) -> None:
         while self.sock is not None and self.written < self.base + len(self.buf):
@@ -334,6 +414,10 @@ class JournalStream:
         return out.count(b"\n")
 
 
+def spool_paths_of(data_path: str) -> tuple[str, str]:
+    return data_path, f"{data_path}.json"
+
+
 class Stream:
     # A plain class: dataclasses (with inspect) and typing cost the shim ~12 ms of start-up,
     # which is on every task's launch path (bench/REPORT.md).
@@ -382,6 +466,7 @@ class Forwarder:
         # flushed): the shim journals the job's raw output itself until the job ends.
         self.link_gone = False
         self.raw_finished = False
+        self.ended_at: float | None = None  # monotonic: when the job was reaped
 
     def _send(self, packet: bytes) -> bool:
         try:
@@ -469,6 +554,7 @@ class Forwarder:
         for s in self.streams:
             s.journal.pump(now)
             s.free_below(s.journal.taken_raw)
+            s.journal.spool(now)
 
     def _journal_pending(self) -> bool:
         return any(s.journal.pending or s.journal.unresolved for s in self.streams)
@@ -498,6 +584,7 @@ class Forwarder:
         record["ends"] = [s.end for s in self.streams]
         _write_status(status_path, record)
         self.exit_record = record
+        self.ended_at = time.monotonic()
 
     def _done(self) -> bool:
         # The shim leaves only once journald has taken every byte: the agent reports the
@@ -507,8 +594,24 @@ class Forwarder:
             for s in self.streams:
                 s.journal.finish_raw()
             self._journal()
-        return (self.exit_acked or (self.link_gone and self.pidfd < 0)) and \
-            not self._journal_pending()
+        if not (self.exit_acked or (self.link_gone and self.pidfd < 0)):
+            return False
+        if not self._journal_pending():
+            return True
+        return self._give_up_waiting()
+
+    def _give_up_waiting(self) -> bool:
+        """journald is still away well after the job ended: leave, with what it has not taken
+        in the spool (the agent journals it once journald is back and says so in the task's
+        outcome), rather than keep the task running for as long as journald is gone. Output
+        that could not be spooled is kept in memory: the shim waits on."""
+        if self.ended_at is None or time.monotonic() - self.ended_at < JOURNAL_GRACE:
+            return False
+        now = time.monotonic()
+        held = [s.journal for s in self.streams if s.journal.pending or s.journal.unresolved]
+        for j in held:
+            j.spool(now, force=True)
+        return all(j.spool_current for j in held)
 
     def run(self, status_path: str, exec_error: str) -> None:
         while not self._done():
@@ -545,6 +648,9 @@ class Forwarder:
                     # POLLHUP comes unasked: a broken connection is seen at once.
                     poller.register(j.sock.fileno(), select.POLLOUT if j.wants_out() else 0)
                     journals[j.sock.fileno()] = j
+            if self.ended_at is not None and self._journal_pending():
+                left = max(0.0, self.ended_at + JOURNAL_GRACE - now)
+                timeout = left if timeout is None else min(timeout, left)
             events = poller.poll(None if timeout is None else int(timeout * 1000) + 1)
             for fd, event in events:
                 if fd == self.sock.fileno():
@@ -621,6 +727,8 @@ def main() -> int:
     journal_socket = str(spec.get("journal_socket") or JOURNAL_SOCKET)
     journals = [JournalStream(journal_socket, str(ident), int(prio))
                 for ident, prio in spec["journal"]]
+    for j in journals:
+        j.spool_path = spool_paths(status_path, j.identifier)[0]
     try:
         for j in journals:
             j.connect()

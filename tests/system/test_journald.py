@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 
 from container import Container
 
@@ -72,3 +73,55 @@ def test_journald_stopped_30s_mid_task_loses_no_line(ct: Container) -> None:
     notes = [e for e in entries if e.get("SYSLOG_IDENTIFIER") == "farmnode-shim"]
     assert notes and "journald was unreachable" in notes[0]["MESSAGE"], notes
     assert all(e["_SYSTEMD_UNIT"] == f"farmnode-task-{task_id}.scope" for e in entries)
+
+
+def _poll(what: str, check: Callable[[], bool], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        time.sleep(0.2)
+
+
+def test_task_cancelled_while_journald_is_away_loses_no_line(ct: Container) -> None:
+    # The job prints its lines only once journald is gone, then waits to be cancelled: the
+    # shim holds all of them when systemd kills the scope.
+    go, printed = "/tmp/jlost-go", "/tmp/jlost-printed"
+    ct.run(["rm", "-f", go, printed])
+    script = (
+        f'while [ ! -e {go} ]; do sleep 0.05; done; i=1; while [ $i -le {LINES} ]; do '
+        f'echo "line $i"; i=$((i+1)); done; touch {printed}; exec sleep 300'
+    )
+    a = assignment("command", {"command": ["/bin/sh", "-c", script]}, [1])
+    task_id = a["tasks"][0]["id"]
+    unit = f"farmnode-task-{task_id}.scope"
+    aid = farmnode(ct, "assign", "-", input=json.dumps(a)).stdout.strip()
+    farmnode(ct, "wait", aid, "--until", "running")
+    ct.run(["systemctl", "stop", *JOURNALD_UNITS])
+    try:
+        ct.run(["touch", go])
+        _poll("the job printed its lines",
+              lambda: ct.run(["test", "-e", printed], check=False).returncode == 0)
+        farmnode(ct, "cancel", str(task_id))
+        farmnode(ct, "wait", aid, check=False)
+        task = next(t for t in json.loads(farmnode(ct, "--json", "tasks").stdout)
+                    if t["id"] == task_id)
+        assert task["state"] == "cancelled", task
+        # The outcome says where the output is, while journald is still away.
+        assert "waits in" in task["reason"] and "spool" in task["reason"], task
+    finally:
+        ct.run(["systemctl", "start", *JOURNALD_UNITS])
+
+    def stdout_of(*match: str) -> list[str]:
+        return [e["MESSAGE"] for e in journal(ct, *match)
+                if e.get("SYSLOG_IDENTIFIER") == "farmnode-stdout"]
+
+    want = [f"line {n}" for n in range(1, LINES + 1)]
+    _poll("the spooled lines are journaled", lambda: len(stdout_of(f"FARMNODE_TASK={task_id}"))
+          >= LINES)
+    assert stdout_of(f"FARMNODE_TASK={task_id}") == want
+    assert stdout_of("-u", unit) == want
+    notes = [e["MESSAGE"] for e in journal(ct, "-u", unit)
+             if e.get("SYSLOG_IDENTIFIER") == "farmnode-shim"]
+    assert any("journaled late from the shim's spool" in n for n in notes), notes
+    assert ct.run(["sh", "-c", "ls /run/farmnode/tasks/*.spool*"], check=False).returncode != 0
