@@ -50,4 +50,4 @@ def test_python2_jobtype_fails_with_file_and_line(farm: Farm) -> None:
     (t,) = farm.tasks(job_id)
     assert t["state"] == "failed", t
     err = t["last_error"]
-    assert err and "line 5" in err and ".py" in err, t
+    assert err and "line 5" in err and ".py" in err and "print" in err and "Python 3" in err, t
