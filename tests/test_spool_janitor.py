@@ -70,7 +70,7 @@ def test_replay_when_back_retries_until_journald_answers(tmp_path: Path) -> None
         spool._remove(f"{path}.farmnode-stdout.spool")
         return spool.Replayed(lines=1, bytes=4)
 
-    done = asyncio.run(spool.replay_when_back(status, fields, first_delay=0.0,
+    done = asyncio.run(spool.replay_when_back(status, fields, first_delay=0.0, max_delay=0.0,
                                               replay_fn=replay))
     assert done == spool.Replayed(lines=1, bytes=4) and tries == [status] * 3
     assert spool.spools(status) == []

@@ -72,10 +72,10 @@ async def replay_when_back(status_path: str, fields: TaskLogFields, first_delay:
     (another replay took them)."""
     loop = asyncio.get_running_loop()
     do = replay_fn or replay
-    delay = first_delay
+    delay, backoff = first_delay, 1.0
     while spools(status_path):
         await asyncio.sleep(delay)
-        delay = min(delay * 2, max_delay)
+        delay, backoff = backoff, min(backoff * 2, max_delay)
         try:
             return await loop.run_in_executor(None, do, status_path, fields)
         except OSError:
