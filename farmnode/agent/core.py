@@ -694,7 +694,7 @@ class Agent:
         """Leave for a restart: tasks keep running, their links stay in the fd store."""
         self._shutting_down = True
         self._detached = True
-        for task in self._tasks.values():
+        for task in [*self._tasks.values(), *self._spool_janitor]:
             task.cancel()
         self.flush_progress()
 
@@ -715,6 +715,8 @@ class Agent:
         if self._tasks:
             await asyncio.wait(list(self._tasks.values()),
                                timeout=self.config.task_stop_grace + 10)
+        for task in self._spool_janitor:
+            task.cancel()  # the next agent picks the spools up again
         self.flush_progress()
         self._set_state(AgentState.OFFLINE)
 
