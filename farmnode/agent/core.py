@@ -34,9 +34,9 @@ from farmnode.config.model import jobtype_counts
 from farmnode.jobtypes.remote import RemoteJobTypeError, cache_store
 from farmnode.master.trust import TrustedMasters
 from farmnode.sysinfo import gpu, host
-from farmnode.systemd import fdstore, link
-from farmnode.systemd.cgroup import cgroup_path_dir, read_accounting, unit_cgroup_path
-from farmnode.systemd.journal import exported_units, remove_unit_settings
+from farmnode.systemd import fdstore, link, spool
+from farmnode.systemd.cgroup import cgroup_path_dir, read_accounting, shim_pid, unit_cgroup_path
+from farmnode.systemd.journal import TaskLogFields, exported_units, remove_unit_settings
 from farmnode.systemd.scope import ScopeManager
 from farmnode.tasks.model import Assignment, StateChange, TaskState
 from farmnode.tasks.schema import AssignmentError, parse_assignment
@@ -133,6 +133,8 @@ class Agent:
         self.scopes = scopes
         self.runs: dict[str, AssignmentRun] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        # Journals the spools of runs concluded by an earlier agent process.
+        self._spool_janitor: list[asyncio.Task[None]] = []
         self._open: dict[str, int] = {}  # unfinished tasks per running assignment
         # Outcomes the store could not take yet (disk full): kept here, in order, and written
         # again until it takes them, so no outcome is lost and no task is stuck running.
@@ -636,6 +638,40 @@ class Agent:
                     sock.setblocking(False)
                     sock.send(link.pack(link.EXIT_ACK))
             fdstore.remove(name)
+        self._adopt_spools()
+
+    def orphan_spools(self) -> dict[str, TaskLogFields]:
+        """Spools no run of this agent will journal: their run concluded in an earlier agent
+        process (whose retry went with it) and their shim is gone. {status path: fields}"""
+        found: dict[str, TaskLogFields] = {}
+        tasks_dir = os.path.join(self.config.agent_runtime_dir, "tasks")
+        for status_path, aid in spool.waiting(tasks_dir).items():
+            if aid in self.runs:
+                continue  # its own run journals it when it concludes
+            a = self.store.assignment(aid)
+            if a is None:
+                log.warning("the spool of %s belongs to no assignment the agent knows; "
+                            "left in place", status_path)
+                continue
+            unit = scope_unit_name(a)
+            if shim_pid(cgroup_path_dir(unit_cgroup_path(unit, self.config.task_slice))):
+                continue  # the shim still writes it
+            found[status_path] = TaskLogFields(unit, a.job.id, a.id, a.task_ids, a.jobtype.name)
+        return found
+
+    def _adopt_spools(self) -> None:
+        for status_path, fields in self.orphan_spools().items():
+            log.warning("assignment %s: output held while journald was away waits in "
+                        "%s.*.spool; journaling it once journald answers",
+                        fields.assignment_id, status_path)
+            self._spool_janitor.append(asyncio.get_running_loop().create_task(
+                self._journal_orphan(status_path, fields)))
+
+    async def _journal_orphan(self, status_path: str, fields: TaskLogFields) -> None:
+        done = await spool.replay_when_back(status_path, fields, first_delay=0.0)
+        if done is not None:
+            log.warning("assignment %s: %s", fields.assignment_id,
+                        done.describe() or "its spool held nothing journald lacked")
 
     def sample_accounting(self) -> None:
         for run in list(self.runs.values()):
@@ -658,7 +694,7 @@ class Agent:
         """Leave for a restart: tasks keep running, their links stay in the fd store."""
         self._shutting_down = True
         self._detached = True
-        for task in self._tasks.values():
+        for task in [*self._tasks.values(), *self._spool_janitor]:
             task.cancel()
         self.flush_progress()
 
@@ -679,6 +715,8 @@ class Agent:
         if self._tasks:
             await asyncio.wait(list(self._tasks.values()),
                                timeout=self.config.task_stop_grace + 10)
+        for task in self._spool_janitor:
+            task.cancel()  # the next agent picks the spools up again
         self.flush_progress()
         self._set_state(AgentState.OFFLINE)
 

@@ -267,16 +267,8 @@ class AssignmentRun:
     async def _retry_spool(self) -> None:
         fields = self._log_fields
         assert fields is not None
-        loop = asyncio.get_running_loop()
-        delay = 1.0
-        while spool.spools(str(self.status_path())):
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 30.0)
-            try:
-                done = await loop.run_in_executor(None, spool.replay, str(self.status_path()),
-                                                  fields)
-            except OSError:
-                continue
+        done = await spool.replay_when_back(str(self.status_path()), fields)
+        if done is not None:
             log.warning("assignment %s: %s", self.assignment.id, done.describe())
 
     def status_path(self) -> Path:

@@ -125,3 +125,84 @@ def test_task_cancelled_while_journald_is_away_loses_no_line(ct: Container) -> N
              if e.get("SYSLOG_IDENTIFIER") == "farmnode-shim"]
     assert any("journaled late from the shim's spool" in n for n in notes), notes
     assert ct.run(["sh", "-c", "ls /run/farmnode/tasks/*.spool*"], check=False).returncode != 0
+
+
+def _stdout_of(ct: Container, *match: str) -> list[str]:
+    return [e["MESSAGE"] for e in journal(ct, *match)
+            if e.get("SYSLOG_IDENTIFIER") == "farmnode-stdout"]
+
+
+def _no_spool_left(ct: Container) -> bool:
+    return ct.run(["sh", "-c", "ls /run/farmnode/tasks/*.spool*"], check=False).returncode != 0
+
+
+def test_spool_of_a_cancelled_task_is_journaled_by_the_next_agent(ct: Container) -> None:
+    # The agent that concluded the task goes while journald is still away: its retry goes
+    # with it, so the agent started next must find the spool and journal it.
+    lines = 2000
+    go, printed = "/tmp/jorphan-go", "/tmp/jorphan-printed"
+    ct.run(["rm", "-f", go, printed])
+    script = (
+        f'while [ ! -e {go} ]; do sleep 0.05; done; i=1; while [ $i -le {lines} ]; do '
+        f'echo "line $i"; i=$((i+1)); done; touch {printed}; exec sleep 300'
+    )
+    a = assignment("command", {"command": ["/bin/sh", "-c", script]}, [1])
+    task_id = a["tasks"][0]["id"]
+    unit = f"farmnode-task-{task_id}.scope"
+    aid = farmnode(ct, "assign", "-", input=json.dumps(a)).stdout.strip()
+    farmnode(ct, "wait", aid, "--until", "running")
+    ct.run(["systemctl", "stop", *JOURNALD_UNITS])
+    try:
+        ct.run(["touch", go])
+        _poll("the job printed its lines",
+              lambda: ct.run(["test", "-e", printed], check=False).returncode == 0)
+        farmnode(ct, "cancel", str(task_id))
+        farmnode(ct, "wait", aid, check=False)
+        task = next(t for t in json.loads(farmnode(ct, "--json", "tasks").stdout)
+                    if t["id"] == task_id)
+        assert task["state"] == "cancelled" and "waits in" in task["reason"], task
+        assert not _no_spool_left(ct)
+        ct.run(["systemctl", "restart", "farmnode"])
+        # The new agent is up (it answers) before journald is back.
+        farmnode(ct, "--json", "tasks")
+        assert not _no_spool_left(ct)
+    finally:
+        ct.run(["systemctl", "start", *JOURNALD_UNITS])
+    want = [f"line {n}" for n in range(1, lines + 1)]
+    _poll("the spool is journaled and removed", lambda: _no_spool_left(ct)
+          and len(_stdout_of(ct, f"FARMNODE_TASK={task_id}")) >= lines)
+    assert _stdout_of(ct, f"FARMNODE_TASK={task_id}") == want
+    assert _stdout_of(ct, "-u", unit) == want
+    notes = [e["MESSAGE"] for e in journal(ct, "-u", unit)
+             if e.get("SYSLOG_IDENTIFIER") == "farmnode-shim"]
+    assert any(f"{lines} output lines" in n and "journaled late from the shim's spool" in n
+               for n in notes), notes
+
+
+def test_shim_gives_up_on_journald_and_the_task_concludes(ct: Container) -> None:
+    # journald stays away past the shim's grace (60 s after the job's end): the shim leaves
+    # its output in the spool, the task is concluded meanwhile, not left running.
+    lines = 500
+    script = f'i=1; while [ $i -le {lines} ]; do echo "line $i"; i=$((i+1)); done'
+    go = "/tmp/jgrace-go"
+    ct.run(["rm", "-f", go])
+    a = assignment("command", {"command": ["/bin/sh", "-c",
+                                           f"while [ ! -e {go} ]; do sleep 0.05; done; "
+                                           + script]}, [1])
+    task_id = a["tasks"][0]["id"]
+    aid = farmnode(ct, "assign", "-", input=json.dumps(a)).stdout.strip()
+    farmnode(ct, "wait", aid, "--until", "running")
+    ct.run(["systemctl", "stop", *JOURNALD_UNITS])
+    try:
+        ct.run(["touch", go])
+        ct.run(["farmnode", "wait", aid], timeout=240)
+        task = next(t for t in json.loads(farmnode(ct, "--json", "tasks").stdout)
+                    if t["id"] == task_id)
+        assert task["state"] == "done", task
+        assert "waits in" in task["reason"] and "spool" in task["reason"], task
+        assert not _no_spool_left(ct)
+    finally:
+        ct.run(["systemctl", "start", *JOURNALD_UNITS])
+    _poll("the spool is journaled and removed", lambda: _no_spool_left(ct)
+          and len(_stdout_of(ct, f"FARMNODE_TASK={task_id}")) >= lines)
+    assert _stdout_of(ct, f"FARMNODE_TASK={task_id}") == [f"line {n}" for n in range(1, lines + 1)]

@@ -1,0 +1,83 @@
+"""Spools left by runs an earlier agent process concluded are found at startup."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+from farmnode.agent.core import Agent
+from farmnode.config import Config
+from farmnode.systemd import spool
+from farmnode.systemd.journal import TaskLogFields
+from farmnode.tasks.model import Assignment, Job, JobTypeRef, Task
+from farmnode.tasks.store import Store
+
+
+def _assignment(aid: str, task_id: int) -> Assignment:
+    return Assignment(id=aid, job=Job(id=7, by=1.0, data={}, environ={}),
+                      jobtype=JobTypeRef(name="command", version=1),
+                      tasks=(Task(id=task_id, frame=1.0),))
+
+
+def _leave_spool(tasks: Path, aid: str, ident: str = "farmnode-stdout",
+                 record: bool = True) -> None:
+    data = tasks / f"{aid}.json.{ident}.spool"
+    data.write_bytes(b"<6>one\n")
+    if record:
+        Path(f"{data}.json").write_text(json.dumps({"identifier": ident}))
+
+
+def test_waiting_lists_each_status_record_with_a_spool_once(tmp_path: Path) -> None:
+    _leave_spool(tmp_path, "a1")
+    _leave_spool(tmp_path, "a1", "farmnode-stderr")
+    _leave_spool(tmp_path, "a2.x")  # an id with a dot in it
+    _leave_spool(tmp_path, "a3", record=False)  # nothing placeable in it
+    (tmp_path / "a4.json").write_text("{}")  # a status record without a spool
+    assert spool.waiting(str(tmp_path)) == {str(tmp_path / "a1.json"): "a1",
+                                            str(tmp_path / "a2.x.json"): "a2.x"}
+    assert spool.waiting(str(tmp_path / "none")) == {}
+
+
+def test_orphans_are_spools_of_concluded_runs_whose_shim_is_gone(tmp_path: Path) -> None:
+    runtime = tmp_path / "run"
+    tasks = runtime / "tasks"
+    tasks.mkdir(parents=True)
+    store = Store(tmp_path / "db")
+    agent = Agent(Config(agent_runtime_dir=str(runtime)), store,
+                  scopes=None)  # type: ignore[arg-type]
+    concluded, running = _assignment("a-done", 41), _assignment("a-run", 42)
+    for a in (concluded, running):
+        store.add_assignment(a, f"farmnode-task-{a.tasks[0].id}.scope")
+        _leave_spool(tasks, a.id)
+    _leave_spool(tasks, "a-unknown")
+    agent.runs[running.id] = agent._new_run(running)
+    assert agent.orphan_spools() == {
+        str(tasks / "a-done.json"): TaskLogFields("farmnode-task-41.scope", 7, "a-done", (41,),
+                                                  "command")}
+
+
+def test_replay_when_back_retries_until_journald_answers(tmp_path: Path) -> None:
+    _leave_spool(tmp_path, "a1")
+    status = str(tmp_path / "a1.json")
+    fields = TaskLogFields("farmnode-task-1.scope", 7, "a1", (1,))
+    tries: list[str] = []
+
+    def replay(path: str, f: TaskLogFields) -> spool.Replayed:
+        tries.append(path)
+        if len(tries) < 3:
+            raise OSError("journalctl --sync: journald is away")
+        spool._remove(f"{path}.farmnode-stdout.spool")
+        return spool.Replayed(lines=1, bytes=4)
+
+    done = asyncio.run(spool.replay_when_back(status, fields, first_delay=0.0, max_delay=0.0,
+                                              replay_fn=replay))
+    assert done == spool.Replayed(lines=1, bytes=4) and tries == [status] * 3
+    assert spool.spools(status) == []
+
+
+def test_replay_when_back_stops_once_the_spools_are_gone(tmp_path: Path) -> None:
+    status = str(tmp_path / "a1.json")
+    done = asyncio.run(spool.replay_when_back(status, TaskLogFields("u", 1, "a1", (1,)),
+                                              first_delay=0.0))
+    assert done is None
