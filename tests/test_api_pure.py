@@ -8,6 +8,7 @@ import csv
 import io
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -17,12 +18,16 @@ from farmnode.api.auth import Basic, Bearer, accepted, parse_authorization, pars
 from farmnode.api.errors import ApiError, from_dbus
 from farmnode.api.generator import generate
 from farmnode.api.openapi import document
-from farmnode.api.resources import parse_signal, task_id_param, task_view
+from farmnode.api.resources import parse_signal, task_id_param, task_stats, task_view
 from farmnode.bus.interface import (
     InvalidAssignmentError,
     NotEnoughResourcesError,
     PartialOverlapError,
 )
+from farmnode.systemd.cgroup import read_accounting
+from farmnode.tasks.model import TaskState
+from farmnode.tasks.schema import parse_assignment
+from farmnode.tasks.store import Store
 
 
 def b64(text: str) -> str:
@@ -65,17 +70,60 @@ def test_csv_in_pyfarm_column_order() -> None:
     assert plain.splitlines()[0].endswith('stderr a, "quoted"\tline')
 
 
-def test_metrics_text_format() -> None:
+def _real_task_record(tmp_path: Path, cgroup_files: dict[str, str]) -> dict[str, Any]:
+    """A task record as the API receives it, made by the code that makes the real one: the
+    figures read from a cgroup directory (files in the kernel's format) by read_accounting,
+    kept by the store, turned into the record the agent sends over D-Bus as JSON."""
+    cgroup = tmp_path / "farmnode-task-5.scope"
+    cgroup.mkdir()
+    for name, text in cgroup_files.items():
+        (cgroup / name).write_text(text)
+    store = Store(tmp_path / "state.db")
+    store.add_assignment(parse_assignment({
+        "job": {"id": 1, "by": 1, "ram": 100}, "jobtype": {"name": "command", "version": 1},
+        "tasks": [{"id": 5, "frame": 1}]}, "x"), "farmnode-task-5.scope")
+    store.set_task_state("x", 5, TaskState.RUNNING)
+    store.set_accounting("x", read_accounting(str(cgroup)))
+    rec = store.task(5)
+    assert rec is not None
+    store.close()
+    return dict(json.loads(json.dumps(rec.to_dict())))
+
+
+CGROUP_FILES = {
+    "memory.current": "1024\n", "memory.peak": "4096\n", "pids.current": "3\n",
+    "memory.events": "low 0\nhigh 0\nmax 0\noom 0\noom_kill 0\n",
+    "cpu.stat": "usage_usec 2500000\nuser_usec 2000000\nsystem_usec 500000\n",
+}
+
+
+def test_task_stats_read_the_agents_record(tmp_path: Path) -> None:
+    t = _real_task_record(tmp_path, CGROUP_FILES)
+    assert task_stats(t) == {"task_id": 5, "state": "running", "memory_current": 1024,
+                             "memory_peak": 4096, "cpu_usage_usec": 2_500_000,
+                             "tasks_current": 3}
+
+
+def test_task_stats_are_null_where_the_cgroup_has_no_figure(tmp_path: Path) -> None:
+    # a hybrid-hierarchy host: cpu.stat only, no memory or pids controller
+    t = _real_task_record(tmp_path, {"cpu.stat": "usage_usec 7\n"})
+    stats = task_stats(t)
+    assert stats["cpu_usage_usec"] == 7
+    assert stats["memory_peak"] is None and stats["memory_current"] is None
+
+
+def test_metrics_text_format(tmp_path: Path) -> None:
     status = {"state": "running", "version": "1", "agent_id": 'a"b', "ram": 100,
               "free_ram": 50, "cpus": 2.0}
-    active = [{"id": 5, "job_id": 1, "assignment_id": "x", "state": "running",
-               "memory_current": 1024, "cpu_usage_nsec": 2_500_000_000}]
+    files = {k: v for k, v in CGROUP_FILES.items() if k != "memory.peak"}
+    active = [_real_task_record(tmp_path, files)]
     text = formats.metrics(status, active, active)
     assert "farmnode_up 1\n" in text
     assert 'farmnode_tasks{state="running"} 1' in text
     assert 'farmnode_tasks{state="done"} 0' in text
     assert 'agent_id="a\\"b"' in text
     assert 'farmnode_task_memory_bytes{task_id="5",job_id="1",assignment_id="x"} 1024' in text
+    assert 'farmnode_task_processes{task_id="5",job_id="1",assignment_id="x"} 3' in text
     assert "farmnode_task_cpu_seconds_total{" in text and "} 2.5" in text
     assert "farmnode_task_memory_peak_bytes" not in text  # absent fields are not invented
     # every family's samples follow its one TYPE line
@@ -110,9 +158,9 @@ def test_request_parameters() -> None:
             parse_signal(bad)
         assert exc.value.status_code == 400 and "signal" in exc.value.message
     view = task_view({"id": 1, "frame": 3.0, "attempt": 0, "tile": None, "state": "done",
-                      "memory_peak": 5})
+                      "accounting": {"memory_peak": 5}})
     assert list(view)[:5] == ["id", "frame", "attempt", "tile", "local_state"]
-    assert view["frame"] == 3 and view["memory_peak"] == 5
+    assert view["frame"] == 3 and view["accounting"] == {"memory_peak": 5}
 
 
 def test_openapi_document_matches_the_routes() -> None:

@@ -102,6 +102,8 @@ def metrics(status: Mapping[str, Any] | None, tasks: list[Mapping[str, Any]],
             m.add(name, "gauge", help_text, float(status[key]))
     # Per-task figures come from the agent's cgroup accounting ([2]) when it reports them.
     for t in active:
+        accounting = t.get("accounting")
+        figures: Mapping[str, Any] = accounting if isinstance(accounting, Mapping) else {}
         labels = {"task_id": t.get("id"), "job_id": t.get("job_id"),
                   "assignment_id": t.get("assignment_id")}
         for key, name, kind, help_text, scale in (
@@ -109,12 +111,12 @@ def metrics(status: Mapping[str, Any] | None, tasks: list[Mapping[str, Any]],
              "Memory of the task's scope (cgroup memory.current).", 1.0),
             ("memory_peak", "farmnode_task_memory_peak_bytes", "gauge",
              "Peak memory of the task's scope.", 1.0),
-            ("cpu_usage_nsec", "farmnode_task_cpu_seconds_total", "counter",
-             "CPU time used by the task's scope.", 1e-9),
+            ("cpu_usage_usec", "farmnode_task_cpu_seconds_total", "counter",
+             "CPU time used by the task's scope.", 1e-6),
             ("tasks_current", "farmnode_task_processes", "gauge",
              "Processes and threads in the task's scope.", 1.0),
         ):
-            value = t.get(key)
+            value = figures.get(key)
             if isinstance(value, int | float) and not isinstance(value, bool):
                 m.add(name, kind, help_text, value * scale, labels)
     return m.render()

@@ -116,7 +116,7 @@ ASSIGNMENT: dict[str, Any] = {
 TASK: dict[str, Any] = {
     "type": "object",
     "description": "PyFarm's keys (id, frame, attempt, tile, local_state), then the agent's "
-                   "record; cgroup accounting fields appear when the agent reports them.",
+                   "record; its cgroup figures are under `accounting` when the agent has them.",
     "required": ["id", "frame", "attempt", "tile", "local_state"],
     "properties": {
         "id": {"type": "integer"}, "frame": {"type": "number"},
@@ -126,6 +126,7 @@ TASK: dict[str, Any] = {
         "state": {"type": "string",
                   "enum": ["queued", "running", "done", "failed", "cancelled"]},
         "progress": {"type": "number"}, "reason": NULLABLE_STR,
+        "accounting": {"type": "object", "additionalProperties": {"type": "integer"}},
     },
 }
 
@@ -135,7 +136,7 @@ STATS: dict[str, Any] = {
         "task_id": {"type": "integer"}, "state": {"type": "string"},
         "memory_current": {"type": ["integer", "null"], "description": "bytes"},
         "memory_peak": {"type": ["integer", "null"], "description": "bytes"},
-        "cpu_usage_nsec": {"type": ["integer", "null"]},
+        "cpu_usage_usec": {"type": ["integer", "null"], "description": "microseconds"},
         "tasks_current": {"type": ["integer", "null"]},
     },
 }

@@ -58,12 +58,18 @@ def task_view(t: dict[str, Any]) -> dict[str, Any]:
     return view
 
 
-STAT_KEYS = ("memory_current", "memory_peak", "cpu_usage_nsec", "tasks_current")
+# Named as the agent's record names them (farmnode.systemd.cgroup.read_accounting): the
+# cgroup's own units, bytes and microseconds.
+STAT_KEYS = ("memory_current", "memory_peak", "cpu_usage_usec", "tasks_current")
 
 
 def task_stats(t: dict[str, Any]) -> dict[str, Any]:
+    """A task's cgroup figures, last sampled while it ran or final after it ended; null where
+    the agent has none (no sample yet, or a controller the host does not expose)."""
+    accounting = t.get("accounting")
+    figures = accounting if isinstance(accounting, dict) else {}
     return {"task_id": t["id"], "state": t.get("state"),
-            **{k: t.get(k) for k in STAT_KEYS}}
+            **{k: figures.get(k) for k in STAT_KEYS}}
 
 
 # ---- PyFarm's endpoints ------------------------------------------------------------------
