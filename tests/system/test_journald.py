@@ -83,50 +83,6 @@ def _poll(what: str, check: Callable[[], bool], timeout: float = 120) -> None:
         time.sleep(0.2)
 
 
-def test_task_cancelled_while_journald_is_away_loses_no_line(ct: Container) -> None:
-    # The job prints its lines only once journald is gone, then waits to be cancelled: the
-    # shim holds all of them when systemd kills the scope.
-    go, printed = "/tmp/jlost-go", "/tmp/jlost-printed"
-    ct.run(["rm", "-f", go, printed])
-    script = (
-        f'while [ ! -e {go} ]; do sleep 0.05; done; i=1; while [ $i -le {LINES} ]; do '
-        f'echo "line $i"; i=$((i+1)); done; touch {printed}; exec sleep 300'
-    )
-    a = assignment("command", {"command": ["/bin/sh", "-c", script]}, [1])
-    task_id = a["tasks"][0]["id"]
-    unit = f"farmnode-task-{task_id}.scope"
-    aid = farmnode(ct, "assign", "-", input=json.dumps(a)).stdout.strip()
-    farmnode(ct, "wait", aid, "--until", "running")
-    ct.run(["systemctl", "stop", *JOURNALD_UNITS])
-    try:
-        ct.run(["touch", go])
-        _poll("the job printed its lines",
-              lambda: ct.run(["test", "-e", printed], check=False).returncode == 0)
-        farmnode(ct, "cancel", str(task_id))
-        farmnode(ct, "wait", aid, check=False)
-        task = next(t for t in json.loads(farmnode(ct, "--json", "tasks").stdout)
-                    if t["id"] == task_id)
-        assert task["state"] == "cancelled", task
-        # The outcome says where the output is, while journald is still away.
-        assert "waits in" in task["reason"] and "spool" in task["reason"], task
-    finally:
-        ct.run(["systemctl", "start", *JOURNALD_UNITS])
-
-    def stdout_of(*match: str) -> list[str]:
-        return [e["MESSAGE"] for e in journal(ct, *match)
-                if e.get("SYSLOG_IDENTIFIER") == "farmnode-stdout"]
-
-    want = [f"line {n}" for n in range(1, LINES + 1)]
-    _poll("the spooled lines are journaled", lambda: len(stdout_of(f"FARMNODE_TASK={task_id}"))
-          >= LINES)
-    assert stdout_of(f"FARMNODE_TASK={task_id}") == want
-    assert stdout_of("-u", unit) == want
-    notes = [e["MESSAGE"] for e in journal(ct, "-u", unit)
-             if e.get("SYSLOG_IDENTIFIER") == "farmnode-shim"]
-    assert any("journaled late from the shim's spool" in n for n in notes), notes
-    assert ct.run(["sh", "-c", "ls /run/farmnode/tasks/*.spool*"], check=False).returncode != 0
-
-
 def _stdout_of(ct: Container, *match: str) -> list[str]:
     return [e["MESSAGE"] for e in journal(ct, *match)
             if e.get("SYSLOG_IDENTIFIER") == "farmnode-stdout"]
@@ -136,11 +92,11 @@ def _no_spool_left(ct: Container) -> bool:
     return ct.run(["sh", "-c", "ls /run/farmnode/tasks/*.spool*"], check=False).returncode != 0
 
 
-def test_spool_of_a_cancelled_task_is_journaled_by_the_next_agent(ct: Container) -> None:
-    # The agent that concluded the task goes while journald is still away: its retry goes
-    # with it, so the agent started next must find the spool and journal it.
-    lines = 2000
-    go, printed = "/tmp/jorphan-go", "/tmp/jorphan-printed"
+def _cancel_while_journald_is_away(ct: Container, lines: int, tag: str) -> tuple[int, str, str]:
+    """Stop journald, let a job print its lines only then and cancel it: the shim holds all of
+    them when systemd kills the scope. Returns with journald still stopped (the caller starts
+    it again): the task id, its scope and the assignment id."""
+    go, printed = f"/tmp/{tag}-go", f"/tmp/{tag}-printed"
     ct.run(["rm", "-f", go, printed])
     script = (
         f'while [ ! -e {go} ]; do sleep 0.05; done; i=1; while [ $i -le {lines} ]; do '
@@ -148,19 +104,45 @@ def test_spool_of_a_cancelled_task_is_journaled_by_the_next_agent(ct: Container)
     )
     a = assignment("command", {"command": ["/bin/sh", "-c", script]}, [1])
     task_id = a["tasks"][0]["id"]
-    unit = f"farmnode-task-{task_id}.scope"
     aid = farmnode(ct, "assign", "-", input=json.dumps(a)).stdout.strip()
     farmnode(ct, "wait", aid, "--until", "running")
     ct.run(["systemctl", "stop", *JOURNALD_UNITS])
+    ct.run(["touch", go])
+    _poll("the job printed its lines",
+          lambda: ct.run(["test", "-e", printed], check=False).returncode == 0)
+    farmnode(ct, "cancel", str(task_id))
+    farmnode(ct, "wait", aid, check=False)
+    task = next(t for t in json.loads(farmnode(ct, "--json", "tasks").stdout)
+                if t["id"] == task_id)
+    # The outcome says where the output is, while journald is still away.
+    assert task["state"] == "cancelled", task
+    assert "waits in" in task["reason"] and "spool" in task["reason"], task
+    return task_id, f"farmnode-task-{task_id}.scope", aid
+
+
+def test_task_cancelled_while_journald_is_away_loses_no_line(ct: Container) -> None:
     try:
-        ct.run(["touch", go])
-        _poll("the job printed its lines",
-              lambda: ct.run(["test", "-e", printed], check=False).returncode == 0)
-        farmnode(ct, "cancel", str(task_id))
-        farmnode(ct, "wait", aid, check=False)
-        task = next(t for t in json.loads(farmnode(ct, "--json", "tasks").stdout)
-                    if t["id"] == task_id)
-        assert task["state"] == "cancelled" and "waits in" in task["reason"], task
+        task_id, unit, _ = _cancel_while_journald_is_away(ct, LINES, "jlost")
+    finally:
+        ct.run(["systemctl", "start", *JOURNALD_UNITS])
+
+    want = [f"line {n}" for n in range(1, LINES + 1)]
+    _poll("the spooled lines are journaled",
+          lambda: len(_stdout_of(ct, f"FARMNODE_TASK={task_id}")) >= LINES)
+    assert _stdout_of(ct, f"FARMNODE_TASK={task_id}") == want
+    assert _stdout_of(ct, "-u", unit) == want
+    notes = [e["MESSAGE"] for e in journal(ct, "-u", unit)
+             if e.get("SYSLOG_IDENTIFIER") == "farmnode-shim"]
+    assert any("journaled late from the shim's spool" in n for n in notes), notes
+    assert _no_spool_left(ct)
+
+
+def test_spool_of_a_cancelled_task_is_journaled_by_the_next_agent(ct: Container) -> None:
+    # The agent that concluded the task goes while journald is still away: its retry goes
+    # with it, so the agent started next must find the spool and journal it.
+    lines = 2000
+    try:
+        task_id, unit, _ = _cancel_while_journald_is_away(ct, lines, "jorphan")
         assert not _no_spool_left(ct)
         ct.run(["systemctl", "restart", "farmnode"])
         # The new agent is up (it answers) before journald is back.
