@@ -31,9 +31,10 @@ $(VENV)/.stamp: pyproject.toml
 
 setup: $(VENV)/.stamp
 
+# Serialised: two checkouts' `make setup` at once would otherwise fail on apt's lock.
 apt:
-	apt-get update -qq
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES)
+	flock /var/lock/farmnode-make-apt.lock sh -c 'apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES)'
 
 lint: setup
 	$(VENV)/bin/ruff check farmnode tests tools

@@ -54,7 +54,7 @@ HOST_BASE: Mapping[str, str] = {
                     "coreutils: Essential"),
     "hostname": "hostname: Essential",
     "apt-get": "apt: in every Debian install",
-    **dict.fromkeys(["nsenter", "setpriv", "mount", "umount"],
+    **dict.fromkeys(["nsenter", "setpriv", "mount", "umount", "flock"],
                     "util-linux: Priority required"),
     "mkfs.ext4": "e2fsprogs: Priority required",
     "ip": "iproute2: Priority important, in every Debian 12 install (not in minbase trees)",
