@@ -30,6 +30,7 @@ from farmnode.config import Config
 from farmnode.jobtypes.base import CommandData, ExitStatus, JobType, Stream
 from farmnode.jobtypes.registry import UnknownJobType, available_jobtypes, load_jobtype
 from farmnode.jobtypes.remote import RemoteJobType, cache_latest, remote_jobtype_class
+from farmnode.pathmap import parse_rules
 from farmnode.sysinfo.gpu import Gpu
 from farmnode.systemd import fdstore, link, spool
 from farmnode.systemd.cgroup import cgroup_path_dir, shim_pid, unit_cgroup_path
@@ -295,7 +296,8 @@ class AssignmentRun:
                                      f"{why}") from None
             cls = remote_jobtype_class(*hit)
         self.jobtype = cls(a, self, expandvars=self.config.jobtype_expandvars,
-                           default_user=self.config.task_default_user)
+                           default_user=self.config.task_default_user,
+                           path_map=parse_rules(self.config.jobtype_path_map.split(",")))
         if isinstance(self.jobtype, RemoteJobType) and self.node_facts is not None:
             self.jobtype.node = self.node_facts()
         return self.jobtype

@@ -16,6 +16,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from farmnode.pathmap import parse_rules
+
 # A check takes an already type-correct value and returns it (possibly normalised) or raises
 # ValueError with a message that does not repeat the key (the loader adds key and location).
 Check = Callable[[Any], Any]
@@ -223,6 +225,13 @@ def _cpuset(value: str) -> str:
     return ",".join(parts)
 
 
+def _path_map(value: str) -> str:
+    # Rules keep their order of the file in the value; parse_rules refuses a bad one by name.
+    entries = [e.strip() for e in value.split(",") if e.strip()]
+    parse_rules(entries)
+    return ", ".join(entries)
+
+
 # --- the settings ---------------------------------------------------------------------------
 
 
@@ -308,6 +317,8 @@ class Config:
     # as the job's user, so this is on (it only acts with a master configured).
     jobtype_enable_download: bool = _setting(True)
     jobtype_cache_directory: str = _setting("/var/cache/farmnode/jobtypes", _absolute_path)
+    # Path mapping, SOURCE => TARGET, applied to job data and by job types' map_path
+    jobtype_path_map: str = _setting("", _path_map, listed=True)
 
 
 SECRET_KEYS: frozenset[str] = frozenset(
