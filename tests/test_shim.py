@@ -21,6 +21,7 @@ import pytest
 
 from farmnode.systemd import framing, link
 from farmnode.systemd.journal import format_line
+from farmnode.systemd.shim import spool_paths
 
 
 class FakeJournal:
@@ -88,7 +89,8 @@ class FakeJournal:
 
 
 class Shim:
-    def __init__(self, tmp: Path, argv: list[str], journal_socket: Path | None = None) -> None:
+    def __init__(self, tmp: Path, argv: list[str], journal_socket: Path | None = None,
+                 journal_grace: float | None = None) -> None:
         self.journal = FakeJournal(tmp / "journal.sock") if journal_socket is None else None
         self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         gate_r, gate_w = os.pipe()
@@ -103,6 +105,8 @@ class Shim:
                 "status_path": str(self.status),
                 "journal": [["farmnode-stdout", 6], ["farmnode-stderr", 4]],
                 "journal_socket": str(journal_socket or tmp / "journal.sock")}
+        if journal_grace is not None:
+            spec["journal_grace"] = journal_grace
         with os.fdopen(gate_w, "wb") as gate:
             gate.write(json.dumps(spec).encode())
         self.sock.settimeout(30)
@@ -233,6 +237,21 @@ def test_journald_away_holds_the_output_and_the_exit_until_it_is_back(tmp: Path)
     assert shim.journaled() == [b"<6>one\n", b"<6>two\n"]
     notes = shim.journal.lines_of("farmnode-shim")
     assert len(notes) == 1 and b"journald was unreachable" in notes[0]
+
+
+def test_journald_away_past_the_grace_leaves_the_output_in_the_spool(tmp: Path) -> None:
+    # task_journal_grace reaches the shim in its spec: after it, the shim leaves, and what
+    # journald never took is in the spool for the agent to journal.
+    shim = Shim(tmp, ["/bin/sh", "-c", "echo one; echo two"], journal_grace=0.5)
+    _data, _record, _ = collect_until_exit(shim)
+    assert shim.journal is not None
+    shim.journal.stop()
+    shim.send(link.WRITE, 0, 4, b"<6>one\n")
+    shim.send(link.WRITE, 0, 8, b"<6>two\n")
+    shim.send(link.EXIT_ACK)
+    assert shim.proc.wait(timeout=30) == 0
+    data, _meta = spool_paths(str(shim.status), "farmnode-stdout")
+    assert Path(data).read_bytes() == b"<6>one\n<6>two\n"
 
 
 def test_journald_away_blocks_the_job_on_its_pipe_once_the_cap_is_held(tmp: Path) -> None:

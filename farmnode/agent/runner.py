@@ -418,6 +418,7 @@ class AssignmentRun:
             "argv": [command.command, *command.arguments], "env": env, "cwd": command.cwd,
             "uid": ident.uid, "gid": ident.gid, "groups": list(ident.groups),
             "status_path": str(self.status_path()),
+            "journal_grace": self.config.task_journal_grace,
             "journal": [list(p) for p in zip(IDENTIFIERS, DEFAULT_PRIORITIES, strict=True)],
         }
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)

@@ -64,6 +64,7 @@ PATCHABLE_CONFIG_KEYS: tuple[str, ...] = (
     "agent_ram_report_delta",
     "agent_ram_max_report_frequency",
     "task_stop_grace",
+    "task_journal_grace",
     "jobtype_path_map",
 )
 

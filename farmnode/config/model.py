@@ -305,6 +305,9 @@ class Config:
     # theirs ("/dev/fuse rw")
     task_device_allow: str = _setting("", _device_allow, listed=True)
     task_stop_grace: float = _setting(30.0, _positive)
+    # After a task's end, how long its shim waits for a journald that is away before it
+    # leaves the output in its spool (journaled by the agent once journald is back)
+    task_journal_grace: float = _setting(60.0, _positive)
     task_max_runtime: float | None = _setting(None, _positive)
     task_accounting_interval: float = _setting(5.0, _positive)
     # MB of output a task log sent to the master may hold (the rest stays in journald)

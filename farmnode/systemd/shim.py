@@ -129,7 +129,8 @@ SIOCOUTQ = 0x5411  # bytes sent on a socket that the peer has not read yet (see 
 RETRY_FIRST, RETRY_MAX = 0.05, 1.0  # seconds between tries to reach journald again
 CONFIRM_EVERY = 0.02  # while journald has not read everything yet: how often to look
 # Once the job has ended and the agent has its exit, how long the shim waits for a journald
-# that is away before it leaves, its held output in the spool for the agent to journal.
+# that is away before it leaves, its held output in the spool for the agent to journal
+# (task_journal_grace; the spec carries it).
 JOURNAL_GRACE = 60.0
 SPOOL_META_EVERY = 0.2  # seconds between rewrites of a spool's record while it changes
 
@@ -453,8 +454,10 @@ class Stream:
 
 
 class Forwarder:
-    def __init__(self, sock: socket.socket, streams: list[Stream], pid: int) -> None:
+    def __init__(self, sock: socket.socket, streams: list[Stream], pid: int,
+                 journal_grace: float = JOURNAL_GRACE) -> None:
         self.sock = sock
+        self.journal_grace = journal_grace
         self.streams = streams
         self.pid = pid
         self.pidfd = os.pidfd_open(pid)
@@ -605,7 +608,7 @@ class Forwarder:
         in the spool (the agent journals it once journald is back and says so in the task's
         outcome), rather than keep the task running for as long as journald is gone. Output
         that could not be spooled is kept in memory: the shim waits on."""
-        if self.ended_at is None or time.monotonic() - self.ended_at < JOURNAL_GRACE:
+        if self.ended_at is None or time.monotonic() - self.ended_at < self.journal_grace:
             return False
         now = time.monotonic()
         held = [s.journal for s in self.streams if s.journal.pending or s.journal.unresolved]
@@ -649,7 +652,7 @@ class Forwarder:
                     poller.register(j.sock.fileno(), select.POLLOUT if j.wants_out() else 0)
                     journals[j.sock.fileno()] = j
             if self.ended_at is not None and self._journal_pending():
-                left = max(0.0, self.ended_at + JOURNAL_GRACE - now)
+                left = max(0.0, self.ended_at + self.journal_grace - now)
                 timeout = left if timeout is None else min(timeout, left)
             events = poller.poll(None if timeout is None else int(timeout * 1000) + 1)
             for fd, event in events:
@@ -758,7 +761,8 @@ def main() -> int:
     for fd in (out_r, err_r):
         os.set_blocking(fd, False)
     fwd = Forwarder(sock, [Stream(link.STDOUT, out_r, journals[0]),
-                           Stream(link.STDERR, err_r, journals[1])], pid)
+                           Stream(link.STDERR, err_r, journals[1])], pid,
+                    float(spec.get("journal_grace", JOURNAL_GRACE)))
     fwd.run(status_path, exec_error)
     record = fwd.exit_record or {}
     if "signal" in record:
