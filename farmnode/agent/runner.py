@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import secrets
+import shlex
 import socket
 import subprocess
 import sys
@@ -421,6 +422,15 @@ class AssignmentRun:
             "journal_grace": self.config.task_journal_grace,
             "journal": [list(p) for p in zip(IDENTIFIERS, DEFAULT_PRIORITIES, strict=True)],
         }
+        try:
+            pre, post = self._load_jobtype_hooks()
+        except Exception as exc:
+            self._finish_all(TaskState.FAILED, f"job type {a.jobtype.name!r} hooks: {exc}", None)
+            return
+        if pre:
+            spec["pre"] = pre
+        if post:
+            spec["post"] = post
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         gate_r, gate_w = os.pipe()
         try:
@@ -467,6 +477,12 @@ class AssignmentRun:
         with os.fdopen(gate_w, "wb") as gate:
             gate.write(json.dumps(spec).encode())
         await self._serve(ours, resume=False)
+
+    def _load_jobtype_hooks(self) -> tuple[list[str] | None, list[str] | None]:
+        assert self.jobtype is not None
+        pre = shlex.split(self.config.task_pre_hook) or None
+        post = shlex.split(self.config.task_post_hook) or None
+        return self.jobtype.get_hooks(pre, post)
 
     async def _abandon(self, gate_w: int, ours: socket.socket, scope_exists: bool) -> None:
         """Give up before the gate opens: nothing of the job ever runs (the shim exits 125)."""
@@ -699,6 +715,10 @@ class AssignmentRun:
             return
         if self.timed_out:
             self._finish_all(TaskState.FAILED, self.timed_out, status)
+            return
+        if "failure" in record:
+            # A hook failed (or, under the hooks' supervisor, the job could not be started).
+            self._finish_all(TaskState.FAILED, str(record["failure"]), status)
             return
         oom = isinstance(accounting, dict) and int(accounting.get("oom_kills", 0)) > 0
         if oom and status.signal == 9:

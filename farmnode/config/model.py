@@ -10,6 +10,7 @@ import dataclasses
 import ipaddress
 import math
 import re
+import shlex
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -225,6 +226,18 @@ def _cpuset(value: str) -> str:
     return ",".join(parts)
 
 
+def _command_line(value: str) -> str:
+    # Split as a shell would, but never run by one: what it names is exec'd as it is.
+    if value.strip():
+        try:
+            words = shlex.split(value)
+        except ValueError as exc:
+            raise ValueError(f"does not parse as a command line ({exc}): {value!r}") from None
+        if not words:
+            raise ValueError(f"names no program: {value!r}")
+    return value.strip()
+
+
 def _path_map(value: str) -> str:
     # Rules keep their order of the file in the value; parse_rules refuses a bad one by name.
     entries = [e.strip() for e in value.split(",") if e.strip()]
@@ -308,6 +321,10 @@ class Config:
     # After a task's end, how long its shim waits for a journald that is away before it
     # leaves the output in its spool (journaled by the agent once journald is back)
     task_journal_grace: float = _setting(60.0, _positive)
+    # Run before and after each assignment, inside its scope as the job's user (shell words;
+    # "" for none); a failing pre-hook fails the assignment with its output as the reason
+    task_pre_hook: str = _setting("", _command_line)
+    task_post_hook: str = _setting("", _command_line)
     task_max_runtime: float | None = _setting(None, _positive)
     task_accounting_interval: float = _setting(5.0, _positive)
     # MB of output a task log sent to the master may hold (the rest stays in journald)

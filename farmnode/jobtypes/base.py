@@ -404,6 +404,13 @@ class JobType(abc.ABC):
 
         return _VAR_RE.sub(replace, value)
 
+    def get_hooks(self, pre: list[str] | None,
+                  post: list[str] | None) -> tuple[list[str] | None, list[str] | None]:
+        """The commands run before and after this assignment, in its scope as the job's user;
+        given the node's (task_pre_hook, task_post_hook), None where there is none. Override
+        to add or replace them for this job type."""
+        return pre, post
+
     def map_path(self, path: str, environment: Mapping[str, str] | None = None) -> str:
         """Translate a path from the job for this node: variables expanded (as `expandvars`),
         then the site's path-mapping rules (`jobtype_path_map`), then ``~`` (a bare ``~`` means
