@@ -65,6 +65,15 @@ class Printer:
         for line in lines:
             print(f"{target.label}: {line}", file=self.out, flush=True)
 
+    def transport(self, target: Target, messages: Sequence[str]) -> None:
+        """What ssh said on a connection that worked (a new host key, a banner)."""
+        for message in messages:
+            if self.json_lines:
+                print(json.dumps({"node": target.label, "event": "transport",
+                                  "message": message}), file=self.out, flush=True)
+            else:
+                print(f"{target.label}: {message}", file=self.err, flush=True)
+
     def failure(self, target: Target, why: str) -> None:
         if self.json_lines:
             print(json.dumps({"node": target.label, "event": "failed", "error": why}),
@@ -143,6 +152,7 @@ async def _one(target: Target, cmd: Command, printer: Printer,
         try:
             conn = open_bus(target)
             outcome = await _answer(target, NodeAgent(conn.bus), cmd, printer)
+            printer.transport(target, conn.transport_messages())
         except OpenFailed as exc:
             outcome = Outcome(target, False, str(exc))
         except Lost as exc:
