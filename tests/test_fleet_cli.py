@@ -11,6 +11,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -98,3 +99,16 @@ def test_cancel_succeeds_only_where_some_node_held_the_task() -> None:
     ok, text = summarise([Outcome(a, False, "refused: x"), Outcome(b, True, "online")],
                          Command("status"), 1.0)
     assert not ok and text == "1 of 2 node(s) succeeded in 1.00 s; failed: a"
+
+
+def test_completion_skips_the_nodes_and_knows_drain() -> None:
+    from tests.system.test_package import COMPLETE
+
+    script = COMPLETE.replace("/usr/share/bash-completion/completions/farmnode",
+                              str(Path(__file__).resolve().parents[1]
+                                  / "packaging/completion/farmnode"))
+    lines = ["farmnode -H n1,n2 st", "farmnode --json -M ct1 dr", "farmnode -H n1 state ",
+             "farmnode --ho"]
+    r = subprocess.run(["bash", "-c", script, "complete", *lines], capture_output=True,
+                       text=True, timeout=30, check=True)
+    assert r.stdout.splitlines() == ["status state", "drain", "online disabled", "--host"]

@@ -213,8 +213,11 @@ def test_a_refused_call_is_reported_for_its_node_and_the_rest_go_on(fleet: Fleet
 
 
 def test_drain_lets_running_tasks_finish_and_reports_each_node_idle(fleet: Fleet) -> None:
-    a = assignment("fakerender", {"duration": 3, "lines": 2}, [1])
     busy = fleet.nodes[0]
+    # the task runs until the test lets it end: blocked reading a FIFO
+    gate = "/run/fleet-drain-gate"
+    busy.run(["mkfifo", "-m", "666", gate])
+    a = assignment("command", {"command": ["cat", gate]}, [1])
     aid = busy.run(["farmnode", "assign", "-"], input=json.dumps(a)).stdout.strip()
     busy.run(["farmnode", "wait", "--until", "running", aid])
     p = fleet.popen("--json", "-H", hosts(*fleet.ips), "drain")
@@ -227,6 +230,10 @@ def test_drain_lets_running_tasks_finish_and_reports_each_node_idle(fleet: Fleet
             r = busy.run(["farmnode", "assign", "-"], check=False, input=json.dumps(
                 assignment("fakerender", {"duration": 1}, [1])))
             assert r.returncode != 0 and "disabled" in r.stderr, r.stderr
+            # an agent restarted meanwhile starts online: the drain disables it again, and
+            # the task it adopts still ends the drain
+            busy.run(["systemctl", "restart", "farmnode.service"])
+            busy.sh(f"echo done > {gate}")
     assert p.wait(timeout=60) == 0, p.stderr.read() if p.stderr else ""
     kinds = [(e.get("node"), e.get("event")) for e in events]
     assert (fleet.ips[0], "draining") in kinds
@@ -237,6 +244,7 @@ def test_drain_lets_running_tasks_finish_and_reports_each_node_idle(fleet: Fleet
     tasks = json.loads(busy.run(["farmnode", "--json", "tasks"]).stdout)
     assert [t["state"] for t in tasks if t["assignment_id"] == aid] == ["done"]
     assert events[-1]["summary"]["ok"]
+    assert json.loads(busy.run(["farmnode", "--json", "status"]).stdout)["state"] == "disabled"
     fleet.farmnode("-H", hosts(*fleet.ips), "state", "online", check_rc=0)
 
 
