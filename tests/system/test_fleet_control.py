@@ -270,5 +270,12 @@ def test_machine_transport_through_machined(fleet: Fleet) -> None:
             node.run(["farmnode", "--json", "status"]).stdout)["agent_id"]
         (failed,) = [e for e in events if e.get("event") == "failed"]
         assert failed["node"] == "no-such-machine" and "no-such-machine" in failed["error"]
+        # host:machine, from the host: ssh to the node, whose systemd-stdio-bridge enters the
+        # machine (sd-bus adds --machine=)
+        r = fleet.farmnode("--json", "-H", f"{fleet.ips[2]}:fleet-node", "status", check_rc=0)
+        (remote,) = [e for e in json_lines(r.stdout) if e.get("event") == "answer"]
+        assert remote["data"]["agent_id"] == answer[0]["data"]["agent_id"]
+        assert any(line.endswith("systemd-stdio-bridge --machine=fleet-node")
+                   for line in fleet.argv_log.read_text().splitlines())
     finally:
         node.run(["systemctl", "stop", "fleet-machine-leader"], check=False)
