@@ -112,3 +112,27 @@ def test_completion_skips_the_nodes_and_knows_drain() -> None:
     r = subprocess.run(["bash", "-c", script, "complete", *lines], capture_output=True,
                        text=True, timeout=30, check=True)
     assert r.stdout.splitlines() == ["status state", "drain", "online disabled", "--host"]
+
+
+@pytest.mark.skipif(shutil.which("ssh") is None, reason="needs ssh (make apt: openssh-client)")
+def test_every_call_on_a_dead_connection_is_lost_not_a_crash() -> None:
+    import asyncio
+
+    import sdbus
+
+    from farmnode.fleet.calls import Lost, NodeAgent
+
+    async def calls() -> list[str]:
+        # ssh exits at once (the name never resolves): the first call sees the connection
+        # end (a D-Bus error), later ones a closed socket (sd-bus's own errno)
+        agent = NodeAgent(sdbus.sd_bus_open_system_remote("node-gone.invalid"))
+        out = []
+        for call in (agent.status, agent.status, agent.watch_idle):
+            with pytest.raises(Lost) as exc:
+                await call()
+            out.append(str(exc.value))
+        return out
+
+    first, later, watch = asyncio.run(calls())
+    assert first == "Connection terminated"
+    assert later == watch == "Transport endpoint is not connected"

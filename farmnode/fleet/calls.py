@@ -12,7 +12,10 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from sdbus import SdBusLibraryError
+
 from farmnode.bus.interface import BUS_NAME, INTERFACE, OBJECT_PATH, Agent1Interface
+from farmnode.fleet.target import library_error
 
 
 class Refused(Exception):
@@ -36,8 +39,9 @@ def _decode_error(exc: Exception) -> Exception:
     name = str(getattr(exc, "dbus_error_name", "") or "")
     msg = str(exc.args[0] if exc.args else exc)
     if not name:
-        return exc
-    if name.rsplit(".", 1)[-1] in _LOST or name.endswith(_LOST):
+        # sd-bus's own failures on a broken connection carry an errno, not a D-Bus name
+        return Lost(library_error(exc)) if isinstance(exc, SdBusLibraryError) else exc
+    if name.endswith(_LOST):
         if name.endswith(("ServiceUnknown", "NameHasNoOwner", "Spawn.ServiceNotFound")):
             return Lost(f"the farmnode agent is not on this node's bus: {msg}")
         return Lost(msg)
