@@ -147,7 +147,8 @@ def open_bus(target: Target) -> Connection:
             # (PID 1 not systemd) that fails before any machine is looked up
             raise OpenFailed(f"cannot reach machine {target.name}: {library_error(exc)} "
                              "(is it registered with systemd-machined?)") from None
-    r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+    r, w = os.pipe2(os.O_CLOEXEC)
+    os.set_blocking(r, False)  # ours only: ssh's stderr (the write end) stays as ssh expects
     saved = os.dup(2)
     try:
         os.dup2(w, 2, inheritable=True)
