@@ -110,6 +110,8 @@ def fleet_of(n: int) -> Iterator[Fleet]:
                                             tree, wheels, mid, cts))
                 for f in futs:
                     f.result()
+            # booted in any order: node i is the one in namespace i, at address .10 + i
+            cts.sort(key=lambda ct: int(ct.name.rsplit("-", 1)[1]))
             for ct in cts:
                 # standalone nodes (no master); sshd, with the test's key for root and guest
                 ct.sh("rm /etc/farmnode/conf.d/50-fleet.yaml\n"
