@@ -50,7 +50,8 @@ HOST_BASE: Mapping[str, str] = {
     **dict.fromkeys(["cat", "cp", "rm", "ln", "ls", "mkdir", "install", "tee", "touch", "env",
                      "id", "stat", "du", "chgrp", "test", "["], "coreutils: Essential"),
     "sed": "sed: Essential", "grep": "grep: Essential", "awk": "mawk: Priority required",
-    **dict.fromkeys(["chmod", "sleep", "mv", "dd", "sync", "nproc", "seq", "date", "df"],
+    **dict.fromkeys(["chmod", "sleep", "mv", "dd", "sync", "nproc", "seq", "date", "df", "cut",
+                     "mkfifo"],
                     "coreutils: Essential"),
     "hostname": "hostname: Essential",
     "apt-get": "apt: in every Debian install",
@@ -79,6 +80,8 @@ HOST_APT: Mapping[str, str] = {
     "rpmlint": "rpmlint",
     "dpkg-shlibdeps": "dpkg-dev",
     "strip": "binutils",
+    # fleet control's transport (sd-bus runs `ssh`), and the fleet test's key
+    **dict.fromkeys(["ssh", "ssh-keygen"], "openssh-client"),
 }
 # Program in .venv/bin -> the Python distribution that brings it; that distribution must be
 # in pyproject.toml (dependencies or the `test` extra) or pip-installed by the Makefile.

@@ -179,3 +179,10 @@ class Agent1Interface(DbusInterfaceCommonAsync, interface_name=INTERFACE):
     @dbus_signal_async("s", signal_args_names=("state",))
     def state_changed(self) -> str:
         raise NotImplementedError
+
+    # ---- drain ---------------------------------------------------------------------
+    @dbus_signal_async("")
+    def idle(self) -> None:
+        """The last running assignment has ended (and cleaned up): the node runs nothing.
+        `farmnode drain` disables the node and awaits this."""
+        raise NotImplementedError
