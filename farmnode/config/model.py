@@ -16,6 +16,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from farmnode.config.webhooks import Webhook, parse_webhooks
+
 # A check takes an already type-correct value and returns it (possibly normalised) or raises
 # ValueError with a message that does not repeat the key (the loader adds key and location).
 Check = Callable[[Any], Any]
@@ -309,6 +311,13 @@ class Config:
     jobtype_enable_download: bool = _setting(True)
     jobtype_cache_directory: str = _setting("/var/cache/farmnode/jobtypes", _absolute_path)
 
+    # Webhooks: task and agent events posted to receivers, queued on disk until they answer
+    webhooks: tuple[Webhook, ...] = _setting((), parse_webhooks)
+    webhook_queue_max: int = _setting(10000, _between(1))
+    webhook_timeout: float = _setting(10.0, _positive)
+    webhook_retry_delay: float = _setting(2.0, _positive)
+    webhook_retry_max: float = _setting(300.0, _positive)
+
 
 SECRET_KEYS: frozenset[str] = frozenset(
     f.name for f in dataclasses.fields(Config) if f.metadata.get("secret")
@@ -331,6 +340,7 @@ _TYPE_NAMES: dict[type, str] = {
     int: "an integer",
     float: "a number",
     str: "a string",
+    tuple: "a list",
 }
 
 
@@ -403,6 +413,8 @@ class Setting:
             if not math.isfinite(number):
                 raise ValueError(f"must be a finite number, got {describe(value)}")
             return number
+        if base is tuple and isinstance(value, list):
+            return value  # its check makes the typed entries
         if base is str:
             if isinstance(value, str):
                 return value
@@ -449,6 +461,8 @@ def _setting_from_field(f: dataclasses.Field[Any], hint: Any) -> Setting:
                 auto = True
             else:
                 base, choices = str, tuple(literals)
+        elif typing.get_origin(arg) is tuple:
+            base = tuple
         else:
             base = arg
     if base not in _TYPE_NAMES:  # pragma: no cover - a programming error in Config
