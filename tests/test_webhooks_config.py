@@ -43,8 +43,14 @@ def test_entries_become_webhooks(etc: Path) -> None:
     # log lines name a webhook without its query (tokens live there)
     assert first.name == "https://hooks.example.com/farm"
     assert second.name == "http://[::1]:8080/all"
-    # GET /api/v1/config and GetConfig serialise it like every other key
-    assert redacted(config)["webhooks"][0]["events"] == ("task.failed", "agent.*")  # type: ignore[arg-type]
+    # GET /api/v1/config and GetConfig show no more of a URL than where it goes: services
+    # put the receiver's token in its path or query
+    assert redacted(config)["webhooks"] == [  # type: ignore[arg-type]
+        {"url": "https://hooks.example.com/********", "events": ["task.failed", "agent.*"],
+         "secret_file": None},
+        {"url": "http://[::1]:8080/********", "events": ["*"], "secret_file": None}]
+    bare = load(etc, "webhooks: [{url: 'http://h.example:81/'}]\n")
+    assert redacted(bare)["webhooks"][0]["url"] == "http://h.example:81/"  # type: ignore[arg-type]
 
 
 def test_no_webhooks_by_default(etc: Path) -> None:

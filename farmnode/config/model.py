@@ -330,6 +330,7 @@ def redacted(config: Config) -> dict[str, Any]:
     for key in SECRET_KEYS:
         if out[key] is not None:
             out[key] = REDACTED
+    out["webhooks"] = [w.shown(REDACTED) for w in config.webhooks]
     return out
 
 

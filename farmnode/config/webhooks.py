@@ -30,14 +30,27 @@ class Webhook:
         return any(fnmatch.fnmatchcase(event, p) for p in self.events)
 
     @property
-    def name(self) -> str:
-        """The URL without credentials or query (tokens often live there): for log lines."""
+    def origin(self) -> str:
         u = urllib.parse.urlsplit(self.url)
         host = u.hostname or ""
         if ":" in host:
             host = f"[{host}]"
         port = f":{u.port}" if u.port is not None else ""
-        return f"{u.scheme}://{host}{port}{u.path}"
+        return f"{u.scheme}://{host}{port}"
+
+    @property
+    def name(self) -> str:
+        """The URL without its query (tokens often live there): for the agent's log lines,
+        which only root and the journal's readers see."""
+        return self.origin + urllib.parse.urlsplit(self.url).path
+
+    def shown(self, mask: str) -> dict[str, Any]:
+        """The entry as GetConfig and GET /api/v1/config show it: many services put the
+        receiver's token in the URL's path or query, so only scheme, host and port show."""
+        u = urllib.parse.urlsplit(self.url)
+        hidden = u.path not in ("", "/") or bool(u.query)
+        return {"url": self.origin + (f"/{mask}" if hidden else u.path),
+                "events": list(self.events), "secret_file": self.secret_file}
 
 
 def _url(value: object) -> str:
