@@ -61,6 +61,7 @@ def test_no_webhooks_by_default(etc: Path) -> None:
     ("  - url: ftp://files.example.com/in\n",
      "webhooks: entry 2: url must be an http:// or https:// URL, got 'ftp://files.example.com"),
     ("  - url: file:///tmp/x\n", "entry 2: url must be an http:// or https:// URL"),
+    ("  - url: http://bücher.example/\n", "entry 2: url must be ASCII (a host as punycode"),
     ("  - url: 'http:///nohost'\n", "entry 2: url 'http:///nohost' names no host"),
     ("  - url: http://h:99999/\n", "entry 2: url 'http://h:99999/' is not a valid URL"),
     ("  - url: http://u:pw@h/\n", "entry 2: url http://…@h must not carry credentials"),

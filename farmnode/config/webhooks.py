@@ -59,6 +59,10 @@ def _url(value: object) -> str:
     if any(c.isspace() or not c.isprintable() for c in value):
         raise ValueError(f"url must not contain whitespace or control characters, got "
                          f"{value!r}")
+    if not value.isascii():
+        # It goes into the request line and Host header as it is.
+        raise ValueError(f"url must be ASCII (a host as punycode, xn--…; a path "
+                         f"percent-encoded), got {value!r}")
     try:
         u = urllib.parse.urlsplit(value)
         u.port  # noqa: B018 - raises ValueError for a port out of range or not a number

@@ -149,6 +149,9 @@ class Sender:
             status = await post(self.hook.url, d.body, payload_headers, self.timeout)
         except DeliveryError as exc:
             return self._failed(d, str(exc))
+        except Exception as exc:  # a bug here must not end this webhook's deliveries
+            log.exception("webhook %s: posting failed", self.hook.name)
+            return self._failed(d, f"{type(exc).__name__}: {exc}")
         if 200 <= status < 300:
             self._settle(d)
             if self.failures or self.dropped:
