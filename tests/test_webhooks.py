@@ -137,7 +137,8 @@ class Receiver:
         assert self.server is not None
         return f"http://127.0.0.1:{self.server.server_address[1]}/hook?token=t"
 
-    def start(self) -> Receiver:
+    def start(self, server: type[http.server.ThreadingHTTPServer] = (
+            http.server.ThreadingHTTPServer), port: int = 0) -> Receiver:
         owner = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -151,7 +152,7 @@ class Receiver:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = server(("127.0.0.1", port), Handler)
         threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
         return self
 
@@ -339,3 +340,41 @@ def test_a_webhook_no_longer_configured_loses_its_queue_with_a_warning(
     Webhooks(Config(webhooks=(Webhook("http://new.example/"),)), tmp_path, str, str)
     assert ("webhook http://old.example/x is no longer configured: dropped its 1 queued "
             "event(s)") in caplog.text
+
+
+def test_what_one_agent_queued_the_next_one_posts(tmp_path: Path) -> None:
+    # The first agent's receiver is down the whole time; the second's answers.
+    down = Receiver().start()
+    url = down.url
+    down.stop()
+    config = Config(webhooks=(Webhook(url),), **FAST)  # type: ignore[arg-type]
+    agent, a = _agent(tmp_path, config)
+
+    async def first() -> None:
+        hooks = _hooks(tmp_path, agent, config)
+        agent._report_state(a.id, 40, TaskState.RUNNING, None, None, None)
+        agent._report_state(a.id, 40, TaskState.DONE, None, 0, None)
+        while (head := hooks.queue.head(url)) is None or head.attempts < 1:
+            await asyncio.sleep(0.01)
+        await hooks.stop()
+
+    asyncio.run(first())
+    port = int(url.split(":")[2].split("/")[0])
+    up = Receiver()
+
+    class Server(http.server.ThreadingHTTPServer):
+        allow_reuse_address = True
+
+    async def second() -> list[Post]:
+        hooks = Webhooks(config, tmp_path, lambda: agent.agent_id, str)
+        hooks.start()  # nothing new happens: only what the first agent queued goes out
+        posts = [await up.next() for _ in range(2)]
+        await hooks.stop()
+        return posts
+
+    up.start(Server, port)
+    try:
+        posts = asyncio.run(second())
+    finally:
+        up.stop()
+    assert [p.json["event"] for p in posts] == ["task.running", "task.done"]
