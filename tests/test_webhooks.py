@@ -313,7 +313,8 @@ def test_an_unreachable_webhook_is_retried_and_logged(
     s.bind(("127.0.0.1", 0))
     url = f"http://127.0.0.1:{s.getsockname()[1]}/gone"
     s.close()  # nothing listens there: connections are refused
-    config = Config(webhooks=(Webhook(url),), **FAST)  # type: ignore[arg-type]
+    nowhere = "http://no-such-host.invalid/hook"  # RFC 2606: never resolves
+    config = Config(webhooks=(Webhook(url), Webhook(nowhere)), **FAST)  # type: ignore[arg-type]
     agent, _a = _agent(tmp_path, config)
 
     async def scenario() -> int:
@@ -322,11 +323,14 @@ def test_an_unreachable_webhook_is_retried_and_logged(
             agent.set_state("disabled")
             while (head := hooks.queue.head(url)) is None or head.attempts < 3:
                 await asyncio.sleep(0.01)
+            while (other := hooks.queue.head(nowhere)) is None or other.attempts < 1:
+                await asyncio.sleep(0.01)
         await hooks.stop()
         return head.attempts
 
     assert asyncio.run(scenario()) >= 3
     assert f"webhook {url}: ConnectionRefusedError" in caplog.text
+    assert f"webhook {nowhere}: cannot resolve no-such-host.invalid:" in caplog.text
     assert "(event agent.disabled, attempt 1); retrying in" in caplog.text
     assert "(event agent.disabled, attempt 3); retrying in" in caplog.text
     assert agent.state == AgentState.DISABLED
