@@ -382,3 +382,23 @@ def test_what_one_agent_queued_the_next_one_posts(tmp_path: Path) -> None:
     finally:
         up.stop()
     assert [p.json["event"] for p in posts] == ["task.running", "task.done"]
+
+
+def test_a_stop_with_a_drain_posts_what_is_queued_first(tmp_path: Path, receiver: Receiver,
+                                                         silent: str) -> None:
+    config = Config(webhooks=(Webhook(receiver.url), Webhook(silent)), webhook_timeout=600)
+    agent, a = _agent(tmp_path, config)
+
+    async def scenario() -> tuple[int, int]:
+        hooks = _hooks(tmp_path, agent, config)
+        for task_id in (40, 41):
+            agent._report_state(a.id, task_id, TaskState.CANCELLED, "agent stopped", None,
+                                None)
+        # the silent one never empties: the drain ends at its limit, not at its answer
+        await hooks.stop(drain=0.5)
+        q = DeliveryQueue(tmp_path / QUEUE_FILE, 10)
+        return q.pending(receiver.url), q.pending(silent)
+
+    assert asyncio.run(scenario()) == (0, 2)
+    assert [receiver.posts.get_nowait().json["event"] for _ in range(2)] == [
+        "task.cancelled"] * 2

@@ -25,6 +25,7 @@ from farmnode.tasks.store import Store
 log = logging.getLogger("farmnode")
 
 RESTART_JOBS = {"restart", "try-restart", "reload-or-restart", "try-reload-or-restart"}
+WEBHOOK_DRAIN = 5.0  # s a stopping agent gives its webhooks' queues to empty
 
 
 def _notify(message: str) -> None:
@@ -137,8 +138,10 @@ async def serve(config: Config) -> None:
         _notify("STATUS=closing the HTTP API")
         await control.release_bus_name(bus, BUS_NAME)
         await control.api_down(scopes)
-    if webhooks is not None:  # what is still queued goes out from the next agent
-        await webhooks.stop()
+    if webhooks is not None:
+        # A stop (not a restart) lets the events of the tasks it stopped go out first,
+        # briefly; what is still queued goes out from the next agent.
+        await webhooks.stop(drain=0.0 if job in RESTART_JOBS else WEBHOOK_DRAIN)
     watchdog.cancel()
     store.close()
 

@@ -114,8 +114,10 @@ class Sender:
         self.failures = 0  # failed attempts in a row
         self.dropped = 0  # events the full queue dropped since the last delivery
         self._wake = asyncio.Event()
+        self.idle = asyncio.Event()  # set while its queue is empty
 
     def wake(self) -> None:
+        self.idle.clear()
         self._wake.set()
 
     def note_dropped(self, count: int) -> None:
@@ -136,6 +138,7 @@ class Sender:
                 await asyncio.sleep(STORAGE_RETRY)
                 continue
             if delivery is None:
+                self.idle.set()
                 await self._wake.wait()
                 continue
             delay = await self._attempt(delivery)
@@ -208,8 +211,13 @@ class Webhooks:
         for s in self.senders:
             self._tasks.append(asyncio.create_task(s.run(), name=f"webhook {s.hook.name}"))
 
-    async def stop(self) -> None:
-        """Stop posting; what is queued stays queued for the next agent."""
+    async def stop(self, drain: float = 0.0) -> None:
+        """Stop posting, after up to `drain` seconds for the queues to empty; what is still
+        queued stays queued for the next agent."""
+        if drain > 0 and self._tasks:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    asyncio.gather(*(s.idle.wait() for s in self.senders)), drain)
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
