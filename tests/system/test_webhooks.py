@@ -170,3 +170,24 @@ def test_events_queued_while_the_receiver_is_down_survive_an_agent_restart(
     # queued by the agent that ran the task, posted by the next one
     assert all(g["time"] < restarted for g in got), (restarted, got)
     assert "X-Farmnode-Signature-256" not in posts[0]["headers"]  # no secret_file for it
+
+
+def test_a_stopping_agent_posts_the_tasks_it_stopped_before_it_exits(
+        ct: Container, hooks: None) -> None:
+    a = assignment("command", {"command": ["sleep", "600"]}, [1])
+    task_id = a["tasks"][0]["id"]
+    aid = farmnode(ct, "assign", "-", input=json.dumps(a)).stdout.strip()
+    farmnode(ct, "wait", aid, "--until", "running")
+    t0 = time.monotonic()
+    # returns once the agent has exited: what the receiver has now, the stopping agent sent
+    # (the silent receiver never empties its queue, so the drain runs to its limit)
+    ct.run(["systemctl", "stop", "farmnode.service"], timeout=120)
+    stopped = time.monotonic() - t0
+    try:
+        got = [json.loads(p["body"]) for p in _posts(ct, SIGNED)]
+        mine = [g["event"] for g in got if g["data"].get("task_id") == task_id]
+        assert mine[-1:] == ["task.cancelled"], mine
+        assert got[-1]["event"] == "agent.offline", got[-1]
+    finally:
+        ct.run(["systemctl", "start", "farmnode.service"])
+    print(f"\nsystemctl stop with a silent webhook: {stopped:.2f} s")
