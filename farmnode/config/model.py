@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from farmnode.config.webhooks import Webhook, parse_webhooks
 from farmnode.pathmap import parse_rules
 
 # A check takes an already type-correct value and returns it (possibly normalised) or raises
@@ -340,6 +341,13 @@ class Config:
     # Path mapping, SOURCE => TARGET, applied to job data and by job types' map_path
     jobtype_path_map: str = _setting("", _path_map, listed=True)
 
+    # Webhooks: task and agent events posted to receivers, queued on disk until they answer
+    webhooks: tuple[Webhook, ...] = _setting((), parse_webhooks)
+    webhook_queue_max: int = _setting(10000, _between(1))
+    webhook_timeout: float = _setting(10.0, _positive)
+    webhook_retry_delay: float = _setting(2.0, _positive)
+    webhook_retry_max: float = _setting(300.0, _positive)
+
 
 SECRET_KEYS: frozenset[str] = frozenset(
     f.name for f in dataclasses.fields(Config) if f.metadata.get("secret")
@@ -352,6 +360,7 @@ def redacted(config: Config) -> dict[str, Any]:
     for key in SECRET_KEYS:
         if out[key] is not None:
             out[key] = REDACTED
+    out["webhooks"] = [w.shown(REDACTED) for w in config.webhooks]
     return out
 
 
@@ -362,6 +371,7 @@ _TYPE_NAMES: dict[type, str] = {
     int: "an integer",
     float: "a number",
     str: "a string",
+    tuple: "a list",
 }
 
 
@@ -434,6 +444,8 @@ class Setting:
             if not math.isfinite(number):
                 raise ValueError(f"must be a finite number, got {describe(value)}")
             return number
+        if base is tuple and isinstance(value, list):
+            return value  # its check makes the typed entries
         if base is str:
             if isinstance(value, str):
                 return value
@@ -480,6 +492,8 @@ def _setting_from_field(f: dataclasses.Field[Any], hint: Any) -> Setting:
                 auto = True
             else:
                 base, choices = str, tuple(literals)
+        elif typing.get_origin(arg) is tuple:
+            base = tuple
         else:
             base = arg
     if base not in _TYPE_NAMES:  # pragma: no cover - a programming error in Config
