@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import struct
 import sys
 import traceback
 from typing import IO, Any
@@ -32,7 +31,7 @@ def _read_exact(f: IO[bytes], n: int) -> bytes | None:
 
 def _report(fd: int, ok: bool, tb: str) -> None:
     body = json.dumps({"ok": ok, "traceback": tb}).encode()
-    data = struct.pack("!I", len(body)) + body
+    data = len(body).to_bytes(4, "big") + body
     while data:
         data = data[os.write(fd, data):]
 

@@ -129,15 +129,16 @@ class Interpreter:
     def send(self, step: Step) -> None:
         assert self.proc.stdin is not None
         self.in_flight = True
-        self.proc.stdin.write(wire.command_frame(step.code, step.variables))
+        body = json.dumps({"code": step.code, "vars": step.variables}).encode()
+        self.proc.stdin.write(str(len(body)).encode() + b"\n" + body)
         self.proc.stdin.flush()
 
     def read_result(self) -> dict[str, Any] | None:
         """One command's outcome from the back-channel; None: the interpreter closed it."""
-        head = _read_exact(self.backchannel, wire.LENGTH.size)
+        head = _read_exact(self.backchannel, wire.LENGTH_BYTES)
         if head is None:
             return None
-        body = _read_exact(self.backchannel, wire.LENGTH.unpack(head)[0])
+        body = _read_exact(self.backchannel, int.from_bytes(head, "big"))
         if body is None:
             return None
         self.in_flight = False
@@ -213,33 +214,33 @@ class Host:
             if not isinstance(request, dict):
                 raise ValueError("a request is a JSON object")
         except (OSError, ValueError) as exc:
-            self._answer(conn, {"ok": False, "reason": f"bad request: {exc}"})
+            self._answer(conn, wire.DONE_FAILED, f"bad request: {exc}")
             return
         op = request.get("op")
         if op == "hold":
             self.idle_since = time.monotonic()
-            self._answer(conn, {"ok": not self.closing, "pid": os.getpid(),
-                                "reason": "stopping" if self.closing else None})
+            if self.closing:
+                self._answer(conn, wire.DONE_UNAVAILABLE, "stopping")
+            else:
+                self._answer(conn, wire.DONE_OK)
         elif op == "stop":
             self.closing = True
             if not request.get("teardown", True):
                 self.teardown = []
-            self._answer(conn, {"ok": True, "pid": os.getpid()})
+            self._answer(conn, wire.DONE_OK)
         elif op == "run":
             try:
                 steps = steps_of(request)
             except ValueError as exc:
-                self._answer(conn, {"ok": False, "reason": f"bad request: {exc}"})
+                self._answer(conn, wire.DONE_FAILED, f"bad request: {exc}")
                 return
             self.queue.append(Request(conn, steps))
         else:
-            self._answer(conn, {"ok": False, "reason": f"bad request: unknown op {op!r}"})
+            self._answer(conn, wire.DONE_FAILED, f"bad request: unknown op {op!r}")
 
-    def _answer(self, conn: socket.socket, done: dict[str, Any]) -> None:
-        try:  # noqa: SIM105
-            conn.sendall(wire.json_packet(wire.DONE, done))
-        except OSError:
-            pass
+    def _answer(self, conn: socket.socket, status: int, reason: str = "") -> None:
+        with contextlib.suppress(OSError):
+            conn.sendall(wire.done(status, reason))
         conn.close()
 
     def _next_request(self) -> None:
@@ -257,9 +258,8 @@ class Host:
             try:
                 self.interp = Interpreter.start(self.spec)
             except OSError as exc:
-                req.send(wire.json_packet(wire.DONE, {
-                    "ok": False, "died": True,
-                    "reason": f"cannot start the job's warm process: {exc.strerror or exc}"}))
+                req.send(wire.done(wire.DONE_UNAVAILABLE, "cannot start the job's warm "
+                                   f"process: {exc.strerror or exc}"))
                 self._end_request(req)
                 return
         if not self.interp.setup_done and req.sock is not None:
@@ -277,7 +277,7 @@ class Host:
         if req.pos == req.setup_steps and req.sock is not None:
             self.interp.setup_done = True
         if req.pos >= len(req.steps):
-            req.send(wire.json_packet(wire.DONE, {"ok": True, "pid": self.interp.proc.pid}))
+            req.send(wire.done(wire.DONE_OK))
             self._end_request(req)
             return
         with contextlib.suppress(OSError):  # it is dying: its pidfd says so next
@@ -309,7 +309,7 @@ class Host:
             return -1
         stream = self.interp.streams[fd]
         if self.current is not None and self.current.sock is not None:
-            if not self.current.send(wire.packet(wire.OUT if stream == 1 else wire.ERR, data)):
+            if not self.current.send((wire.OUT if stream == 1 else wire.ERR) + data):
                 self._client_gone()
         else:
             _write_all(stream, data)
@@ -327,8 +327,7 @@ class Host:
         step = req.steps[req.pos]
         ok = bool(result.get("ok"))
         tb = str(result.get("traceback") or "")
-        req.send(wire.json_packet(wire.RESULT, {"ok": ok, "traceback": tb,
-                                                "label": step.label}))
+        req.send(wire.result(ok, tb))
         if ok:
             req.pos += 1
             self._advance()
@@ -339,8 +338,7 @@ class Host:
             self._advance()
             return
         reason = f"{step.label} raised {_last_line(tb)}"
-        req.send(wire.json_packet(wire.DONE, {"ok": False, "reason": reason,
-                                              "pid": self.interp.proc.pid}))
+        req.send(wire.done(wire.DONE_FAILED, reason))
         self._end_request(req)
         if req.pos < req.setup_steps:
             # A half-done setup: the next task gets a fresh interpreter and the setup again.
@@ -362,8 +360,7 @@ class Host:
                   f"{describe_wait(status)}")
         if req.sock is None:
             _write_all(2, (reason + "\n").encode())
-        req.send(wire.json_packet(wire.DONE, {"ok": False, "died": True, "reason": reason,
-                                              "pid": interp.proc.pid}))
+        req.send(wire.done(wire.DONE_UNAVAILABLE, reason))
         self._end_request(req)
 
     def _kill(self) -> None:

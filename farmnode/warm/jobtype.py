@@ -95,15 +95,10 @@ class WarmJobType(JobType):
 
     def handle_line(self, stream: Stream, line: str) -> str | None:
         self._priority = None
-        if stream == Stream.STDERR and line.startswith(client.MARK):
-            try:
-                rec = json.loads(line[len(client.MARK):])
-                reason = str(rec["warm"])
-            except (ValueError, KeyError, TypeError):
-                return super().handle_line(stream, line)
-            self.warm_error = reason
+        if stream == Stream.STDERR and line.startswith(client.RECORD):
+            self.warm_error = line[len(client.RECORD):]
             self._priority = PRIORITY_ERR
-            return f"farmnode-warm: {reason}"
+            return f"farmnode-warm: {self.warm_error}"
         return super().handle_line(stream, line)
 
     def line_priority(self, stream: Stream, line: str) -> int:

@@ -70,8 +70,8 @@ def executor_argv(interpreter: list[str] | tuple[str, ...]) -> tuple[str, ...]:
 
 
 async def request(path: Path, req: dict[str, Any],
-                  timeout: float = REQUEST_TIMEOUT) -> dict[str, Any] | None:
-    """A hold or stop to the host; its DONE, or None when no host answers."""
+                  timeout: float = REQUEST_TIMEOUT) -> tuple[int, str] | None:
+    """A hold or stop to the host: its DONE's (status, reason), or None when none answers."""
     loop = asyncio.get_running_loop()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     sock.setblocking(False)
@@ -81,10 +81,9 @@ async def request(path: Path, req: dict[str, Any],
             await loop.sock_sendall(sock, json.dumps(req).encode())
             while packet := await loop.sock_recv(sock, 65536):
                 if packet[:1] == wire.DONE:
-                    answer: dict[str, Any] = json.loads(packet[1:])
-                    return answer
+                    return wire.parse_done(packet[1:])
         return None
-    except (OSError, TimeoutError, ValueError):
+    except (OSError, TimeoutError):
         return None
     finally:
         sock.close()
@@ -102,7 +101,7 @@ async def ensure(scopes: ScopeManager, config: Config, assignment: Assignment,
     path = socket_path(config, job)
     async with _lock(job):
         answer = await request(path, {"op": "hold"})
-        if answer is not None and answer.get("ok"):
+        if answer is not None and answer[0] == wire.DONE_OK:
             return path
         unit = unit_name(job)
         # A host that is leaving (or what is left of one): the new one takes its name.
