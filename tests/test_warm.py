@@ -45,7 +45,7 @@ class Host:
         with os.fdopen(ready_r, "rb") as ready:
             self.ready = ready.readline().decode().strip()
 
-    def run(self, commands: list[str], frames: tuple[float, ...] = (1,),
+    def task(self, commands: list[str], frames: tuple[float, ...] = (1,),
             ) -> tuple[int, str, bytes, bytes]:
         """(status, reason, stdout, stderr) of one task's request."""
         req = {"op": "run", "tasks": [1], "commands": commands,
@@ -60,7 +60,7 @@ class Host:
             return code, reason, o.read(), e.read()
 
     def pid(self) -> int:
-        code, reason, out, _ = self.run(["import os; print(os.getpid())"])
+        code, reason, out, _ = self.task(["import os; print(os.getpid())"])
         assert code == 0, reason
         return int(out.splitlines()[-1])
 
@@ -89,10 +89,10 @@ def test_one_process_serves_every_request_with_its_namespace_and_setup_once(
         host: Callable[..., Host]) -> None:
     h = host(setup=["import sys; setups = globals().get('setups', 0) + 1",
                     "print('setup ran')"])
-    first = h.run(["import os; n = globals().get('n', 0) + 1",
+    first = h.task(["import os; n = globals().get('n', 0) + 1",
                    "print(os.getpid(), n, frame, setups)",
                    "import sys; print('to stderr', file=sys.stderr)"], frames=(1, 2))
-    second = h.run(["n += 1; print(os.getpid(), n, frame, setups)"], frames=(3,))
+    second = h.task(["n += 1; print(os.getpid(), n, frame, setups)"], frames=(3,))
     assert first[:2] == (0, "") and second[:2] == (0, "")
     pid = h.ready.split()[1]
     # The setup's output belongs to the first task; each stream lands on its own fd.
@@ -105,9 +105,9 @@ def test_a_failure_comes_back_with_its_traceback_never_from_the_output(
         host: Callable[..., Host]) -> None:
     h = host()
     # Output that looks like a failure is only output.
-    fake = h.run(["print('Traceback (most recent call last):'); print('Error: 1')"])
+    fake = h.task(["print('Traceback (most recent call last):'); print('Error: 1')"])
     assert fake[:2] == (0, "")
-    code, reason, out, err = h.run(["print('before')",
+    code, reason, out, err = h.task(["print('before')",
                                     "def f():\n    raise ValueError('boom')\nf()",
                                     "print('never')"], frames=(7,))
     assert code == wire.EXIT_COMMAND_FAILED
@@ -117,13 +117,13 @@ def test_a_failure_comes_back_with_its_traceback_never_from_the_output(
     assert text.startswith("Traceback (most recent call last):\n")
     assert 'File "<command' in text and "in f\n" in text and text.endswith("ValueError: boom\n")
     assert "executor.py" not in text  # the trace starts at the command
-    assert h.run(["print('still here')"])[2] == b"still here\n"
+    assert h.task(["print('still here')"])[2] == b"still here\n"
 
 
 def test_output_reaches_the_task_before_its_result(host: Callable[..., Host]) -> None:
     h = host()
     # More than a pipe and a socket buffer hold: the host must read while the command runs.
-    code, reason, out, _ = h.run(["import sys\nfor i in range(20000): print('line', i)\n"
+    code, reason, out, _ = h.task(["import sys\nfor i in range(20000): print('line', i)\n"
                                   "raise KeyError(i)"])
     assert (code, reason) == (1, "command 1 of frame 1 raised KeyError: 19999")
     lines = out.decode().splitlines()
@@ -134,17 +134,17 @@ def test_death_mid_command_fails_that_task_and_the_next_gets_a_fresh_process(
         host: Callable[..., Host]) -> None:
     h = host(setup=["print('setup')"])
     first = h.pid()
-    code, reason, out, _ = h.run(["print('dying'); import os, sys; sys.stdout.flush(); "
+    code, reason, out, _ = h.task(["print('dying'); import os, sys; sys.stdout.flush(); "
                                   "os.kill(os.getpid(), 9)"], frames=(4,))
     assert code == wire.EXIT_UNAVAILABLE
     assert reason == (f"the job's warm process (pid {first}) died while running command 1 of "
                       "frame 4: killed by SIGKILL")
     assert out == b"dying\n"
-    code, _, out, _ = h.run(["import os; print(os.getpid())"])
+    code, _, out, _ = h.task(["import os; print(os.getpid())"])
     assert code == 0 and out.decode().splitlines()[0] == "setup"  # the setup runs again
     assert int(out.decode().splitlines()[1]) != first
     # An interpreter that leaves by itself (sys.exit) is a death too.
-    code, reason, _, _ = h.run(["raise SystemExit(3)"])
+    code, reason, _, _ = h.task(["raise SystemExit(3)"])
     assert code == wire.EXIT_UNAVAILABLE and reason.endswith("command 1 of frame 1: exit code 3")
 
 
@@ -173,13 +173,13 @@ def test_idle_host_runs_the_teardown_and_leaves(host: Callable[..., Host],
     h = host(idle_timeout=0.5, setup=["x = 41"],
              teardown=["print('teardown', x + 1)", "raise RuntimeError('late')",
                        "print('after it')"])
-    assert h.run(["print(x)"])[2] == b"41\n"
+    assert h.task(["print(x)"])[2] == b"41\n"
     assert h.proc.wait(timeout=20) == 0
     log = h.log.read_text()
     # Teardown output is the host's own (no task is served); a failing command does not end it.
     assert "teardown 42\n" in log and "RuntimeError: late" in log and "after it\n" in log
     assert not h.socket.exists()
-    code, reason, _, _ = h.run(["print(1)"])
+    code, reason, _, _ = h.task(["print(1)"])
     assert code == wire.EXIT_UNAVAILABLE and "not there" in reason
 
 
@@ -203,12 +203,12 @@ def test_a_failed_setup_fails_the_task_and_the_next_task_tries_again(
         host: Callable[..., Host], tmp_path: Path) -> None:
     flag = tmp_path / "flag"
     h = host(setup=[f"import os\nif not os.path.exists({str(flag)!r}): raise OSError('no scene')"])
-    code, reason, _, err = h.run(["print('frame')"])
+    code, reason, _, err = h.task(["print('frame')"])
     assert code == wire.EXIT_COMMAND_FAILED
     assert reason == "setup command 1 raised OSError: no scene"
     assert b"OSError: no scene" in err
     flag.touch()
-    assert h.run(["print('frame')"])[:3] == (0, "", b"frame\n")
+    assert h.task(["print('frame')"])[:3] == (0, "", b"frame\n")
 
 
 def test_bad_requests_are_refused_by_name_and_the_host_serves_on(
@@ -296,3 +296,90 @@ def test_python_jobtype_takes_the_clients_record_as_the_reason() -> None:
     assert jt.line_priority(Stream.STDERR, "KeyError: 'x'") == 4
     assert jt.failure_reason(ExitStatus(code=1)) == "command 1 of frame 2 raised KeyError: 'x'"
     assert _python({"commands": "x"}).failure_reason(ExitStatus(code=1)) == "exit code 1"
+
+
+# ---- PyFarm's job-level hooks, mapped onto the warm process ------------------------------
+
+PYFARM_PERSISTENT = '''
+import os
+from pyfarm.jobtypes.core.jobtype import JobType, CommandData
+
+class Persistent(JobType):
+    @classmethod
+    def prepare_for_job(cls, job):
+        print("prepare_for_job", job, os.getpid())
+        return {"scene": "loaded once", "pid": os.getpid()}
+
+    @classmethod
+    def cleanup_after_job(cls, persistent_data):
+        print("cleanup_after_job", persistent_data["scene"])
+
+    def get_command_data(self):
+        server = self.spawn_persistent_process(
+            self.assignment["job"]["id"], CommandData("/bin/sh", "-c", "read x; sleep 600"))
+        return CommandData("/bin/sh", "-c",
+                           f"echo data {self.persistent_job_data['scene']} server {server.pid}")
+'''
+
+
+def test_pyfarm_job_level_hooks_run_once_per_job_in_its_warm_process(
+        host: Callable[..., Host], tmp_path: Path) -> None:
+    from farmnode.jobtypes.remote import WarmRemoteJobType, cache_store, remote_jobtype_class
+
+    path = cache_store(tmp_path / "cache", "persistent", 1, "Persistent", PYFARM_PERSISTENT)
+    cls = remote_jobtype_class(path, "Persistent")
+    assert issubclass(cls, WarmRemoteJobType)
+
+    def assignment(task: int) -> Any:
+        return parse_assignment({"job": {"id": 77, "by": 1},
+                                 "jobtype": {"name": "persistent", "version": 1},
+                                 "tasks": [{"id": task, "frame": task}]}, f"a-{task}")
+
+    first = cls(assignment(1), _Reporter())
+    warm = first.warm_process()
+    h = host(argv=list(warm.argv), setup=list(warm.setup), teardown=list(warm.teardown),
+             env={"PATH": "/usr/bin:/bin"})
+    outs = []
+    for task in (1, 2):
+        jt = cls(assignment(task), _Reporter())
+        request = json.loads(jt.get_command_data().argv[4])
+        code, reason, out, err = h.task(request["commands"])
+        assert (code, reason) == (0, ""), err
+        # split on newlines only, as the agent does (str.splitlines also splits on \x1e)
+        outs.append([jt.handle_line(Stream.STDOUT, line)
+                     for line in out.decode().rstrip("\n").split("\n")])
+    interp = h.ready.split()[1]
+    assert outs[0][0] == f"prepare_for_job 77 {interp}"
+    data = [line for lines in outs for line in lines if line and line.startswith("data")]
+    # One prepare_for_job and one persistent process for both assignments.
+    assert len(data) == 2 and data[0] == data[1]
+    assert data[0].startswith("data loaded once server ")
+    server = int(data[0].split()[-1])
+    os.kill(server, 0)
+    assert client.run(str(h.socket), '{"op": "stop"}') == (0, "")
+    assert h.proc.wait(timeout=30) == 0
+    assert "cleanup_after_job loaded once" in h.log.read_text()
+    with pytest.raises(ProcessLookupError):
+        for _ in range(100):  # the server is stopped by the teardown, reaped by its parent
+            os.kill(server, 0)
+            time.sleep(0.05)
+
+
+def test_pyfarm_source_without_those_hooks_runs_as_before(tmp_path: Path) -> None:
+    from farmnode.jobtypes.remote import (
+        RemoteJobType,
+        WarmRemoteJobType,
+        cache_store,
+        remote_jobtype_class,
+        uses_persistent_hooks,
+    )
+
+    plain = PYFARM_PERSISTENT.split("class Persistent")[0] + (
+        "class Plain(JobType):\n    def get_command_data(self):\n"
+        "        return CommandData('/bin/true')\n")
+    path = cache_store(tmp_path, "plain", 1, "Plain", plain)
+    cls = remote_jobtype_class(path, "Plain")
+    assert issubclass(cls, RemoteJobType) and not issubclass(cls, WarmRemoteJobType)
+    broken = tmp_path / "broken.py"
+    broken.write_text("def spawn_persistent_process(:\n")
+    assert not uses_persistent_hooks(broken)  # the task's scope reports the syntax error

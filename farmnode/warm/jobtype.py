@@ -67,7 +67,7 @@ class WarmJobType(JobType):
         super().__init__(*args, **kwargs)
         # The host's reason when the warm process failed the task (the client's record).
         self.warm_error: str | None = None
-        self._priority: int | None = None
+        self._warm_priority: int | None = None
 
     @abc.abstractmethod
     def warm_process(self) -> WarmProcess:
@@ -94,16 +94,16 @@ class WarmJobType(JobType):
                                       cwd=warm.cwd)
 
     def handle_line(self, stream: Stream, line: str) -> str | None:
-        self._priority = None
+        self._warm_priority = None
         if stream == Stream.STDERR and line.startswith(client.RECORD):
             self.warm_error = line[len(client.RECORD):]
-            self._priority = PRIORITY_ERR
+            self._warm_priority = PRIORITY_ERR
             return f"farmnode-warm: {self.warm_error}"
         return super().handle_line(stream, line)
 
     def line_priority(self, stream: Stream, line: str) -> int:
-        if self._priority is not None:
-            return self._priority
+        if self._warm_priority is not None:
+            return self._warm_priority
         return super().line_priority(stream, line)
 
     def failure_reason(self, status: ExitStatus) -> str:

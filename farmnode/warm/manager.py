@@ -105,7 +105,7 @@ async def ensure(scopes: ScopeManager, config: Config, assignment: Assignment,
             return path
         unit = unit_name(job)
         # A host that is leaving (or what is left of one): the new one takes its name.
-        await scopes.stop_scope(unit)
+        await scopes.stop_scope_wait(unit, config.task_stop_grace + REQUEST_TIMEOUT)
         remove_unit_settings(unit)
         folder = path.parent
         folder.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
@@ -144,7 +144,8 @@ async def _start(scopes: ScopeManager, config: Config, assignment: Assignment,
         os.close(ready_r)
         with contextlib.suppress(ScopeError):
             await scopes.stop_scope(unit)
-        raise WarmError(f"cannot start the job's warm process ({unit}): {exc}") from None
+        why = str(exc) or f"{type(exc).__name__} (systemd did not answer in time)"
+        raise WarmError(f"cannot start the job's warm process ({unit}): {why}") from None
     spec = {
         "argv": list(warm.argv), "env": {**env, **warm.env}, "cwd": warm.cwd,
         "uid": ident.uid, "gid": ident.gid, "groups": list(ident.groups),
