@@ -279,6 +279,7 @@ def test_python_jobtype_runs_the_client_with_one_item_per_frame() -> None:
     ({"commands": "x", "last_frame": "end"}, "job.data.last_frame: must be a number"),
     ({"commands": "x", "cwd": "rel"}, "job.data.cwd: must be an absolute path"),
     ({"commands": "x", "scene": "/a"}, "job.data.scene: unknown key"),
+    ({"commands": "x = 1\n" * 30000}, "job.data: one assignment's commands take"),
 ])
 def test_python_jobtype_refuses_bad_data_by_key(data: dict[str, Any], error: str) -> None:
     with pytest.raises(ValueError, match="^" + error.replace("(", r"\(").replace(")", r"\)")

@@ -27,6 +27,7 @@ from farmnode.warm import client, executor
 CLIENT_PATH = client.__file__
 EXECUTOR_PATH = executor.__file__
 DEFAULT_IDLE_TIMEOUT = 300.0
+MAX_REQUEST = 120 * 1024
 
 
 @dataclass(frozen=True)
@@ -89,8 +90,13 @@ class WarmJobType(JobType):
 
     def get_command_data(self) -> CommandData:
         warm = self.warm_process()  # its errors fail the task before anything starts
-        return self.make_command_data(sys.executable, ["-I", "-S", CLIENT_PATH,
-                                                       json.dumps(self.request())],
+        request = json.dumps(self.request())
+        if len(request.encode()) > MAX_REQUEST:
+            # One argv string (the kernel's MAX_ARG_STRLEN) and one packet to the host.
+            raise ValueError(f"job.data: one assignment's commands take {len(request)} bytes "
+                             f"(at most {MAX_REQUEST}): put the code in a module the setup "
+                             "imports")
+        return self.make_command_data(sys.executable, ["-I", "-S", CLIENT_PATH, request],
                                       cwd=warm.cwd)
 
     def handle_line(self, stream: Stream, line: str) -> str | None:

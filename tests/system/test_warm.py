@@ -82,7 +82,9 @@ def test_one_process_serves_the_jobs_assignments_and_its_lines_are_each_tasks(
     last = _python(job, [3], ["n += 1", SHOW], **data)
     assert assign_wait(ct, last)["tasks"][0]["state"] == "done"
     _until("the warm scope to end", lambda: _gone(ct, unit))
-    assert _messages(ct, "-u", unit, f"FARMNODE_JOB={job}") == ["teardown after 3 frames"]
+    own = journal(ct, f"_SYSTEMD_UNIT={unit}")
+    assert [e["MESSAGE"] for e in own] == ["teardown after 3 frames"]
+    assert own[0]["FARMNODE_JOB"] == str(job) and own[0]["SYSLOG_IDENTIFIER"] == "farmnode-warm"
 
 
 def test_death_mid_task_fails_it_with_the_reason_and_the_next_starts_fresh(
@@ -119,7 +121,8 @@ def test_cancel_stops_the_warm_process(ct: Container) -> None:
     farmnode(ct, "wait", aid, check=False)
     (rec,) = [t for t in json.loads(farmnode(ct, "--json", "tasks").stdout) if t["id"] == task]
     assert rec["state"] == "cancelled"
-    assert _gone(ct, unit)
+    # The agent stops the warm scope once the cancelled run has concluded.
+    _until("the warm scope to end", lambda: _gone(ct, unit))
     assert ct.run(["test", "-e", f"/proc/{pid}"], check=False).returncode != 0
 
 
