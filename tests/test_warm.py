@@ -384,3 +384,27 @@ def test_pyfarm_source_without_those_hooks_runs_as_before(tmp_path: Path) -> Non
     broken = tmp_path / "broken.py"
     broken.write_text("def spawn_persistent_process(:\n")
     assert not uses_persistent_hooks(broken)  # the task's scope reports the syntax error
+
+
+def test_stopping_the_agent_stops_every_jobs_warm_scope(tmp_path: Path) -> None:
+    import asyncio
+    import dataclasses
+
+    from farmnode.config import Config
+    from farmnode.warm import manager
+
+    config = dataclasses.replace(Config(), agent_runtime_dir=str(tmp_path))
+    for job in (3, 14):
+        manager.socket_path(config, job).parent.mkdir(parents=True)
+    (tmp_path / "warm" / "stray").mkdir()
+
+    class Scopes:  # records the calls; the stop itself is systemd's (system tier)
+        stopped: list[str] = []
+
+        async def stop_scope(self, unit: str) -> bool:
+            self.stopped.append(unit)
+            return True
+
+    scopes = Scopes()
+    asyncio.run(manager.stop_all(scopes, config))  # type: ignore[arg-type]
+    assert sorted(scopes.stopped) == ["farmnode-warm-job14.scope", "farmnode-warm-job3.scope"]

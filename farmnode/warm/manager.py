@@ -233,3 +233,17 @@ async def after_run(scopes: ScopeManager, config: Config, assignment: Assignment
         return
     if warm is not None and warm.holds_last_frame([t.frame for t in assignment.tasks]):
         await request(socket_path(config, job), {"op": "stop", "teardown": True})
+
+
+async def stop_all(scopes: ScopeManager, config: Config) -> None:
+    """The agent is stopped (not restarted): every job's host goes with it, with no teardown
+    (the tasks it served were cancelled)."""
+    folder = socket_path(config, 0).parent.parent
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.scandir(folder):
+            job = entry.name.removeprefix("job-")
+            if entry.name.startswith("job-") and job.isdigit():
+                # One host systemd cannot stop now must not keep the agent from stopping.
+                with contextlib.suppress(Exception):
+                    await scopes.stop_scope(unit_name(int(job)))
+                remove_unit_settings(unit_name(int(job)))
