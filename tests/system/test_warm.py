@@ -150,3 +150,29 @@ def test_agent_restart_mid_task_loses_no_line_and_the_process_serves_on(
     b = _python(job, [2], ["n += 1", SHOW])
     assert assign_wait(ct, b)["tasks"][0]["state"] == "done"
     assert _messages(ct, f"FARMNODE_TASK={b['tasks'][0]['id']}") == [f"pid {pid} n 2 frame 2"]
+
+
+def test_pyfarm_job_level_hooks_run_once_per_job_through_the_agent(ct: Container) -> None:
+    from tests.test_warm import PYFARM_PERSISTENT
+
+    job = next(_jobs)
+    # Stored as a download from the master would be (no master here: the cache serves it).
+    ct.run(["/opt/farmnode/bin/python", "-c",
+            "import sys; from farmnode.jobtypes.remote import cache_store; cache_store("
+            "'/var/cache/farmnode/jobtypes', 'persistent', 1, 'Persistent', sys.stdin.read())"],
+           input=PYFARM_PERSISTENT)
+    lines = []
+    for frame in (1, 2):
+        a = assignment("persistent", {}, [frame], id=job, user="jobuser")
+        rec = assign_wait(ct, a)["tasks"][0]
+        assert rec["state"] == "done", rec
+        lines.append(_messages(ct, f"FARMNODE_TASK={a['tasks'][0]['id']}"))
+    # prepare_for_job ran once, in the warm process, for the first assignment; both saw its
+    # data and the same persistent process, which runs in the warm scope as the job's user.
+    assert lines[0][0].startswith(f"prepare_for_job {job} ")
+    assert not any(line.startswith("prepare_for_job") for line in lines[1])
+    data = [line for task in lines for line in task if line.startswith("data ")]
+    assert len(data) == 2 and data[0] == data[1] and data[0].startswith("data loaded once")
+    server = data[0].split()[-1]
+    assert f"farmnode-warm-job{job}.scope" in ct.run(["cat", f"/proc/{server}/cgroup"]).stdout
+    assert ct.run(["ps", "-o", "user=", "-p", server]).stdout.strip() == "jobuser"
