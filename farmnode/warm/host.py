@@ -167,11 +167,15 @@ def _read_exact(fd: int, n: int) -> bytes | None:
 
 
 def _write_all(fd: int, data: bytes) -> None:
+    """The host's own log (journald): lines no task is served for. A journald that is away
+    loses them; the host, serving the job's tasks, must not go with it."""
     while data:
         try:
             data = data[os.write(fd, data):]
         except BlockingIOError:
             select.select([], [fd], [])
+        except OSError:
+            return
 
 
 def _last_line(tb: str) -> str:
