@@ -143,6 +143,10 @@ def test_death_mid_command_fails_that_task_and_the_next_gets_a_fresh_process(
     code, _, out, _ = h.task(["import os; print(os.getpid())"])
     assert code == 0 and out.decode().splitlines()[0] == "setup"  # the setup runs again
     assert int(out.decode().splitlines()[1]) != first
+    # A command that closes the back-channel leaves no way to hear outcomes: stopped too.
+    code, reason, _, _ = h.task(["import os, time; os.closerange(3, 1024); time.sleep(60)"])
+    assert code == wire.EXIT_UNAVAILABLE
+    assert reason.endswith("its back-channel was closed, so it was stopped (killed by SIGKILL)")
     # An interpreter that leaves by itself (sys.exit) is a death too.
     code, reason, _, _ = h.task(["raise SystemExit(3)"])
     assert code == wire.EXIT_UNAVAILABLE and reason.endswith("command 1 of frame 1: exit code 3")

@@ -41,6 +41,7 @@ RECV_SIZE = wire.MAX_REQUEST + 1
 READ_SIZE = wire.CHUNK
 LEAVE_GRACE = 10.0  # seconds the interpreter has to leave once its stdin is closed
 TEARDOWN_TIMEOUT = 60.0  # the teardown commands, together
+EXIT_MOMENT = 1.0  # seconds between a dying interpreter's back-channel closing and its exit
 
 
 @dataclass
@@ -107,6 +108,7 @@ class Interpreter:
     streams: dict[int, int] = field(default_factory=dict)  # fd → 1 (stdout) or 2 (stderr)
     in_flight: bool = False
     setup_done: bool = False
+    lost_backchannel: bool = False
 
     @classmethod
     def start(cls, spec: dict[str, Any]) -> Interpreter:
@@ -323,6 +325,15 @@ class Host:
         assert self.interp is not None
         result = self.interp.read_result()
         if result is None:
+            # A dying process closes its fds a moment before its pidfd says it died: give it
+            # that moment. (Not proc.poll(): it would reap it before _died reads its status.)
+            alive = not select.select([self.interp.pidfd], [], [], EXIT_MOMENT)[0]
+            if alive and not self.interp.lost_backchannel:
+                # Alive, but a command closed the back-channel (os.closerange...): no outcome
+                # can come any more, and the task would wait for ever.
+                self.interp.lost_backchannel = True
+                with contextlib.suppress(OSError):
+                    self.interp.proc.kill()
             return  # its pidfd reports the death
         self._drain()
         req = self.current
@@ -360,8 +371,10 @@ class Host:
         if req is None:
             return
         what = f" while running {req.steps[req.pos].label}" if req.pos < len(req.steps) else ""
-        reason = (f"the job's warm process (pid {interp.proc.pid}) died{what}: "
-                  f"{describe_wait(status)}")
+        how = describe_wait(status)
+        if interp.lost_backchannel:
+            how = f"its back-channel was closed, so it was stopped ({how})"
+        reason = f"the job's warm process (pid {interp.proc.pid}) died{what}: {how}"
         if req.sock is None:
             _write_all(2, (reason + "\n").encode())
         req.send(wire.done(wire.DONE_UNAVAILABLE, reason))
@@ -450,7 +463,8 @@ class Host:
             if self.interp is not None:
                 for fd in self.interp.streams:
                     poller.register(fd, select.POLLIN)
-                poller.register(self.interp.backchannel, select.POLLIN)
+                if not self.interp.lost_backchannel:
+                    poller.register(self.interp.backchannel, select.POLLIN)
                 poller.register(self.interp.pidfd, select.POLLIN)
             timeout = None
             if self.current is None and not self.queue:
