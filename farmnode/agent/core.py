@@ -730,6 +730,10 @@ class Agent:
         if self._tasks:
             await asyncio.wait(list(self._tasks.values()),
                                timeout=self.config.task_stop_grace + 10)
+        # The jobs' warm processes stop with their tasks, idle ones too (farmnode.warm).
+        from farmnode.warm import manager as warm_manager
+
+        await warm_manager.stop_all(self.scopes, self.config)
         for task in self._spool_janitor:
             task.cancel()  # the next agent picks the spools up again
         self.flush_progress()

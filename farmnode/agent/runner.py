@@ -49,6 +49,9 @@ from farmnode.systemd.scope import ScopeError, ScopeLimits, ScopeManager, scope_
 from farmnode.tasks import tasklog
 from farmnode.tasks.model import Assignment, StateChange, TaskState
 from farmnode.tasks.tasklog import InternalLine
+from farmnode.warm import manager as warm_manager
+from farmnode.warm import wire as warm_wire
+from farmnode.warm.jobtype import WarmJobType
 
 log = logging.getLogger(__name__)
 
@@ -413,6 +416,17 @@ class AssignmentRun:
             # Over the job's own: its devices are the agent's to say (the kernel holds it to
             # them anyway).
             env.update(gpu_environment(self.gpus))
+        # A job type with a warm per-job process: it is started (or reused) before the
+        # task's shim, which runs only its client (farmnode.warm).
+        if isinstance(self.jobtype, WarmJobType):
+            try:
+                warm_socket = await warm_manager.ensure(
+                    self.scopes, self.config, a, self.jobtype.warm_process(), ident, env,
+                    limits_for(a, self.config))
+            except (ValueError, warm_manager.WarmError) as exc:
+                self._finish_all(TaskState.FAILED, str(exc), None)
+                return
+            env[warm_wire.SOCKET_ENV] = str(warm_socket)
         self.status_path().parent.mkdir(parents=True, exist_ok=True)
         self.status_path().unlink(missing_ok=True)
         spec = {
@@ -580,6 +594,9 @@ class AssignmentRun:
         # Background processes the job left behind end with it.
         await self.scopes.stop_scope(self.unit)
         remove_unit_settings(self.unit)
+        if isinstance(self.jobtype, WarmJobType):
+            await warm_manager.after_run(self.scopes, self.config, self.assignment,
+                                         self.jobtype, bool(self.cancelled_reason))
         return never_started
 
     def _arm_timeout(self, loop: asyncio.AbstractEventLoop) -> asyncio.TimerHandle | None:

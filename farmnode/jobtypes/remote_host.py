@@ -26,6 +26,7 @@ from typing import Any
 
 from farmnode.jobtypes import pyfarm
 from farmnode.jobtypes.base import ExitStatus, JobType, Stream
+from farmnode.jobtypes.pyfarm import warm
 from farmnode.jobtypes.pyfarm.agent.config import config as pyfarm_config
 from farmnode.jobtypes.pyfarm.jobtypes.core import jobtype as pyfarm_jobtype
 from farmnode.jobtypes.pyfarm.jobtypes.core.process import LineSplitter, pump
@@ -162,9 +163,12 @@ def run_pyfarm(cls: type[pyfarm_jobtype.JobType], payload: dict[str, Any],
     pyfarm_jobtype.path_map = _path_map(payload)
     pyfarm_jobtype.bind(MarkedSink(), node)
     log = logging.getLogger("pyfarm")
-    log.addHandler(LogLines())
+    if not any(isinstance(h, LogLines) for h in log.handlers):  # once per warm process
+        log.addHandler(LogLines())
     log.setLevel(logging.INFO)
     log.propagate = False
+    if warm.active:
+        warm.prepare(cls, payload["assignment"], label, path)
     try:
         jt = cls(payload["assignment"])
     except Exception as exc:
@@ -242,7 +246,9 @@ def main(argv: list[str]) -> int:
     label = f"job type {name!r} v{version}"
     pyfarm.install()
     try:
-        cls = load_class(path, classname, label)
+        cls = warm.loaded.get((path, classname)) or load_class(path, classname, label)
+        if warm.active:
+            warm.loaded[(path, classname)] = cls
         if issubclass(cls, pyfarm_jobtype.JobType):
             return run_pyfarm(cls, payload, path, label)
         assert issubclass(cls, JobType)
@@ -259,6 +265,20 @@ def main(argv: list[str]) -> int:
         sys.stderr.flush()
         emit({"error": f"{label}: {where(exc, path)}"})
         return 1
+
+
+class TaskFailed(Exception):
+    """The assignment failed in the job's warm process (its reason went out as a record)."""
+
+
+def run_warm(path: str, classname: str, payload: dict[str, Any]) -> None:
+    """One assignment in the job's warm interpreter (farmnode.warm), as main() runs it in a
+    process of its own, except that the class stays loaded for the job's next assignments,
+    with what prepare_for_job made and the processes spawn_persistent_process started."""
+    warm.active = True
+    code = main(["remote_host", path, classname, json.dumps(payload)])
+    if code:
+        raise TaskFailed(f"exit status {code}")
 
 
 if __name__ == "__main__":
