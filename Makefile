@@ -11,8 +11,9 @@ PY := $(VENV)/bin/python
 PKG_APT := scdoc lintian rpm rpmlint dpkg-dev binutils
 # The programs of those packages packaging/build.py and the recipes run: `make apt` if one lacks.
 PKG_PROGRAMS := scdoc lintian rpm rpmlint dpkg-shlibdeps strip
+# chromium: the status page's system test loads the page in it, headless, on the host.
 APT_PACKAGES := debootstrap systemd-container qemu-system-x86 libsystemd-dev pkg-config gcc \
-	python3-dev python3-venv $(PKG_APT)
+	python3-dev python3-venv chromium $(PKG_APT)
 PKG_RELEASE ?= 1
 PKG_OUT ?= dist
 PKG_TOOLS = @for t in $(PKG_PROGRAMS); do command -v $$t >/dev/null \

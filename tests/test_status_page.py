@@ -168,7 +168,15 @@ def test_node_watch_samples_on_state_changes_not_on_progress() -> None:
     # the same figures are no news; uptime is not one of them
     assert w.sampled({"state": "online", "free_ram": 5, "uptime": 10}, 4.0) is None
     assert w.sampled({"state": "online", "free_ram": 4, "uptime": 11}, 9.0) == {
-        **dict.fromkeys(node_events.NODE_KEYS), "state": "online", "free_ram": 4}
+        **dict.fromkeys(node_events.NODE_KEYS), "state": "online", "free_ram": 4,
+        "master_link": None}
+    link = {"master": "http://m:5000", "announced": True, "queued_reports": 0,
+            "last_error": None, "last_contact": "2026-12-07T06:00:00Z"}
+    assert w.sampled({"state": "online", "master_link": link}, 10.0)["master_link"] == {
+        k: link[k] for k in node_events.LINK_KEYS}
+    # the master's polls alone are no news
+    assert w.sampled({"state": "online", "master_link": {
+        **link, "last_contact": "2026-12-07T06:00:05Z"}}, 11.0) is None
 
 
 def _events(stream: Iterator[bytes], n: int) -> list[tuple[str, dict[str, Any]]]:

@@ -78,6 +78,7 @@ HOST_APT: Mapping[str, str] = {
     "/usr/lib/rpm/elfdeps": "rpm",
     "rpmlint": "rpmlint",
     "dpkg-shlibdeps": "dpkg-dev",
+    "chromium": "chromium",  # the status page's system test: headless, over DevTools
     "strip": "binutils",
 }
 # Program in .venv/bin -> the Python distribution that brings it; that distribution must be

@@ -16,7 +16,9 @@ from typing import Any
 # The status keys the page shows; the others (uptime, the agent's own RSS) change on every
 # call and would make each sample an event.
 NODE_KEYS = ("state", "agent_hostname", "version", "free_ram", "ram", "cpus", "consumed_ram",
-             "running_tasks", "assignments", "jobs", "gpus")
+             "running_tasks", "assignments", "jobs", "gpus", "farm_name", "storage_error")
+# Of the master link, what an admin acts on; its contact times change on every poll.
+LINK_KEYS = ("master", "announced", "queued_reports", "last_error")
 RESAMPLE = 5.0
 # A burst of task changes (an assignment of many frames starting or ending) is one sample.
 SETTLE = 0.5
@@ -24,7 +26,10 @@ FINISHED = frozenset({"done", "failed", "cancelled"})
 
 
 def node_view(status: dict[str, Any]) -> dict[str, Any]:
-    return {k: status.get(k) for k in NODE_KEYS}
+    link = status.get("master_link")
+    return {**{k: status.get(k) for k in NODE_KEYS},
+            "master_link": ({k: link.get(k) for k in LINK_KEYS} if isinstance(link, dict)
+                            else None)}
 
 
 @dataclass

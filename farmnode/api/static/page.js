@@ -16,15 +16,21 @@ let logLoading = false;
 let tasksLoading = null;
 
 const $ = (id) => document.getElementById(id);
+// Absolute, from the origin: a page opened with credentials in its address has a base URL
+// that fetch() refuses to resolve a relative URL against.
+const url = (path) => location.origin + path;
+
+let lastError = ""; // of the page's own requests
+let nodeProblem = ""; // the node's own (its storage)
 
 function showError(text) {
   const el = $("error");
-  el.textContent = text;
-  el.hidden = !text;
+  el.textContent = text || nodeProblem;
+  el.hidden = !el.textContent;
 }
 
 async function getJSON(path) {
-  const r = await fetch(path, {headers: {Accept: "application/json"}, cache: "no-store"});
+  const r = await fetch(url(path), {headers: {Accept: "application/json"}, cache: "no-store"});
   if (!r.ok) {
     let why = r.statusText;
     try { why = (await r.json()).error || why; } catch (e) { /* not JSON */ }
@@ -52,6 +58,13 @@ function renderNode(n) {
   }
   if (n.cpus != null) $("cpus").textContent = String(n.cpus);
   if (n.version) $("version").textContent = n.version;
+  const link = n.master_link;
+  $("master").textContent = !link ? "none (standalone)"
+    : `${link.master || "?"}: ${link.last_error ? `error: ${link.last_error}`
+      : link.announced ? "announced" : "not announced yet"}` +
+      (link.queued_reports ? `, ${link.queued_reports} reports queued` : "");
+  nodeProblem = n.storage_error ? `The state directory refuses writes: ${n.storage_error}` : "";
+  showError(lastError || nodeProblem);
   const running = n.running_tasks ?? 0;
   const assignments = (n.assignments || []).length;
   $("running").textContent = `${running} in ${assignments} assignment${assignments === 1 ? "" : "s"}`;
@@ -159,8 +172,12 @@ function loadTasks() {
     }
     renderList();
     if (selected === null && list.length) select(list[0].id);
+    lastError = "";
     showError("");
-  }).catch((e) => showError(String(e.message || e))).finally(() => { tasksLoading = null; });
+  }).catch((e) => {
+    lastError = String(e.message || e);
+    showError(lastError);
+  }).finally(() => { tasksLoading = null; });
   return tasksLoading;
 }
 
@@ -203,7 +220,7 @@ async function loadLog() {
   const id = selected;
   logLoading = true;
   try {
-    const r = await fetch(`/api/v1/task_logs/${encodeURIComponent(id)}?format=text&tail=${LOG_LINES}`,
+    const r = await fetch(url(`/api/v1/task_logs/${encodeURIComponent(id)}?format=text&tail=${LOG_LINES}`),
                           {headers: {Accept: "text/plain"}, cache: "no-store"});
     const text = r.ok ? await r.text() : `${r.status} ${r.statusText}: ${await r.text()}`;
     if (id !== selected) return;
@@ -220,8 +237,10 @@ async function loadLog() {
 
 function connect() {
   const link = $("link");
-  const events = new EventSource("/api/v1/events");
+  const events = new EventSource(url("/api/v1/events"));
   events.addEventListener("open", () => {
+    lastError = "";
+    showError("");
     link.textContent = "live";
     link.className = "link live";
     loadTasks(); // after a reconnect: what changed while the stream was away
@@ -229,6 +248,13 @@ function connect() {
   events.addEventListener("error", () => {
     link.textContent = "reconnecting";
     link.className = "link";
+    // Refused (401, 503 with too many streams open): the browser gives up; so do we, then
+    // try again later. A dropped stream the browser reopens itself.
+    if (events.readyState === EventSource.CLOSED) {
+      lastError = "the event stream was refused; trying again in 5 s";
+      showError(lastError);
+      setTimeout(connect, 5000);
+    }
   });
   events.addEventListener("agent", (e) => renderState(JSON.parse(e.data).state));
   events.addEventListener("node", (e) => renderNode(JSON.parse(e.data)));
