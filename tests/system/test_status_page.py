@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from urllib.parse import quote
 
-from tests.system import chromium
+from tests import chromium
 from tests.system.conftest import assignment
 from tests.system.test_api import PASSWORD, USER, Api, api  # noqa: F401 (the fixture)
 
@@ -35,8 +35,7 @@ def test_the_status_page_follows_a_running_task(api: Api,  # noqa: F811 (the fix
     a = assignment("fakerender", {"duration": 8, "lines": 2}, [1])
     tid = a["tasks"][0]["id"]
     with chromium.browser(tmp_path / "profile", *PHONE) as b:
-        b.send("Page.navigate",
-               url=f"http://{quote(USER, safe='')}:{quote(PASSWORD, safe='')}"
+        b.navigate(f"http://{quote(USER, safe='')}:{quote(PASSWORD, safe='')}"
                    f"@127.0.0.1:{api.port}/")
         b.wait_for("document.getElementById('link').textContent === 'live'", 60)
         b.evaluate("window.sameDocument = true")  # gone if the page ever reloads

@@ -153,22 +153,29 @@ function renderList() {
   $("no-tasks").hidden = tasks.size > 0;
 }
 
-function merge(t) {
+// `fill`: only what the page lacks (a lookup may answer older than the events since).
+function merge(t, fill = false) {
   const old = tasks.get(t.id) || {};
-  const merged = {...old, ...t};
+  const merged = {...old};
+  for (const [k, v] of Object.entries(t)) {
+    if (fill && old[k] !== undefined) continue;
+    // a source that does not know a field (null) keeps what another one said of it
+    if (v !== undefined && (v !== null || k === "reason")) merged[k] = v;
+  }
   tasks.set(t.id, merged);
   renderTask(merged);
   return merged;
 }
 
 // The running tasks with their frame and job; tasks the page knows that are no longer
-// running keep what events said of them.
-function loadTasks() {
-  if (tasksLoading) return tasksLoading;
+// running keep what events said of them. `fresh`: the stream (re)opened, so the list is
+// newer than anything the page has; else it only fills in what events do not carry.
+function loadTasks(fresh = false) {
+  if (tasksLoading && !fresh) return tasksLoading;
   tasksLoading = getJSON("/api/v1/tasks/").then((list) => {
     for (const t of list) {
       merge({id: t.id, frame: t.frame, job: t.job_id ?? t.job, assignment_id: t.assignment_id,
-             state: t.local_state, reason: t.reason, progress: t.progress});
+             state: t.local_state, reason: t.reason, progress: t.progress}, !fresh);
     }
     renderList();
     if (selected === null && list.length) select(list[0].id);
@@ -243,7 +250,7 @@ function connect() {
     showError("");
     link.textContent = "live";
     link.className = "link live";
-    loadTasks(); // after a reconnect: what changed while the stream was away
+    loadTasks(true); // after a reconnect: what changed while the stream was away
   });
   events.addEventListener("error", () => {
     link.textContent = "reconnecting";

@@ -19,6 +19,7 @@ import shutil
 import struct
 import subprocess
 import threading
+import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -60,6 +61,7 @@ class Browser:
         os.close(w)
         self._ids = itertools.count(1)
         self._replies: dict[int, queue.Queue[dict[str, Any]]] = {}
+        self.events: queue.Queue[dict[str, Any]] = queue.Queue()  # what the browser told
         self._lock = threading.Lock()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -78,6 +80,8 @@ class Browser:
                             q = self._replies.get(msg["id"])
                         if q is not None:
                             q.put(msg)
+                    else:
+                        self.events.put(msg)
 
     def send(self, method: str, wait: float = 30, session: bool = True,
              **params: Any) -> dict[str, Any]:
@@ -107,6 +111,20 @@ class Browser:
         self.session = self.send("Target.attachToTarget", session=False,
                                  targetId=page["targetId"], flatten=True)["sessionId"]
 
+    def navigate(self, url: str, timeout: float = 60) -> None:
+        """Open `url` and return once its load event fired (its deferred scripts ran)."""
+        while not self.events.empty():
+            self.events.get_nowait()
+        self.send("Page.navigate", url=url)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                event = self.events.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise DevToolsError(f"{url}: not loaded within {timeout}s") from None
+            if event.get("method") == "Page.loadEventFired":
+                return
+
     def evaluate(self, expression: str, timeout: float = 30) -> Any:
         """The value of a script; a promise is awaited (in the page, up to `timeout`)."""
         r = self.send("Runtime.evaluate", wait=timeout + 5, expression=expression,
@@ -118,9 +136,9 @@ class Browser:
     def wait_for(self, condition: str, timeout: float) -> Any:
         """Until `condition` (a JS expression) is truthy; re-checked on every DOM change."""
         script = f"""new Promise((resolve, reject) => {{
-            const check = () => {{ try {{ const v = ({condition}); if (v) {{
-                observer.disconnect(); clearTimeout(timer); resolve(v); }} }}
-                catch (e) {{ reject(e); }} }};
+            const check = () => {{ let v;
+                try {{ v = ({condition}); }} catch (e) {{ v = null; }} // not there yet
+                if (v) {{ observer.disconnect(); clearTimeout(timer); resolve(v); }} }};
             const observer = new MutationObserver(check);
             const timer = setTimeout(() => {{ observer.disconnect();
                 reject(new Error("timed out: " + document.body.innerText.slice(0, 2000))); }},
