@@ -35,6 +35,9 @@ class FakeAgent:
 
     def __init__(self) -> None:
         self.tasks: dict[int, dict[str, Any]] = {}
+        # The first task list is answered only once released, with the tasks of when it
+        # was asked: an answer older than the events that came meanwhile.
+        self.asked, self.release = threading.Event(), threading.Event()
 
     async def get_status(self) -> str:
         return json.dumps({"state": "running", "agent_hostname": f"node{HOSTILE}",
@@ -44,7 +47,11 @@ class FakeAgent:
                            "master_link": None, "storage_error": None})
 
     async def list_tasks(self, active_only: bool) -> str:
-        return json.dumps(list(self.tasks.values()))
+        answer = json.dumps(list(self.tasks.values()))
+        if not self.asked.is_set():
+            self.asked.set()
+            self.release.wait(30)
+        return answer
 
     async def task_log(self, identifier: str) -> int:
         fd = os.memfd_create("log")
@@ -128,9 +135,13 @@ def test_the_page_renders_what_it_is_sent_as_text(served: tuple[str, FakeAgent, 
         assert b.wait_for("document.getElementById('ram').textContent.includes('free of')"
                           " && document.getElementById('ram').textContent", 30) \
             == "1000 MiB free of 3.9 GiB"
+        assert agent.asked.wait(30)  # the page's first look at the tasks, held
         task_row(agent, 11, "queued", 0.0)
         signal("TaskChanged", "a1", 11, "queued", "", 0.0)
-        # a new task is looked up for its frame and job, and chosen for the log
+        b.wait_for("document.querySelector('[data-task=\"11\"]')", 30)
+        agent.release.set()
+        # a new task is looked up for its frame and job (again, after the older answer),
+        # and chosen for the log
         assert b.wait_for("(e => e && e.textContent.includes('frame') && e.textContent)"
                           "(document.querySelector('[data-task=\"11\"] .task-name'))", 30) \
             == "Task 11 · frame 7 · job 3"

@@ -14,6 +14,7 @@ let selected = null;
 let logTimer = null;
 let logLoading = false;
 let tasksLoading = null;
+let tasksAgain = null; // null, or whether the load asked for meanwhile is a fresh one
 
 const $ = (id) => document.getElementById(id);
 // Absolute, from the origin: a page opened with credentials in its address has a base URL
@@ -171,7 +172,10 @@ function merge(t, fill = false) {
 // running keep what events said of them. `fresh`: the stream (re)opened, so the list is
 // newer than anything the page has; else it only fills in what events do not carry.
 function loadTasks(fresh = false) {
-  if (tasksLoading && !fresh) return tasksLoading;
+  if (tasksLoading) { // its answer may predate what asked now: ask again after it
+    tasksAgain = tasksAgain === null ? fresh : tasksAgain || fresh;
+    return;
+  }
   tasksLoading = getJSON("/api/v1/tasks/").then((list) => {
     for (const t of list) {
       merge({id: t.id, frame: t.frame, job: t.job_id ?? t.job, assignment_id: t.assignment_id,
@@ -184,8 +188,12 @@ function loadTasks(fresh = false) {
   }).catch((e) => {
     lastError = String(e.message || e);
     showError(lastError);
-  }).finally(() => { tasksLoading = null; });
-  return tasksLoading;
+  }).finally(() => {
+    tasksLoading = null;
+    const again = tasksAgain;
+    tasksAgain = null;
+    if (again !== null) loadTasks(again);
+  });
 }
 
 function onTask(data) {
