@@ -24,6 +24,7 @@ PKG_TOOLS = @for t in $(PKG_PROGRAMS); do command -v $$t >/dev/null \
 $(VENV)/.stamp: pyproject.toml
 	@command -v debootstrap >/dev/null && command -v systemd-nspawn >/dev/null \
 	  && command -v qemu-system-x86_64 >/dev/null \
+	  && command -v chromium >/dev/null \
 	  && [ -e /usr/include/systemd/sd-journal.h ] || $(MAKE) apt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip

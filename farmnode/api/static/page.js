@@ -206,7 +206,8 @@ function onTask(data) {
   } else if (FINISHED.has(t.state)) {
     renderList();
   }
-  if (selected === t.id) scheduleLog(FINISHED.has(t.state));
+  if (selected === null) select(t.id); // the first task the page hears of
+  else if (selected === t.id) scheduleLog(FINISHED.has(t.state));
 }
 
 function select(id) {
