@@ -157,7 +157,7 @@ def test_the_page_renders_what_it_is_sent_as_text(served: tuple[str, FakeAgent, 
         assert b.wait_for("(e => e && e.textContent)(document.querySelector("
                           "'[data-task=\"12\"] .reason'))", 30) == f"exit 1 {HOSTILE}"
         assert b.evaluate("document.querySelector('[data-task=\"12\"] .task-state')"
-                          ".textContent") == "failed · 10 %"
+                          ".textContent") == "failed · 10\u00a0%"
         # the task list's answer (without task 12) does not blank what the event said of 11
         assert b.evaluate("document.querySelector('[data-task=\"11\"]').className") \
             == "running selected"

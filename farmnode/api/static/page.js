@@ -128,7 +128,7 @@ function renderTask(t) {
   const frame = t.frame != null ? ` · frame ${t.frame}` : "";
   const job = t.job != null ? ` · job ${t.job}` : "";
   li.querySelector(".task-name").textContent = `Task ${t.id}${frame}${job}`;
-  li.querySelector(".task-state").textContent = `${t.state} · ${pct} %`;
+  li.querySelector(".task-state").textContent = `${t.state} · ${pct}\u00a0%`;
   const bar = li.querySelector(".bar");
   bar.setAttribute("aria-valuenow", String(pct));
   bar.setAttribute("aria-label", `task ${t.id} progress`);
