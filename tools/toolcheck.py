@@ -79,6 +79,7 @@ HOST_APT: Mapping[str, str] = {
     "/usr/lib/rpm/elfdeps": "rpm",
     "rpmlint": "rpmlint",
     "dpkg-shlibdeps": "dpkg-dev",
+    "chromium": "chromium",  # the status page's system test: headless, over DevTools
     "strip": "binutils",
     # fleet control's transport (sd-bus runs `ssh`), and the fleet test's key
     **dict.fromkeys(["ssh", "ssh-keygen"], "openssh-client"),

@@ -289,7 +289,10 @@ OPERATIONS: dict[str, dict[str, dict[str, Any]]] = {
              "description": "A task id, an assignment id, or <assignment id>.csv.",
              "schema": {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,128}$"}},
             {"name": "format", "in": "query", "required": False,
-             "schema": {"type": "string", "enum": ["csv", "text"]}}],
+             "schema": {"type": "string", "enum": ["csv", "text"]}},
+            {"name": "tail", "in": "query", "required": False,
+             "description": "Only the last lines of the log, this many.",
+             "schema": {"type": "integer", "minimum": 1, "maximum": 10000}}],
         "responses": {
             "200": {"description": "The log.", "content": {
                 "text/csv": {"schema": {"type": "string"}},
@@ -299,13 +302,30 @@ OPERATIONS: dict[str, dict[str, dict[str, Any]]] = {
     "/api/v1/events": {"get": {
         "operationId": "events",
         "summary": "Server-sent events: `task` (assignment_id, task_id, state, reason, "
-                   "progress) and `agent` (state), as they happen.",
+                   "progress) and `agent` (state), as they happen; `node` (the status "
+                   "page's figures of GET /api/v1/status) when they change, sampled at "
+                   "least every 5 s.",
         "security": OUTPUT,
         "responses": {"200": {"description": "An endless event stream.", "content": {
             "text/event-stream": {"schema": {"type": "string"}}}}}}},
     "/api/v1/openapi.json": {"get": {
         "operationId": "openapi", "summary": "This document.", "security": [{}],
         "responses": {"200": _ok("The OpenAPI document.", {"type": "object"})}}},
+    "/": {"get": {
+        "operationId": "statusPage",
+        "summary": "The node's status page (HTML; its data comes from the endpoints here).",
+        "security": OUTPUT,
+        "responses": {"200": {"description": "The page.", "content": {
+            "text/html": {"schema": {"type": "string"}}}}}}},
+    "/static/{name}": {"get": {
+        "operationId": "staticFile", "summary": "The status page's stylesheet and script.",
+        "security": [{}],
+        "parameters": [{"name": "name", "in": "path", "required": True,
+                        "schema": {"type": "string", "enum": ["page.css", "page.js"]}}],
+        "responses": {"200": {"description": "The file.", "content": {
+            "text/css": {"schema": {"type": "string"}},
+            "text/javascript": {"schema": {"type": "string"}}}},
+            "404": _error("No such file.")}}},
     "/metrics": {"get": {
         "operationId": "metrics",
         "summary": "Prometheus metrics: tasks by state, RAM, per-task memory and CPU.",
@@ -319,7 +339,7 @@ def _with_common(path: str, method: str, op: dict[str, Any]) -> dict[str, Any]:
     op = copy.deepcopy(op)
     responses = op["responses"]
     extra: dict[str, Any] = {}
-    if path not in ("/api/versions", "/api/v1/openapi.json"):
+    if path not in ("/api/versions", "/api/v1/openapi.json", "/static/{name}"):
         extra.update(COMMON)
     else:
         extra.update({k: COMMON[k] for k in ("406", "415")})
