@@ -37,6 +37,8 @@ VENV = "/opt/farmnode"
 PACKAGES = [
     "systemd", "systemd-sysv", "dbus", "python3", "python3-venv", "procps", "iproute2",
     "util-linux", "libsystemd0",
+    # pam_systemd: PAM logins register logind sessions (workstation mode's tests open some)
+    "libpam-systemd",
 ]
 # Bump when the recipe changes in a way the hash of the lists above would not show.
 RECIPE_VERSION = "2"

@@ -16,6 +16,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from farmnode.config.schedule import canonical as canonical_schedule
+
 # A check takes an already type-correct value and returns it (possibly normalised) or raises
 # ValueError with a message that does not repeat the key (the loader adds key and location).
 Check = Callable[[Any], Any]
@@ -308,6 +310,22 @@ class Config:
     # as the job's user, so this is on (it only acts with a master configured).
     jobtype_enable_download: bool = _setting(True)
     jobtype_cache_directory: str = _setting("/var/cache/farmnode/jobtypes", _absolute_path)
+
+    # Workstation mode: while a user is at the node (logind), no new work and the running
+    # tasks paused ("freeze": systemd's freezer; "cpu-idle": CPUWeight=idle, they run on
+    # only when the CPU is otherwise idle), resumed after workstation_idle_time idle.
+    workstation_mode: bool = _setting(False)
+    workstation_idle_time: float = _setting(600.0, _positive)
+    workstation_pause: Literal["freeze", "cpu-idle"] = _setting("freeze")
+    # Remote sessions (ssh) are admins and scripts far more often than someone using the
+    # machine, and sshd never sets an idle hint: they count only where this says so.
+    workstation_remote_sessions: bool = _setting(False)
+    # How often sessions that never set an idle hint (text consoles, ssh) are looked at:
+    # their activity is their tty's last input, of which logind sends no signal.
+    workstation_tty_check_interval: float = _setting(5.0, _positive)
+    # Hours of the day the node renders at all ("19:00-07:00, 12:00-13:00"; local time);
+    # outside them it takes no work and pauses its tasks as for a user. null: always.
+    render_schedule: str | None = _setting(None, canonical_schedule)
 
 
 SECRET_KEYS: frozenset[str] = frozenset(

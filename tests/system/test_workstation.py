@@ -1,0 +1,155 @@
+"""Workstation mode against the container's real logind and kernel freezer.
+
+A user session opened through PAM (pam_systemd, as a display manager's login does) stops
+the node's work: the task's scope is frozen (the cgroup's own cgroup.events says so, and
+the task makes no progress), the node is disabled with the reason, new work is refused.
+The session's own SetIdleHint (as its user) lets it resume after workstation_idle_time; the
+task is never killed and finishes done. The latencies are printed (pytest -s).
+
+The container's host has a hybrid cgroup layout, where systemd 252 offers no freezer: the
+agent freezes the scope's v2 cgroup itself here. The VM tier (pure v2) has systemd's.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import pytest
+from conftest import agent_pid, agent_ready, assignment, farmnode
+from container import Container
+
+PY = "/opt/farmnode/bin/python"
+IDLE_TIME = 2.0
+DROPIN = "/etc/farmnode/conf.d/60-workstation.yaml"
+SESSION_UNIT = "farmnode-test-artist.service"
+LOGIND = ("org.freedesktop.login1", "/org/freedesktop/login1", "org.freedesktop.login1.Manager")
+
+# Runs a command, then waits (poll() on cgroup.events, which kernfs wakes at each change)
+# until the cgroup's frozen state is the one asked for; prints the seconds it took.
+UNTIL = """
+import os, select, subprocess, sys, time
+events, want, cmd = sys.argv[1], sys.argv[2] == "frozen", sys.argv[3:]
+def frozen():
+    with open(events) as f:
+        return "frozen 1" in f.read().split("\\n")
+fd = os.open(events, os.O_RDONLY)
+poller = select.poll()
+poller.register(fd, select.POLLPRI | select.POLLERR)
+os.read(fd, 4096)
+t0 = time.monotonic()
+if cmd:
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+while frozen() != want:
+    if time.monotonic() - t0 > 60:
+        sys.exit("cgroup.events never said frozen=%s" % want)
+    poller.poll(1000)
+    os.lseek(fd, 0, 0)
+    os.read(fd, 4096)
+print(time.monotonic() - t0)
+"""
+
+# Counts, and writes the count where the test reads it: progress that a freeze must stop;
+# ends (exit 0) once told to. (No braces: the command job type would take them for
+# placeholders.)
+COUNTER = """
+import os, sys, time
+n = 0
+while not os.path.exists(sys.argv[2]):
+    n += 1
+    with open(sys.argv[1] + ".tmp", "w") as f:
+        f.write(str(n))
+    os.rename(sys.argv[1] + ".tmp", sys.argv[1])
+    time.sleep(0.05)
+"""
+
+
+@pytest.fixture
+def workstation(ct: Container) -> Iterator[None]:
+    ct.run(["sh", "-c", f"printf 'workstation_mode: true\\nworkstation_idle_time: {IDLE_TIME}\\n"
+                        f"workstation_tty_check_interval: 1\\n' > {DROPIN}"])
+    old = agent_pid(ct)
+    ct.run(["systemctl", "restart", "farmnode.service"])
+    agent_ready(ct, not_pid=old)
+    try:
+        yield
+    finally:
+        ct.run(["systemctl", "stop", SESSION_UNIT], check=False)
+        ct.run(["rm", "-f", DROPIN])
+        old = agent_pid(ct)
+        ct.run(["systemctl", "restart", "farmnode.service"])
+        agent_ready(ct, not_pid=old)
+
+
+def until(ct: Container, events: str, state: str, *cmd: str, user: str | None = None) -> float:
+    argv = [PY, "-c", UNTIL, events, state]
+    if user is not None:
+        argv += ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", "--"]
+    r = ct.run([*argv, *cmd], timeout=90)
+    return float(r.stdout.strip())
+
+
+def status(ct: Container) -> dict[str, object]:
+    out: dict[str, object] = json.loads(farmnode(ct, "--json", "status").stdout)
+    return out
+
+
+def counter(ct: Container, path: str) -> int:
+    return int(ct.run(["cat", path]).stdout.strip() or 0)
+
+
+def test_a_user_at_the_node_freezes_its_task_until_idle(ct: Container, workstation: None) -> None:
+    counter_file, release = "/tmp/farmnode-ws-counter", "/tmp/farmnode-ws-release"
+    ct.run(["rm", "-f", counter_file, release])
+    a = assignment("command", {"command": ["/usr/bin/python3", "-c", COUNTER, counter_file,
+                                           release]}, [1], user="jobuser")
+    aid = farmnode(ct, "assign", "-", input=json.dumps(a)).stdout.strip()
+    farmnode(ct, "wait", aid, "--until", "running")
+    unit = f"farmnode-task-{a['tasks'][0]['id']}.scope"
+    events = f"/sys/fs/cgroup/unified/farmnode.slice/{unit}/cgroup.events"
+    assert status(ct)["state"] == "running"
+
+    # A desktop login (pam_systemd registers a wayland session, in front: no seat).
+    frozen_s = until(ct, events, "frozen", "systemd-run", f"--unit={SESSION_UNIT}",
+                     "-p", "Type=exec", "-p", "PAMName=login", "-p", "User=artist",
+                     "-E", "XDG_SESSION_TYPE=wayland", "sleep", "600")
+    pid = ct.run(["systemctl", "show", "-P", "MainPID", SESSION_UNIT]).stdout.strip()
+    session = ct.run(["busctl", "call", *LOGIND, "GetSessionByPID", "u", pid]
+                     ).stdout.split('"')[1]
+    st = status(ct)
+    assert st["state"] == "disabled", st
+    reason = str(st["state_reason"])
+    assert reason.startswith("a user is at the node: artist's session") and "wayland" in reason
+    assert st["workstation"]["paused_units"] == [unit]  # type: ignore[index]
+    refused = farmnode(ct, "assign", "-", check=False,
+                       input=json.dumps(assignment("command", {"command": ["/bin/true"]}, [1])))
+    assert refused.returncode != 0 and "takes no new work: a user is at the node" in \
+        refused.stderr, refused.stderr
+    # Frozen: no progress, and the task is still running to everyone.
+    before = counter(ct, counter_file)
+    ct.run(["sleep", "0.5"])
+    assert counter(ct, counter_file) == before
+    task = json.loads(farmnode(ct, "--json", "tasks", "--active").stdout)
+    assert [t["state"] for t in task if t["id"] == a["tasks"][0]["id"]] == ["running"]
+
+    # The user goes idle (the desktop's SetIdleHint, called as the session's user).
+    hint = ["busctl", "call", "org.freedesktop.login1", session,
+            "org.freedesktop.login1.Session", "SetIdleHint", "b"]
+    resumed_s = until(ct, events, "thawed", *hint, "true", user="artist")
+    assert resumed_s >= IDLE_TIME
+    st = status(ct)
+    assert st["state"] == "running" and st["state_reason"] is None, st
+    # ... and comes back: frozen again at once, not after a poll.
+    refrozen_s = until(ct, events, "frozen", *hint, "false", user="artist")
+    again_s = until(ct, events, "thawed", *hint, "true", user="artist")
+    # The session ends (logout): the task runs on, and to its end.
+    ct.run(["systemctl", "stop", SESSION_UNIT])
+    resumed = counter(ct, counter_file)
+    assert resumed > before
+    ct.run(["touch", release])
+    rec = json.loads(farmnode(ct, "--json", "wait", aid).stdout)["tasks"][0]
+    assert rec["state"] == "done" and rec["exit_code"] == 0, rec
+    print(f"\nworkstation latencies (container, kernel freezer through cgroup.freeze): "
+          f"login to frozen {frozen_s:.3f} s; SetIdleHint(false) to frozen {refrozen_s:.3f} s; "
+          f"SetIdleHint(true) to thawed {resumed_s:.3f} s and {again_s:.3f} s "
+          f"(workstation_idle_time {IDLE_TIME:g} s)")
