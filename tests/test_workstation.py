@@ -235,3 +235,49 @@ def test_the_watcher_pauses_running_scopes_and_resumes_them(tmp_path: Path) -> N
         await ws.stop()
 
     asyncio.run(scenario())
+
+
+def test_the_master_sees_the_node_disabled_with_its_frozen_tasks_running(
+        tmp_path: Path) -> None:
+    from farmnode.master.link import MasterLink
+    from farmnode.tasks.model import TaskState
+    from tests.master_stub import MasterStub
+    from tests.test_master import config as master_config
+    from tests.test_master import until
+
+    with MasterStub() as master:
+        cfg_ = master_config(master, agent_master_reannounce=3600, workstation_mode=True)
+        agent = Agent(cfg_, Store(tmp_path / "db", outbox=True),
+                      scopes=None, gpu_pool=GpuPool.of([]))  # type: ignore[arg-type]
+        link = MasterLink(cfg_, agent.store, agent)
+        agent.master_link = link
+
+        def start(a: Assignment, gpu_ids: Any = ()) -> None:
+            agent.runs[a.id] = agent._new_run(a, gpu_ids)
+            agent._open[a.id] = agent.store.unfinished(a.id)
+            agent._report_state(a.id, a.tasks[0].id, TaskState.RUNNING, None, None, None)
+
+        agent._start = start  # type: ignore[method-assign]
+
+        async def scenario() -> None:
+            link.start()
+            await asyncio.to_thread(master.wait_count, "announce", 1, 20, 200)
+            await until(lambda: link.assign_refusal() is None, "the announce answered")
+            aid, _ = agent.assign(job(30))
+            agent.set_hold(HOLD, "a user is at the node: artist's session 3 (wayland)")
+            # PyFarm's agent state for "takes no work"; the task stays the master's running
+            re = await asyncio.to_thread(master.wait_for, lambda rs: any(
+                r.kind == "reannounce" and r.body["state"] == "disabled" for r in rs), 20,
+                "the disabled reannounce")
+            body = [r for r in re if r.kind == "reannounce"][-1].body
+            assert body["current_assignments"][aid]["tasks"][0]["local_state"] == "running"
+            await asyncio.to_thread(master.wait_for, lambda rs: master.tasks.get(30) is not None
+                                    and master.tasks[30].state == "running", 20, "task 30")
+            agent.set_hold(HOLD, None)
+            await asyncio.to_thread(master.wait_for, lambda rs: any(
+                r.kind == "reannounce" and r.body["state"] == "running" for r in rs), 20,
+                "the running reannounce")
+            assert master.tasks[30].state == "running"
+            await link.stop()
+
+        asyncio.run(asyncio.wait_for(scenario(), 60))

@@ -103,7 +103,7 @@ async def watch(bus: SdBus, changed: Callable[[], None]) -> list[Any]:
     slots; dropping them ends the watch."""
 
     def on_properties(message: Any) -> None:
-        if str(message.get_path()).startswith(SESSION_PATHS):
+        if str(message.path).startswith(SESSION_PATHS):
             changed()
 
     def on_any(_message: Any) -> None:

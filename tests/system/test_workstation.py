@@ -16,8 +16,9 @@ import json
 from collections.abc import Iterator
 
 import pytest
-from conftest import agent_pid, agent_ready, assignment, farmnode
 from container import Container
+
+from tests.system.conftest import agent_pid, agent_ready, assignment, farmnode
 
 PY = "/opt/farmnode/bin/python"
 IDLE_TIME = 2.0
@@ -109,13 +110,13 @@ def test_a_user_at_the_node_freezes_its_task_until_idle(ct: Container, workstati
     events = f"/sys/fs/cgroup/unified/farmnode.slice/{unit}/cgroup.events"
     assert status(ct)["state"] == "running"
 
-    # A desktop login (pam_systemd registers a wayland session, in front: no seat).
+    # A desktop login: pam_systemd registers a wayland session (on no seat: in front).
     frozen_s = until(ct, events, "frozen", "systemd-run", f"--unit={SESSION_UNIT}",
-                     "-p", "Type=exec", "-p", "PAMName=login", "-p", "User=artist",
+                     "-p", "PAMName=login", "-p", "User=artist",
                      "-E", "XDG_SESSION_TYPE=wayland", "sleep", "600")
-    pid = ct.run(["systemctl", "show", "-P", "MainPID", SESSION_UNIT]).stdout.strip()
-    session = ct.run(["busctl", "call", *LOGIND, "GetSessionByPID", "u", pid]
-                     ).stdout.split('"')[1]
+    listed = json.loads(ct.run(["busctl", "--json=short", "call", *LOGIND, "ListSessions"]
+                               ).stdout)["data"][0]
+    ((sid, session),) = [(s[0], s[4]) for s in listed if s[2] == "artist"]
     st = status(ct)
     assert st["state"] == "disabled", st
     reason = str(st["state_reason"])
@@ -143,7 +144,7 @@ def test_a_user_at_the_node_freezes_its_task_until_idle(ct: Container, workstati
     refrozen_s = until(ct, events, "frozen", *hint, "false", user="artist")
     again_s = until(ct, events, "thawed", *hint, "true", user="artist")
     # The session ends (logout): the task runs on, and to its end.
-    ct.run(["systemctl", "stop", SESSION_UNIT])
+    ct.run(["busctl", "call", *LOGIND, "TerminateSession", "s", sid])
     resumed = counter(ct, counter_file)
     assert resumed > before
     ct.run(["touch", release])
