@@ -137,10 +137,29 @@ def test_the_schedule_applies_without_workstation_mode() -> None:
     night = Config(render_schedule="19:00-07:00")
     v = decide([session()], night, NOW, minute("12:00"))
     assert not v.render and v.reason == "outside render_schedule (19:00-07:00)"
-    assert v.recheck == 7 * 3600
+    assert v.recheck == 300  # at least every 5 min: the clock may be set meanwhile
     v = decide([session()], night, NOW, minute("20:00"))
-    assert v.render and v.recheck == 11 * 3600
+    assert v.render and v.recheck == 300
+    assert decide([], night, NOW, minute("18:58")).recheck == pytest.approx(120)
     assert decide([], Config(), NOW, 0) == decide([session()], Config(), NOW, 0)
+
+
+def test_when_logind_cannot_be_read_the_user_is_given_the_benefit(tmp_path: Path) -> None:
+    from sdbus.dbus_exceptions import DbusFailedError
+
+    agent = agent_on(tmp_path)
+
+    async def broken() -> list[Session]:
+        raise DbusFailedError("org.freedesktop.DBus.Error.ServiceUnknown: no logind")
+
+    async def scenario() -> None:
+        ws = Workstation(cfg(), agent, Recorder(), broken)  # type: ignore[arg-type]
+        await ws.start()
+        assert not ws.verdict.render and ws.verdict.recheck == 5.0
+        assert "logind's sessions cannot be read" in agent.status()["state_reason"]
+        await ws.stop()
+
+    asyncio.run(scenario())
 
 
 # ---- the core: no new work, disabled to the master, the reason in status --------------------

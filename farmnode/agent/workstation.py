@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from sdbus import SdBus
+from sdbus.dbus_exceptions import DbusFailedError
+from sdbus.exceptions import SdBusUnmappedMessageError
 
 from farmnode.config import Config
 from farmnode.config.schedule import Schedule
@@ -29,7 +31,9 @@ from farmnode.systemd.logind import Session
 log = logging.getLogger(__name__)
 
 HOLD = "workstation"  # the agent's hold this module sets and lifts
-DAY_S = 24 * 3600.0
+# The schedule is looked at again at least this often (s): the wall clock may be set or its
+# time zone changed meanwhile, which a wait on the monotonic clock would not follow.
+SCHEDULE_RECHECK = 300.0
 
 
 @dataclass(frozen=True)
@@ -64,7 +68,7 @@ def decide(sessions: Sequence[Session], config: Config, now: float,
     checks: list[float] = []
     if config.render_schedule:
         schedule = Schedule.parse(config.render_schedule)
-        checks.append(schedule.minutes_to_change(local_minute) * 60)
+        checks.append(min(schedule.minutes_to_change(local_minute) * 60, SCHEDULE_RECHECK))
         if not schedule.renders_at(local_minute):
             return Verdict(False, f"outside render_schedule ({schedule})", min(checks))
     if not config.workstation_mode:
@@ -165,11 +169,18 @@ class Workstation:
     async def evaluate(self) -> None:
         async with self._lock:
             t0 = time.monotonic()
-            self.sessions = await self.read_sessions() if self.config.workstation_mode else []
             now = self.clock()
             local = time.localtime(now)
             minute = local.tm_hour * 60 + local.tm_min + local.tm_sec / 60 + now % 1 / 60
-            before, self.verdict = self.verdict, decide(self.sessions, self.config, now, minute)
+            before = self.verdict
+            try:
+                self.sessions = (await self.read_sessions() if self.config.workstation_mode
+                                 else [])
+                self.verdict = decide(self.sessions, self.config, now, minute)
+            except (DbusFailedError, SdBusUnmappedMessageError, OSError) as exc:
+                # Whether a user is there cannot be told: theirs is the safe side.
+                self.verdict = Verdict(False, f"logind's sessions cannot be read ({exc})",
+                                       self.config.workstation_tty_check_interval)
             if self.verdict.render != before.render or self.verdict.reason != before.reason:
                 self.agent.set_hold(HOLD, self.verdict.reason)
             if self.verdict.render != before.render:
