@@ -13,6 +13,7 @@ agent freezes the scope's v2 cgroup itself here. The VM tier (pure v2) has syste
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -65,21 +66,25 @@ while not os.path.exists(sys.argv[2]):
 """
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def workstation(ct: Container) -> Iterator[None]:
+    t0 = time.monotonic()
     ct.run(["sh", "-c", f"printf 'workstation_mode: true\\nworkstation_idle_time: {IDLE_TIME}\\n"
                         f"workstation_tty_check_interval: 1\\n' > {DROPIN}"])
     old = agent_pid(ct)
     ct.run(["systemctl", "restart", "farmnode.service"])
     agent_ready(ct, not_pid=old)
+    print(f"\nworkstation mode on (an agent restart): {time.monotonic() - t0:.1f} s")
     try:
         yield
     finally:
+        t0 = time.monotonic()
         ct.run(["systemctl", "stop", SESSION_UNIT], check=False)
         ct.run(["rm", "-f", DROPIN])
         old = agent_pid(ct)
         ct.run(["systemctl", "restart", "farmnode.service"])
         agent_ready(ct, not_pid=old)
+        print(f"workstation mode off again: {time.monotonic() - t0:.1f} s")
 
 
 def until(ct: Container, events: str, state: str, *cmd: str, user: str | None = None) -> float:
@@ -154,3 +159,89 @@ def test_a_user_at_the_node_freezes_its_task_until_idle(ct: Container, workstati
           f"login to frozen {frozen_s:.3f} s; SetIdleHint(false) to frozen {refrozen_s:.3f} s; "
           f"SetIdleHint(true) to thawed {resumed_s:.3f} s and {again_s:.3f} s "
           f"(workstation_idle_time {IDLE_TIME:g} s)")
+
+
+# The milder pause, straight through farmnode's Freezer against PID 1: the values it sends
+# over D-Bus are the ones systemd takes for "idle" and for "unset" (a service stands in for a
+# task's scope: CPUWeight= is the same cgroup property of both).
+CPU_IDLE = """
+import asyncio, subprocess, sys
+from sdbus import sd_bus_open_system
+from farmnode.systemd.freezer import Freezer
+def weight():
+    return subprocess.run(["systemctl", "show", "-P", "CPUWeight", sys.argv[1]],
+                          capture_output=True, text=True, check=True).stdout.strip()
+async def main():
+    f = Freezer(sd_bus_open_system(), "system.slice")
+    out = [await f.pause(sys.argv[1], "cpu-idle"), weight()]
+    out += [await f.resume(sys.argv[1], "cpu-idle"), weight()]
+    out += [await f.pause("farmnode-no-such.scope", "cpu-idle")]
+    print(out)
+asyncio.run(main())
+"""
+
+
+def test_cpu_idle_pauses_a_unit_by_its_cpu_weight(ct: Container) -> None:
+    unit = "farmnode-test-cpu-idle.service"
+    ct.run(["systemd-run", f"--unit={unit}", "sleep", "60"])
+    try:
+        out = ct.run([PY, "-c", CPU_IDLE, unit]).stdout.strip()
+    finally:
+        ct.run(["systemctl", "stop", unit], check=False)
+    # idle while paused; unset (systemd's default weight) again after; a gone unit: False
+    assert out == "[True, 'idle', True, '[not set]', False]", out
+
+
+# A pseudo terminal held open for a text login; prints its name, then marks input on it
+# (the times the kernel's tty layer sets when it is read) every 50 ms until told to be
+# quiet, by a file.
+PTY = """
+import os, pty, sys, time
+master, slave = pty.openpty()
+name = os.ttyname(slave)
+print(name, flush=True)
+while not os.path.exists(sys.argv[1] + ".end"):
+    if not os.path.exists(sys.argv[1]):
+        os.utime(name)
+    time.sleep(0.05)
+"""
+
+
+def test_a_text_login_counts_by_its_ttys_last_input(ct: Container, workstation: None) -> None:
+    """A session that never sets an idle hint (a console login): logind reports the tty's
+    last input as IdleSinceHint, and the agent looks at it every tty check interval."""
+    quiet, release = "/tmp/farmnode-ws-quiet", "/tmp/farmnode-ws-release2"
+    ct.run(["rm", "-f", quiet, quiet + ".end", release])
+    a = assignment("command", {"command": ["/usr/bin/python3", "-c", COUNTER,
+                                           "/tmp/farmnode-ws-counter2", release]}, [1],
+                   user="jobuser")
+    aid = farmnode(ct, "assign", "-", input=json.dumps(a)).stdout.strip()
+    farmnode(ct, "wait", aid, "--until", "running")
+    unit = f"farmnode-task-{a['tasks'][0]['id']}.scope"
+    events = f"/sys/fs/cgroup/unified/farmnode.slice/{unit}/cgroup.events"
+    holder = ct.popen([PY, "-c", PTY, quiet])
+    try:
+        assert holder.stdout is not None
+        tty = holder.stdout.readline().strip()
+        assert tty.startswith("/dev/pts/"), tty
+        frozen_s = until(ct, events, "frozen", "systemd-run", "--unit=farmnode-test-tty.service",
+                         "-p", "PAMName=login", "-p", "User=artist", "-p", f"TTYPath={tty}",
+                         "sleep", "600")
+        st = status(ct)
+        (s,) = [x for x in st["workstation"]["sessions"]  # type: ignore[index]
+                if x["user"] == "artist"]
+        assert (s["type"], s["idle_hint"], s["counted"]) == ("tty", False, True), s
+        assert s["tty"] in (tty, tty.removeprefix("/dev/")), s
+        # no input for workstation_idle_time: resumed by the periodic look (no signal)
+        idle_s = until(ct, events, "thawed", "touch", quiet)
+        # input again: frozen within one tty check interval
+        active_s = until(ct, events, "frozen", "rm", quiet)
+    finally:
+        ct.run(["touch", quiet + ".end", release])
+        holder.wait(timeout=30)
+        ct.run(["systemctl", "stop", "farmnode-test-tty.service"], check=False)
+    rec = json.loads(farmnode(ct, "--json", "wait", aid).stdout)["tasks"][0]
+    assert rec["state"] == "done" and rec["exit_code"] == 0, rec
+    assert idle_s >= IDLE_TIME - 0.1  # the last input came at most 50 ms before "quiet"
+    print(f"\ntext login (tty atime, looked at every 1 s): login to frozen {frozen_s:.3f} s, "
+          f"quiet to resumed {idle_s:.3f} s, input to frozen {active_s:.3f} s")
