@@ -245,3 +245,28 @@ def test_a_text_login_counts_by_its_ttys_last_input(ct: Container, workstation: 
     assert idle_s >= IDLE_TIME - 0.1  # the last input came at most 50 ms before "quiet"
     print(f"\ntext login (tty atime, looked at every 1 s): login to frozen {frozen_s:.3f} s, "
           f"quiet to resumed {idle_s:.3f} s, input to frozen {active_s:.3f} s")
+
+
+def test_a_frozen_task_that_is_cancelled_gets_its_sigterm(ct: Container,
+                                                          workstation: None) -> None:
+    """A stop of a frozen scope: the agent thaws it first (systemd would, for a scope it
+    froze itself), so the task ends by the TERM of a cancel, not by the KILL after
+    task_stop_grace."""
+    a = assignment("command", {"command": ["/usr/bin/python3", "-c", COUNTER,
+                                           "/tmp/farmnode-ws-counter3", "/nonexistent"]}, [1],
+                   user="jobuser")
+    aid = farmnode(ct, "assign", "-", input=json.dumps(a)).stdout.strip()
+    farmnode(ct, "wait", aid, "--until", "running")
+    unit = f"farmnode-task-{a['tasks'][0]['id']}.scope"
+    events = f"/sys/fs/cgroup/unified/farmnode.slice/{unit}/cgroup.events"
+    try:
+        until(ct, events, "frozen", "systemd-run", f"--unit={SESSION_UNIT}",
+              "-p", "PAMName=login", "-p", "User=artist",
+              "-E", "XDG_SESSION_TYPE=wayland", "sleep", "600")
+        farmnode(ct, "cancel", str(a["tasks"][0]["id"]))
+        farmnode(ct, "wait", aid, check=False)
+    finally:
+        ct.run(["systemctl", "stop", SESSION_UNIT], check=False)
+    (t,) = [x for x in json.loads(farmnode(ct, "--json", "tasks").stdout)
+            if x["id"] == a["tasks"][0]["id"]]
+    assert t["state"] == "cancelled" and t["signal"] == 15, t
