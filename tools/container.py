@@ -40,6 +40,8 @@ PACKAGES = [
     # Fleet control's far side: `farmnode -H` reaches a node's bus through sshd and
     # systemd-stdio-bridge, `-M` through systemd-machined.
     "openssh-server", "systemd-container",
+    # pam_systemd: PAM logins register logind sessions (workstation mode's tests open some)
+    "libpam-systemd",
 ]
 # Bump when the recipe changes in a way the hash of the lists above would not show.
 RECIPE_VERSION = "2"

@@ -29,6 +29,7 @@ from farmnode.agent import accounts
 from farmnode.agent.gpus import FIELD as GPUS_FIELD
 from farmnode.agent.gpus import GpuPool, GpuRequestError, requested
 from farmnode.agent.runner import AssignmentRun, scope_unit_name, task_user_rules
+from farmnode.agent.workstation import Workstation
 from farmnode.config import Config
 from farmnode.config.model import jobtype_counts
 from farmnode.jobtypes.remote import RemoteJobTypeError, cache_store
@@ -153,6 +154,11 @@ class Agent:
         self.trusted_masters: TrustedMasters | None = None
         self._shutting_down = False
         self._detached = False
+        # Why the node takes no new work besides the admin's own `disabled` ({source: why}):
+        # workstation mode sets one while a user is at the node.
+        self.holds: dict[str, str] = {}
+        self._admin_disabled = False
+        self.workstation: Workstation | None = None
         # Progress is throttled: the first change of a quiet spell is stored at once, later
         # ones at most every PROGRESS_INTERVAL (only the latest counts). A renderer printing
         # a progress line per sample made one durable SQLite commit per line (bench: 1000
@@ -252,7 +258,8 @@ class Agent:
     def assign(self, payload: object) -> tuple[str, bool]:
         """Validate and start an assignment; (id, False) for an identical repeat."""
         if self._shutting_down or self.state in (AgentState.DISABLED, AgentState.OFFLINE):
-            raise NotAccepting(f"agent is {self.state} and takes no new work")
+            raise NotAccepting(f"agent is {self.state} and takes no new work"
+                               + "".join(f": {why}" for why in self.holds.values()))
         refusal = self.master_link.assign_refusal() if self.master_link else None
         if refusal:
             # PyFarm's answer while it reannounces: the master tries again.
@@ -391,6 +398,8 @@ class Agent:
         if run.cancelled_reason:
             return
         run.cancelled_reason = reason
+        if self.workstation is not None:
+            await self.workstation.release(run.unit)
         await self.scopes.stop_scope(run.unit)
 
     def set_state(self, state: str) -> None:
@@ -401,9 +410,33 @@ class Agent:
                 f"unknown state {state!r}: expected one of online, disabled") from None
         if new not in (AgentState.ONLINE, AgentState.DISABLED):
             raise InvalidArgument(f"state {state!r} cannot be set: use online or disabled")
+        self._admin_disabled = new is AgentState.DISABLED
+        if new is AgentState.ONLINE and self.holds:
+            log.info("state online asked for; the node stays disabled: %s",
+                     "; ".join(self.holds.values()))
+            return
         if new is AgentState.ONLINE and self.runs:
             new = AgentState.RUNNING
         self._set_state(new)
+
+    # ---- holds (workstation mode) ----------------------------------------------------
+    def set_hold(self, source: str, reason: str | None) -> None:
+        """Take no new work while `reason` holds (None lifts it): the node is `disabled`
+        to the master, and status says why. The admin's own `disabled` outlasts it."""
+        if reason is None:
+            self.holds.pop(source, None)
+        else:
+            self.holds[source] = reason
+        if self.state is AgentState.OFFLINE or self._shutting_down:
+            return
+        if self.holds:
+            self._set_state(AgentState.DISABLED)
+        elif self.state is AgentState.DISABLED and not self._admin_disabled:
+            busy = any(self._unfinished(run) for run in self.runs.values())
+            self._set_state(AgentState.RUNNING if busy else AgentState.ONLINE)
+
+    def running_units(self) -> list[str]:
+        return [run.unit for run in self.runs.values()]
 
     def _set_state(self, state: AgentState) -> None:
         if state is self.state:
@@ -576,6 +609,10 @@ class Agent:
             "farm_name": self.config.farm_name,
             # Set while the state directory refuses writes (outcomes held in memory).
             "storage_error": self.storage_error,
+            # Why the node is disabled when it is not the admin's doing; the user sessions
+            # and paused tasks of workstation mode.
+            "state_reason": "; ".join(self.holds.values()) or None,
+            "workstation": self.workstation.status() if self.workstation else None,
             # PyFarm's 0.8.6 master has no column for disks (it refuses an announce that
             # carries them): they are ours to show only.
             "disks": [d.to_json() for d in host.disks()],

@@ -12,7 +12,7 @@ from pathlib import Path
 from sdbus import request_default_bus_name_async, sd_bus_open_system, set_default_bus
 from systemd import daemon
 
-from farmnode.agent import control
+from farmnode.agent import control, workstation
 from farmnode.agent.control import journal_output
 from farmnode.agent.core import Agent
 from farmnode.config import Config
@@ -83,6 +83,9 @@ async def serve(config: Config) -> None:
         webhook_events.attach(agent, webhooks.publish)
         webhooks.start()
     await agent.recover()
+    # Judged before the name is taken: an agent that starts while a user is at the node
+    # takes no work, and its tasks stay paused.
+    agent.workstation = await workstation.start(config, agent, bus)
     # The name last: a caller that bus-activated us (dbus-daemon holds its call until the
     # name appears) gets its answer from an agent that is ready, its HTTP API included.
     if await api:
@@ -116,6 +119,8 @@ async def serve(config: Config) -> None:
     job = await scopes.own_pending_job(os.getpid())
     log.info("asked to stop; systemd's job on this unit: %s", job)
     accounting.cancel()
+    if agent.workstation is not None:
+        await agent.workstation.stop()
     if job in RESTART_JOBS:
         # restart, upgrade (try-restart): the tasks run on; the next agent re-adopts them
         _notify(f"STOPPING=1\nSTATUS=restarting, {len(agent.runs)} task scope(s) keep running")

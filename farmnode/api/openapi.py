@@ -243,7 +243,13 @@ OPERATIONS: dict[str, dict[str, dict[str, Any]]] = {
                                    "name": {"type": "string"},
                                    "uuid": {"type": ["string", "null"]},
                                    "devices": {"type": "array", "items": {"type": "string"}},
-                                   "assignment": {"type": ["string", "null"]}}}}}})}}},
+                                   "assignment": {"type": ["string", "null"]}}}},
+                           "state_reason": {"type": ["string", "null"], "description": (
+                               "Why the node is disabled when the admin did not disable it "
+                               "(workstation mode: a user at the node, the schedule).")},
+                           "workstation": {"type": ["object", "null"], "description": (
+                               "Workstation mode: the verdict, logind's sessions, the "
+                               "paused task scopes; null when it is off.")}}})}}},
     "/api/v1/stop": {"post": {
         "operationId": "stop", "summary": "Stop the agent; its tasks are stopped gracefully.",
         "security": MUTATING,

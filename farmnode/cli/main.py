@@ -194,6 +194,18 @@ async def _wait(args: argparse.Namespace, proxy: Any,
     return EXIT_FAIL if any(t["state"] != "done" for t in final) else EXIT_OK
 
 
+def _workstation_lines(ws: dict[str, Any]) -> str:
+    paused = ", ".join(ws["paused_units"]) or "none"
+    out = (f"\nworkstation: {'rendering' if ws['rendering'] else 'paused'} "
+           f"(pause: {ws['pause']}; paused scopes: {paused})")
+    for s in ws["sessions"]:
+        out += (f"\nsession {s['id']}: {s['user']} {s['type']} "
+                f"{s['seat'] or s['tty'] or 'no seat'}"
+                f"{' remote' if s['remote'] else ''}{' idle' if s['idle_hint'] else ''}"
+                f"{'' if s['counted'] else ' (not counted)'}")
+    return out
+
+
 async def _client(args: argparse.Namespace) -> int:
     if args.command == "assign":
         return await _assign(args)
@@ -203,7 +215,9 @@ async def _client(args: argparse.Namespace) -> int:
         return await _wait(args, proxy, changes, args.assignment, args.until)
     if args.command == "status":
         st = json.loads(await proxy.get_status())
-        human = "\n".join(f"{k}: {v}" for k, v in st.items() if k != "gpus")
+        human = "\n".join(f"{k}: {v}" for k, v in st.items() if k not in ("gpus", "workstation"))
+        if st.get("workstation"):
+            human += _workstation_lines(st["workstation"])
         for g in st.get("gpus") or []:
             human += f"\ngpu {g['id']} ({g['name']}, {g['pci_slot']}): " + (
                 f"assignment {g['assignment']}" if g["assignment"] else "free")

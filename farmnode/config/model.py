@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from farmnode.config.schedule import canonical as canonical_schedule
 from farmnode.config.webhooks import Webhook, parse_webhooks
 from farmnode.pathmap import parse_rules
 
@@ -347,6 +348,22 @@ class Config:
     webhook_timeout: float = _setting(10.0, _positive)
     webhook_retry_delay: float = _setting(2.0, _positive)
     webhook_retry_max: float = _setting(300.0, _positive)
+
+    # Workstation mode: while a user is at the node (logind), no new work and the running
+    # tasks paused ("freeze": systemd's freezer; "cpu-idle": CPUWeight=idle, they run on
+    # only when the CPU is otherwise idle), resumed after workstation_idle_time idle.
+    workstation_mode: bool = _setting(False)
+    workstation_idle_time: float = _setting(600.0, _positive)
+    workstation_pause: Literal["freeze", "cpu-idle"] = _setting("freeze")
+    # Remote sessions (ssh) are admins and scripts far more often than someone using the
+    # machine, and sshd never sets an idle hint: they count only where this says so.
+    workstation_remote_sessions: bool = _setting(False)
+    # How often sessions that never set an idle hint (text consoles, ssh) are looked at:
+    # their activity is their tty's last input, of which logind sends no signal.
+    workstation_tty_check_interval: float = _setting(5.0, _positive)
+    # Hours of the day the node renders at all ("19:00-07:00, 12:00-13:00"; local time);
+    # outside them it takes no work and pauses its tasks as for a user. null: always.
+    render_schedule: str | None = _setting(None, canonical_schedule)
 
 
 SECRET_KEYS: frozenset[str] = frozenset(
