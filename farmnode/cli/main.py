@@ -1,4 +1,4 @@
-"""`farmnode`: status, tasks, assign, cancel, logs, state, run."""
+"""`farmnode`: status, tasks, assign, submit, jobs, cancel, logs, state, run."""
 
 from __future__ import annotations
 
@@ -27,6 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("status", help="the agent's state and resources")
     t = sub.add_parser("tasks", help="list tasks")
     t.add_argument("--active", action="store_true", help="only tasks of running assignments")
+    t.add_argument("--follow", action="store_true",
+                   help="redraw the progress tree until no task runs")
     a = sub.add_parser("assign", help="assign a job's tasks from a YAML or JSON file")
     a.add_argument("file", help="assignment file, - for standard input")
     a.add_argument("--wait", action="store_true", help="wait until every task has finished")
@@ -40,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     lg.add_argument("-f", "--follow", action="store_true")
     s = sub.add_parser("state", help="set the agent online or disabled")
     s.add_argument("state", choices=["online", "disabled"])
+    from farmnode.cli import jobs
+
+    jobs.add_parsers(sub)
     r = sub.add_parser("run", help="run the agent in the foreground (what farmnode.service runs)")
     r.add_argument("--config", default="/etc/farmnode/farmnode.yaml")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -190,9 +195,17 @@ async def _wait(args: argparse.Namespace, proxy: Any,
 
 
 async def _client(args: argparse.Namespace) -> int:
+    from farmnode.cli import jobs
+
     if args.command == "assign":
         return await _assign(args)
+    if args.command == "submit":
+        return await jobs.submit(args)
     bus, proxy = await _proxy()
+    if args.command == "jobs":
+        return await jobs.list_jobs(args, proxy)
+    if args.command == "tasks" and not args.json:
+        return await jobs.tasks(args, bus, proxy)
     if args.command == "wait":
         changes = await _subscribe(bus)
         return await _wait(args, proxy, changes, args.assignment, args.until)
