@@ -169,3 +169,46 @@ def test_file_shape_errors() -> None:
     assert "jobs[0].start: given twice" in str(err)
     err = refused("jobs:\n  - {id: a, jobtype: command, end: 1}\n")
     assert str(err) == "jobs.yaml:2: jobs[0].start: is required"
+
+
+def test_master_submission_creates_parents_first_and_refuses_a_missing_job_type() -> None:
+    import asyncio
+
+    from farmnode.jobfile.master import MasterRefused, submit
+    from farmnode.master.http import Response
+
+    jf = load("jobs:\n  - {id: b, jobtype: command, start: 1, end: 4, batch: 2, cpus: 0.5,\n"
+              "     dependencies: [a], environment: {X: y}}\n"
+              "  - {id: a, jobtype: blender, start: 1, end: 1}\n", "m.yaml")
+    calls: list[tuple[str, str, object]] = []
+    known = {"command", "blender"}
+
+    async def master(method: str, path: str, body: object) -> Response:
+        # What PyFarm's master answers: 404 for a job type it lacks, the new job's id.
+        calls.append((method, path, body))
+        if method == "GET":
+            return Response(200 if path.split("/")[2] in known else 404, {})
+        if len(calls) == 4 and "refuse" in known:  # the second job
+            return Response(400, {"error": "request contains field(s) that do not exist"})
+        return Response(201, {"id": 40 + len(calls)})
+
+    done = asyncio.run(submit(jf, master))
+    posts = [(p, b) for m, p, b in calls if m == "POST"]
+    assert [b["title"] for _p, b in posts] == ["a", "b"]  # type: ignore[index]
+    assert done.created == {"a": 43, "b": 44}
+    assert posts[1][1] == {"title": "b", "jobtype": "command", "jobtype_version": 1,
+                           "start": 1.0, "end": 4.0, "by": 1.0, "batch": 2, "data": {},
+                           "cpus": 1, "environ": {"X": "y"}, "parents": [{"id": 43}]}
+    known.discard("blender")
+    calls.clear()
+    with pytest.raises(JobFileError) as err:
+        asyncio.run(submit(jf, master))
+    assert str(err.value) == ("m.yaml:4: job 'a': jobtype: the master has no job type "
+                              "'blender' version 1")
+    assert all(m == "GET" for m, _p, _b in calls)  # nothing was created
+    known.update({"blender", "refuse"})
+    calls.clear()
+    with pytest.raises(MasterRefused) as refused_err:
+        asyncio.run(submit(jf, master))
+    assert refused_err.value.created == {"a": 43}
+    assert "m.yaml:2: the master refused job 'b': 400" in str(refused_err.value)

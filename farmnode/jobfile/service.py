@@ -76,7 +76,8 @@ class JobFiles:
         from farmnode.master.http import MasterHTTP
 
         assert self.master_api is not None
-        http = MasterHTTP(self.master_api)
+        # Short: the caller waits on D-Bus (25 s by default) for the whole file.
+        http = MasterHTTP(self.master_api, timeout=10)
         try:
             done = await submit(jobfile, lambda m, p, b: http.request(m, p, b))
         except MasterRefused as exc:
