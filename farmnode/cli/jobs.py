@@ -97,28 +97,26 @@ async def _changes(bus: Any) -> asyncio.Queue[Any]:
     return await _subscribe(bus)
 
 
-async def _snapshot(proxy: Any, job_ids: set[int] | None
-                    ) -> tuple[list[progress.JobNode], list[dict[str, Any]]]:
-    jobs = [j for j in json.loads(await proxy.list_jobs())
-            if job_ids is None or j["id"] in job_ids]
-    tasks = json.loads(await proxy.list_tasks(job_ids is None))
-    if job_ids is not None:
-        wanted = {t for j in jobs for t in j["tasks"]}
-        tasks = [t for t in tasks if t["id"] in wanted]
-        return progress.build(tasks, jobs), jobs
-    active = {t["job_id"] for t in tasks}
-    shown = [j for j in jobs if j["state"] in ("queued", "running") or j["id"] in active]
-    return progress.build(tasks, shown), jobs
-
-
 async def follow(args: argparse.Namespace, proxy: Any, changes: asyncio.Queue[Any],
                  job_ids: set[int] | None) -> list[dict[str, Any]]:
-    """Draw the tree until everything shown has finished; the jobs' final records."""
+    """Draw the tree until everything shown has finished; the jobs' final records.
+
+    `job_ids` None follows what is active now and what becomes active meanwhile; a job or
+    task stays in the tree once shown, so its end is drawn too."""
     tty = sys.stdout.isatty() and not args.json
     drawn = 0
     printed: dict[tuple[int, int | None], str] = {}
+    shown_jobs: set[int] = set(job_ids or ())
+    shown_tasks: set[int] = set()
     while True:
-        nodes, jobs = await _snapshot(proxy, job_ids)
+        all_jobs = json.loads(await proxy.list_jobs())
+        all_tasks = json.loads(await proxy.list_tasks(False))
+        if job_ids is None:
+            shown_jobs |= {j["id"] for j in all_jobs if j["state"] in ("queued", "running")}
+            shown_tasks |= {t["id"] for t in all_tasks if t["state"] not in progress.FINISHED}
+        jobs = [j for j in all_jobs if j["id"] in shown_jobs]
+        shown_tasks |= {i for j in jobs for i in j["tasks"]}
+        nodes = progress.build([t for t in all_tasks if t["id"] in shown_tasks], jobs)
         if args.json:
             pass
         elif tty:
@@ -133,8 +131,7 @@ async def follow(args: argparse.Namespace, proxy: Any, changes: asyncio.Queue[An
                 if printed.get(key) != line:
                     print(line, flush=True)
                     printed[key] = line
-        if progress.finished(nodes) and (job_ids is None or all(
-                j["state"] in ("done", "failed") for j in jobs)):
+        if progress.finished(nodes) and all(j["state"] in ("done", "failed") for j in jobs):
             if args.json:
                 print(json.dumps(jobs, indent=2))
             return jobs
