@@ -212,3 +212,12 @@ def test_master_submission_creates_parents_first_and_refuses_a_missing_job_type(
         asyncio.run(submit(jf, master))
     assert refused_err.value.created == {"a": 43}
     assert "m.yaml:2: the master refused job 'b': 400" in str(refused_err.value)
+
+
+def test_an_alias_bomb_is_refused_before_anything_expands_it() -> None:
+    levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    levels += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
+    text = "jobs:\n  - id: a\n    jobtype: command\n    start: 1\n    end: 1\n    data:\n"
+    text += "".join(f"      {level}\n" for level in levels)
+    err = refused(text)
+    assert "more than 1000000 values with its aliases expanded" in str(err)

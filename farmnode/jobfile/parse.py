@@ -33,6 +33,9 @@ from farmnode.tasks.schema import AssignmentError, parse_assignment
 
 MAX_JOBS = 10_000
 MAX_FRAMES = 100_000  # per job: each is a task row on the node or the master
+# Values in the whole file with YAML aliases expanded: a few aliases nested can stand for
+# billions of values, and every later walk (checks, JSON) would expand them.
+MAX_VALUES = 1_000_000
 _ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 _JOB_KEYS = ("id", "title", "jobtype", "jobtype_version", "data", "start", "end", "by",
              "batch", "ram", "ram_max", "cpus", "environment", "user", "dependencies")
@@ -288,6 +291,21 @@ def _ordered(reader: _Reader, jobs: list[JobSpec]) -> tuple[JobSpec, ...]:
     return tuple(order)
 
 
+def _bounded(reader: _Reader, root: yaml.Node) -> None:
+    """Refuse a document that expands (aliases followed) to more than MAX_VALUES values."""
+    stack, count = [root], 0
+    while stack:
+        node = stack.pop()
+        count += 1
+        if count > MAX_VALUES:
+            raise reader.error(reader.line(node), None, f"more than {MAX_VALUES} values with "
+                               "its aliases expanded")
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            stack.extend(v for pair in node.value for v in pair)
+
+
 def parse_rendered(rendered: Rendered, name: str, jobtypes: Sequence[str] | None = None,
                    jobtype_note: str = "job types of this node") -> JobFile:
     """Validate the YAML of a rendered job file; `jobtypes`: the names a job may use (None:
@@ -304,6 +322,7 @@ def parse_rendered(rendered: Rendered, name: str, jobtypes: Sequence[str] | None
         raise reader.error(None, None, f"invalid YAML: {exc}") from None
     if root is None:
         raise reader.error(None, None, "empty file: expected 'jobs:' with a list of jobs")
+    _bounded(reader, root)
     top = reader.mapping(root, "")
     for key, (key_node, _value) in top.items():
         if key != "jobs":

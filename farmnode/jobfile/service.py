@@ -8,6 +8,7 @@ to the node's own queue, with one they are created on the master.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -60,11 +61,13 @@ class JobFiles:
             lines = tuple(range(1, text.count("\n") + 2))  # the caller sent no usable map
         rendered = Rendered(text, lines)
         try:
+            # In a thread: a large file takes a while, and the agent's loop serves its tasks.
             if self.master_api is None:
-                jobfile = parse_rendered(rendered, name, available_jobtypes())
+                jobfile = await asyncio.to_thread(parse_rendered, rendered, name,
+                                                  available_jobtypes())
                 ids = self.queue.submit(jobfile) if self.queue else []
-            else:
-                jobfile = parse_rendered(rendered, name)  # the master says what it has
+            else:  # the master says which job types it has
+                jobfile = await asyncio.to_thread(parse_rendered, rendered, name)
                 ids = await self._to_master(jobfile)
         except JobFileError as exc:
             raise InvalidArgument(str(exc)) from None
