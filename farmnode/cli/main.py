@@ -35,6 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     w = sub.add_parser("wait", help="wait for an assignment's tasks to start or finish")
     w.add_argument("assignment")
     w.add_argument("--until", choices=["running", "finished"], default="finished")
+    from farmnode.cli import jobs
+
+    jobs.add_parsers(sub)
     c = sub.add_parser("cancel", help="stop the assignment holding a task")
     c.add_argument("task", type=int)
     lg = sub.add_parser("logs", help="a task's output, from the journal")
@@ -42,9 +45,6 @@ def _parser() -> argparse.ArgumentParser:
     lg.add_argument("-f", "--follow", action="store_true")
     s = sub.add_parser("state", help="set the agent online or disabled")
     s.add_argument("state", choices=["online", "disabled"])
-    from farmnode.cli import jobs
-
-    jobs.add_parsers(sub)
     r = sub.add_parser("run", help="run the agent in the foreground (what farmnode.service runs)")
     r.add_argument("--config", default="/etc/farmnode/farmnode.yaml")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
