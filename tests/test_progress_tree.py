@@ -89,3 +89,41 @@ def test_follow_prints_each_change_once_in_a_pipe_and_ends_with_the_jobs(
         "comp: failed 0/1 tasks 50% (frame 1: exit status 3)",
         "comp: task 11 frame 1: failed 50% (exit status 3)",
     ]
+
+
+def test_follow_in_a_terminal_redraws_the_tree_in_place(
+        capsys: Any, monkeypatch: Any) -> None:
+    import argparse
+    import asyncio
+    import json
+    import sys
+
+    from farmnode.cli.jobs import follow
+
+    jobs = [{"id": 1, "name": "sim", "title": None, "state": "running", "reason": None,
+             "tasks": [10]}]
+    tasks = [task(10, 1, 1, "running", 0.25)]
+
+    class Agent:
+        async def list_jobs(self) -> str:
+            return json.dumps(jobs)
+
+        async def list_tasks(self, active: bool) -> str:
+            return json.dumps(tasks)
+
+    async def scenario() -> None:
+        changes: asyncio.Queue[Any] = asyncio.Queue()
+        following = asyncio.create_task(follow(argparse.Namespace(json=False), Agent(),
+                                               changes, {1}))
+        await asyncio.sleep(0.05)
+        tasks[0].update(state="done", progress=1.0)
+        jobs[0]["state"] = "done"
+        changes.put_nowait(("", 10, "done", "", 1.0))
+        await asyncio.wait_for(following, 5)
+
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    asyncio.run(scenario())
+    first, second = capsys.readouterr().out.split("\x1b[2F\x1b[J")  # up 2 lines, clear
+    assert first.splitlines() == progress.draw(progress.build(
+        [task(10, 1, 1, "running", 0.25)], [{**jobs[0], "state": "running"}]))
+    assert "[####################] 100.0%     1/1  sim: done" in second
