@@ -16,6 +16,8 @@ from farmnode.agent import control, workstation
 from farmnode.agent.control import journal_output
 from farmnode.agent.core import Agent
 from farmnode.config import Config
+from farmnode.jobfile.queue import JobStore
+from farmnode.jobfile.service import JobFiles
 from farmnode.master.link import MasterLink
 from farmnode.master.trust import TrustedMasters
 from farmnode.sysinfo.identity import node_uuid
@@ -86,6 +88,10 @@ async def serve(config: Config) -> None:
     # Judged before the name is taken: an agent that starts while a user is at the node
     # takes no work, and its tasks stay paused.
     agent.workstation = await workstation.start(config, agent, bus)
+    # Job files: the node's own queue without a master, submission to the master with one.
+    job_files = JobFiles(agent, JobStore(state_dir / "jobs.db"), config.master_api)
+    service.job_files = job_files
+    job_files.start()
     # The name last: a caller that bus-activated us (dbus-daemon holds its call until the
     # name appears) gets its answer from an agent that is ready, its HTTP API included.
     if await api:
@@ -115,6 +121,7 @@ async def serve(config: Config) -> None:
     await stop.wait()
     # Refused from the first moment: a task accepted now would be stopped or orphaned.
     agent.stop_accepting()
+    job_files.stop()  # the next agent takes the queue up where it is
     await trusted.stop()
     job = await scopes.own_pending_job(os.getpid())
     log.info("asked to stop; systemd's job on this unit: %s", job)

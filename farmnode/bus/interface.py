@@ -153,6 +153,20 @@ class Agent1Interface(DbusInterfaceCommonAsync, interface_name=INTERFACE):
         a large log never has to fit in one D-Bus message)."""
         raise NotImplementedError
 
+    # ---- job files (farmnode.jobfile) ---------------------------------------------------
+    @dbus_method_async(input_signature="ssai", result_signature="s", flags=OPEN,
+                       input_args_names=("name", "yaml", "source_lines"),
+                       result_args_names=("jobs_json",))
+    async def submit_jobs(self, name: str, yaml: str, source_lines: list[int]) -> str:
+        """A rendered job file (Jinja already applied by the caller) and, per line, its
+        line in the source: queued here, or created on the master when one is configured."""
+        raise NotImplementedError
+
+    @dbus_method_async(result_signature="s", flags=OPEN, result_args_names=("jobs_json",))
+    async def list_jobs(self) -> str:
+        """The job-file jobs this node queued or submitted, with their state."""
+        raise NotImplementedError
+
     @dbus_property_async("s")
     def state(self) -> str:
         raise NotImplementedError

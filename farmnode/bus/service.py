@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sdbus import dbus_method_async_override, dbus_property_async_override
 
@@ -20,6 +20,9 @@ from farmnode.bus.interface import (
     PartialOverlapError,
     UnknownTaskError,
 )
+
+if TYPE_CHECKING:
+    from farmnode.jobfile.service import JobFiles
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -52,6 +55,7 @@ class Agent1Service(Agent1Interface):
     def __init__(self, agent: core.Agent) -> None:
         super().__init__()
         self.agent = agent
+        self.job_files: JobFiles | None = None  # set by the entry point
         agent.task_listeners.append(self._on_task)
         agent.state_listeners.append(self._on_state)
         agent.idle_listeners.append(self._on_idle)
@@ -180,3 +184,23 @@ class Agent1Service(Agent1Interface):
     @dbus_method_async_override()
     async def task_log(self, identifier: str) -> int:
         return await _translated(lambda: self.agent.task_log(identifier))
+
+    # ---- job files (farmnode.jobfile) ---------------------------------------------------
+    def _job_files(self) -> JobFiles:
+        if self.job_files is None:
+            raise core.NotAccepting("job files are not available yet (the agent is starting)")
+        return self.job_files
+
+    @dbus_method_async_override()
+    async def submit_jobs(self, name: str, yaml: str, source_lines: list[int]) -> str:
+        async def call() -> str:
+            return _dumps(await self._job_files().submit(name, yaml, source_lines))
+
+        return await _translated(call)
+
+    @dbus_method_async_override()
+    async def list_jobs(self) -> str:
+        async def call() -> str:
+            return _dumps(self._job_files().listing())
+
+        return await _translated(call)

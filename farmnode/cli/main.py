@@ -1,4 +1,4 @@
-"""`farmnode`: status, tasks, assign, cancel, logs, state, run."""
+"""`farmnode`: status, tasks, assign, submit, jobs, cancel, logs, state, run."""
 
 from __future__ import annotations
 
@@ -31,12 +31,17 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("status", help="the agent's state and resources")
     t = sub.add_parser("tasks", help="list tasks")
     t.add_argument("--active", action="store_true", help="only tasks of running assignments")
+    t.add_argument("--follow", action="store_true",
+                   help="redraw the progress tree until no task runs")
     a = sub.add_parser("assign", help="assign a job's tasks from a YAML or JSON file")
     a.add_argument("file", help="assignment file, - for standard input")
     a.add_argument("--wait", action="store_true", help="wait until every task has finished")
     w = sub.add_parser("wait", help="wait for an assignment's tasks to start or finish")
     w.add_argument("assignment")
     w.add_argument("--until", choices=["running", "finished"], default="finished")
+    from farmnode.cli import jobs
+
+    jobs.add_parsers(sub)
     c = sub.add_parser("cancel", help="stop the assignment holding a task")
     c.add_argument("task", type=int)
     lg = sub.add_parser("logs", help="a task's output, from the journal")
@@ -207,9 +212,17 @@ def _workstation_lines(ws: dict[str, Any]) -> str:
 
 
 async def _client(args: argparse.Namespace) -> int:
+    from farmnode.cli import jobs
+
     if args.command == "assign":
         return await _assign(args)
+    if args.command == "submit":
+        return await jobs.submit(args)
     bus, proxy = await _proxy()
+    if args.command == "jobs":
+        return await jobs.list_jobs(args, proxy)
+    if args.command == "tasks" and not args.json:
+        return await jobs.tasks(args, bus, proxy)
     if args.command == "wait":
         changes = await _subscribe(bus)
         return await _wait(args, proxy, changes, args.assignment, args.until)
