@@ -52,9 +52,9 @@ class FakeAgent:
     def trusted_masters(self) -> FakeAgent._Prop:
         return FakeAgent._Prop(self.networks)
 
-    async def assign(self, payload: str) -> str:
+    async def try_assign(self, payload: str) -> tuple[str, bool, str, str, dict[str, Any]]:
         self.assigned.append(payload)
-        return "a-1"
+        return "a-1", True, "", "", {}
 
     async def cancel_task(self, task_id: int) -> bool:
         self.cancelled.append(task_id)

@@ -79,6 +79,9 @@ HOST_APT: Mapping[str, str] = {
     "rpmlint": "rpmlint",
     "dpkg-shlibdeps": "dpkg-dev",
     "strip": "binutils",
+    # the host tests' private bus (tests/private_bus.py), read with gdbus as well as busctl
+    "dbus-daemon": "dbus-daemon",
+    "gdbus": "libglib2.0-bin",
 }
 # Program in .venv/bin -> the Python distribution that brings it; that distribution must be
 # in pyproject.toml (dependencies or the `test` extra) or pip-installed by the Makefile.

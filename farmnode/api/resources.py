@@ -19,7 +19,7 @@ import falcon
 from sdbus import SdBus
 
 from farmnode.api import client, formats
-from farmnode.api.errors import ApiError
+from farmnode.api.errors import ApiError, from_refusal
 from farmnode.api.http import JSON, MERGE_PATCH, object_body, read_json, send_json
 from farmnode.bus.interface import BUS_NAME, Agent1Interface
 
@@ -87,7 +87,10 @@ class Assign(Resource):
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         body = read_json(req, required=True)
         payload = json.dumps(body)
-        assignment_id: str = client.call(lambda a: a.assign(payload))
+        assignment_id, _created, error, message, detail = client.call(
+            lambda a: a.try_assign(payload))
+        if error:
+            raise from_refusal(error, message, {k: v for k, (_sig, v) in detail.items()})
         send_json(resp, {"id": assignment_id}, 202)
 
 
