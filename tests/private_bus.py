@@ -8,13 +8,26 @@ exactly as farmnode.agent.main exports it on the system bus.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from sdbus import sd_bus_open_user
+
+from farmnode.agent.core import Agent
+from farmnode.agent.runner import scope_unit_name
+from farmnode.bus.interface import BUS_NAME, OBJECT_PATH
+from farmnode.bus.service import Agent1Service
+from farmnode.config import Config
+from farmnode.systemd.scope import ScopeManager
+from farmnode.tasks.model import Assignment
+from farmnode.tasks.schema import parse_assignment
+from farmnode.tasks.store import Store
 
 CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
  "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
@@ -104,3 +117,36 @@ class Monitor:
                 if message.get("type") == "signal" and message.get("member") == member \
                         and (path is None or message.get("path") == path):
                     return message
+
+
+@contextlib.asynccontextmanager
+async def serve(state: Path, **config: Any) -> AsyncIterator[Agent]:
+    """The agent's service exported as farmnode.agent.main exports it (no systemd: no run
+    starts, the core's reporting paths stand in for the runs); it leaves the bus after."""
+    bus = sd_bus_open_user()
+    store = Store(state)
+    agent = Agent(Config(**config), store, ScopeManager.__new__(ScopeManager))
+    service = Agent1Service(agent)
+    service.export_to_dbus(OBJECT_PATH, bus)
+    await bus.request_name_async(BUS_NAME, 0)
+    try:
+        yield agent
+    finally:
+        service.props.stop()
+        bus.close()
+        store.close()
+
+
+def payload(ids: list[int], **job: Any) -> dict[str, Any]:
+    return {"job": {"id": 7, "by": 1, **job}, "jobtype": {"name": "command", "version": 1},
+            "tasks": [{"id": i, "frame": n} for n, i in enumerate(ids, 1)]}
+
+
+def stored(agent: Agent, ids: list[int]) -> Assignment:
+    """An accepted assignment as the core stores and announces it (Agent._start, without
+    the run)."""
+    a = parse_assignment(payload(ids))
+    agent.store.add_assignment(a, scope_unit_name(a))
+    for rec in agent.store.tasks(a.id):
+        agent._emit(a.id, rec.id, rec)
+    return a

@@ -6,10 +6,9 @@ reporting paths (the ones a run calls), so the objects see what a real task leav
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,56 +16,17 @@ import pytest
 from sdbus import sd_bus_open_user
 
 from farmnode.agent.core import Agent
-from farmnode.agent.runner import scope_unit_name
 from farmnode.bus.interface import BUS_NAME, OBJECT_PATH, Agent1Interface
-from farmnode.bus.service import Agent1Service
 from farmnode.bus.task1 import TASK_INTERFACE, task_path
 from farmnode.bus.views import UNSET, TaskView
-from farmnode.config import Config
-from farmnode.systemd.scope import ScopeManager
-from farmnode.tasks.model import Assignment, StateChange, TaskState
-from farmnode.tasks.schema import parse_assignment
-from farmnode.tasks.store import Store
-from tests.private_bus import Monitor, busctl, private_bus, run
+from farmnode.tasks.model import StateChange, TaskState
+from tests.private_bus import Monitor, busctl, payload, private_bus, run, serve, stored
 
 
 @pytest.fixture
 def address(tmp_path: Path) -> Iterator[str]:
     with private_bus(tmp_path) as addr:
         yield addr
-
-
-@contextlib.asynccontextmanager
-async def serve(state: Path, **config: Any) -> AsyncIterator[Agent]:
-    """The agent's service exported as farmnode.agent.main exports it (no systemd: no run
-    starts, the core's reporting paths stand in for the runs); it leaves the bus after."""
-    bus = sd_bus_open_user()
-    store = Store(state)
-    agent = Agent(Config(**config), store, ScopeManager.__new__(ScopeManager))
-    service = Agent1Service(agent)
-    service.export_to_dbus(OBJECT_PATH, bus)
-    await bus.request_name_async(BUS_NAME, 0)
-    try:
-        yield agent
-    finally:
-        service.props.stop()
-        bus.close()
-        store.close()
-
-
-def payload(ids: list[int], **job: Any) -> dict[str, Any]:
-    return {"job": {"id": 7, "by": 1, **job}, "jobtype": {"name": "command", "version": 1},
-            "tasks": [{"id": i, "frame": n} for n, i in enumerate(ids, 1)]}
-
-
-def stored(agent: Agent, ids: list[int]) -> Assignment:
-    """An accepted assignment as the core stores and announces it (Agent._start, without
-    the run)."""
-    a = parse_assignment(payload(ids))
-    agent.store.add_assignment(a, scope_unit_name(a))
-    for rec in agent.store.tasks(a.id):
-        agent._emit(a.id, rec.id, rec)
-    return a
 
 
 def props(signal: dict[str, Any]) -> tuple[str, dict[str, Any]]:

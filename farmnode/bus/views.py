@@ -94,6 +94,15 @@ class TaskView:
             for f, name in zip(dataclasses.fields(cls), TASK_PROPERTY_NAMES, strict=True)}
         return cls(**values)
 
+    def updated(self, changed: dict[str, Any]) -> TaskView:
+        """With PropertiesChanged's values (D-Bus names, values unwrapped) applied."""
+        values: dict[str, Any] = {}
+        for name, value in changed.items():
+            field_name = TASK_FIELDS.get(name)
+            if field_name is not None:
+                values[field_name] = tuple(value) if field_name == "gpus" else value
+        return dataclasses.replace(self, **values)
+
     def to_record_dict(self) -> dict[str, Any]:
         """The task as the agent's listings have always shown it (TaskRecord.to_dict)."""
         accounting = {k: v for k, v in (("memory_current", self.memory_current),
@@ -126,6 +135,7 @@ TASK_PROPERTIES: dict[str, tuple[str, str]] = {
     "finished": ("FinishedUSec", "t"),
 }
 TASK_PROPERTY_NAMES = tuple(name for name, _sig in TASK_PROPERTIES.values())
+TASK_FIELDS = {name: field_name for field_name, (name, _sig) in TASK_PROPERTIES.items()}
 assert tuple(TASK_PROPERTIES) == tuple(f.name for f in dataclasses.fields(TaskView))
 
 
