@@ -133,6 +133,7 @@ async def serve(state: Path, **config: Any) -> AsyncIterator[Agent]:
         yield agent
     finally:
         service.props.stop()
+        await asyncio.sleep(0)  # what the agent scheduled on the bus goes out first
         bus.close()
         store.close()
 

@@ -24,12 +24,16 @@ from sdbus.dbus_proxy_async_interface_base import DbusExportHandle
 
 from farmnode.agent import core
 from farmnode.bus.errors import translated
+from farmnode.bus.interface import OBJECT_PATH
 from farmnode.bus.task1 import TASK_INTERFACE, Task1Interface, task_path
 from farmnode.bus.views import TASK_PROPERTIES, TaskView, changed_properties, usec
 from farmnode.tasks.model import TaskState
 from farmnode.tasks.store import TaskRecord
 
 log = logging.getLogger(__name__)
+OBJECT_MANAGER = "org.freedesktop.DBus.ObjectManager"
+STANDARD_INTERFACES = ("org.freedesktop.DBus.Peer", "org.freedesktop.DBus.Introspectable",
+                       "org.freedesktop.DBus.Properties")
 
 
 class TaskObject(Task1Interface):
@@ -84,9 +88,16 @@ class TaskObjects:
                     and rec.finished + self._retention() <= time.time():
                 return  # gone already (an agent that starts after the retention)
             obj = TaskObject(view, self._agent)
-            self._handles[rec.id] = self._manager.export_with_manager(
-                task_path(rec.id), obj, self._bus)
+            path = task_path(rec.id)
+            self._handles[rec.id] = obj.export_to_dbus(path, self._bus)
             self.objects[rec.id] = obj
+            # The manager's own signal, with what sd_bus_emit_object_added would put in it:
+            # that call walks every object under the manager (it made announcing a 5,000-task
+            # assignment quadratic, seconds on the loop), this one is the same message.
+            self._manager.interfaces_added.emit((path, {
+                **{name: {} for name in STANDARD_INTERFACES},
+                TASK_INTERFACE: changed_properties(view, list(TASK_PROPERTIES),
+                                                   TASK_PROPERTIES)}))
         elif view.created < obj.view.created:
             return  # an older attempt of the id than the object shows
         else:
@@ -145,5 +156,10 @@ class TaskObjects:
     def remove(self, task_id: int) -> None:
         obj = self.objects.pop(task_id)
         self._live.get(obj.view.assignment_id, set()).discard(task_id)
-        handle = self._handles.pop(task_id)
-        handle.stop()  # InterfacesRemoved, then the object leaves the bus
+        self._handles.pop(task_id).stop()
+        # Built here: sdbus 0.14 declares the manager's InterfacesRemoved as "oao" (the
+        # specification and sd-bus say "oas"), and a name in it fails to append.
+        message = self._bus.new_signal_message(OBJECT_PATH, OBJECT_MANAGER,
+                                               "InterfacesRemoved")
+        message.append_data("oas", task_path(task_id), [*STANDARD_INTERFACES, TASK_INTERFACE])
+        message.send()
