@@ -152,10 +152,12 @@ def test_agent_properties_are_typed_and_signal_their_changes(address: str,
             interface, changed = props(await mon.signal("PropertiesChanged", OBJECT_PATH))
             assert interface == "org.farmnode.Agent1" and changed == {"State": "disabled"}
             a = stored(agent, [301])
-            agent.runs[a.id] = agent._new_run(a)  # the core's count of running work
-            agent._report_states(a.id, [StateChange(301, TaskState.RUNNING, None, None, None)])
+            # the core's own bookkeeping of a run, with a body that ends when told to
+            ends = asyncio.Event()
+            agent._launch(agent._new_run(a), ends.wait())
             _, changed = props(await mon.signal("PropertiesChanged", OBJECT_PATH))
             assert changed == {"RunningTasks": 1, "Assignments": [a.id]}
+            agent._report_states(a.id, [StateChange(301, TaskState.RUNNING, None, None, None)])
             text = await run("gdbus", "introspect", "--address", address, "--dest", BUS_NAME,
                              "--object-path", OBJECT_PATH, "--only-properties")
             values = dict(re.findall(r"readonly \S+ (\w+) = (.*);", text))
@@ -166,6 +168,14 @@ def test_agent_properties_are_typed_and_signal_their_changes(address: str,
             text = await run("gdbus", "introspect", "--address", address, "--dest", BUS_NAME,
                              "--object-path", task_path(301), "--only-properties")
             assert "readonly s State = 'running';" in text
+            # the run ends: the agent says so even though its state stays the same
+            agent._report_states(a.id, [StateChange(301, TaskState.DONE, None, 0, None)])
+            ends.set()
+            while True:
+                _, changed = props(await mon.signal("PropertiesChanged", OBJECT_PATH))
+                if "Assignments" in changed:
+                    break
+            assert changed == {"RunningTasks": 0, "Assignments": []}
 
     asyncio.run(scenario())
 

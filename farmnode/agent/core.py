@@ -148,6 +148,7 @@ class Agent:
         self.state_listeners: list[Callable[[AgentState], None]] = []
         # (assignment id, its scope's cgroup figures) after each sample is stored
         self.accounting_listeners: list[Callable[[str, dict[str, int]], None]] = []
+        self.runs_listeners: list[Callable[[], None]] = []
         self.agent_id = self._load_agent_id()
         # [4] master sync: set by serve() when a master is configured; GetStatus shows it.
         self.master_link: StatusSource | None = None
@@ -369,6 +370,8 @@ class Agent:
         if self.state in (AgentState.ONLINE, AgentState.RUNNING):
             busy = any(self._unfinished(run) for run in self.runs.values())
             self._set_state(AgentState.RUNNING if busy else AgentState.ONLINE)
+        for cb in self.runs_listeners:  # the runs or their open tasks changed
+            cb()
 
     def _unfinished(self, run: AssignmentRun) -> bool:
         # A run whose tasks all have their final state is only cleaning up: the node is

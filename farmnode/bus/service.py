@@ -177,6 +177,7 @@ class Agent1Service(Agent1Interface):
         self.props.start()
         self.agent.task_listeners.append(self._on_task_record)
         self.agent.state_listeners.append(lambda _state: self.props.changed())
+        self.agent.runs_listeners.append(self.props.changed)
         self.agent.accounting_listeners.append(self.task_objects.accounting)
         return handle
 
