@@ -12,7 +12,7 @@ PKG_APT := scdoc lintian rpm rpmlint dpkg-dev binutils
 # The programs of those packages packaging/build.py and the recipes run: `make apt` if one lacks.
 PKG_PROGRAMS := scdoc lintian rpm rpmlint dpkg-shlibdeps strip
 APT_PACKAGES := debootstrap systemd-container qemu-system-x86 libsystemd-dev pkg-config gcc \
-	python3-dev python3-venv dbus-daemon libglib2.0-bin $(PKG_APT)
+	python3-dev python3-venv dbus-daemon libglib2.0-bin openssh-client $(PKG_APT)
 PKG_RELEASE ?= 1
 PKG_OUT ?= dist
 PKG_TOOLS = @for t in $(PKG_PROGRAMS); do command -v $$t >/dev/null \
@@ -31,9 +31,10 @@ $(VENV)/.stamp: pyproject.toml
 
 setup: $(VENV)/.stamp
 
+# Serialised: two checkouts' `make setup` at once would otherwise fail on apt's lock.
 apt:
-	apt-get update -qq
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES)
+	flock /var/lock/farmnode-make-apt.lock sh -c 'apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES)'
 
 lint: setup
 	$(VENV)/bin/ruff check farmnode tests tools

@@ -50,11 +50,12 @@ HOST_BASE: Mapping[str, str] = {
     **dict.fromkeys(["cat", "cp", "rm", "ln", "ls", "mkdir", "install", "tee", "touch", "env",
                      "id", "stat", "du", "chgrp", "test", "["], "coreutils: Essential"),
     "sed": "sed: Essential", "grep": "grep: Essential", "awk": "mawk: Priority required",
-    **dict.fromkeys(["chmod", "sleep", "mv", "dd", "sync", "nproc", "seq", "date", "df"],
+    **dict.fromkeys(["chmod", "sleep", "mv", "dd", "sync", "nproc", "seq", "date", "df", "cut",
+                     "mkfifo"],
                     "coreutils: Essential"),
     "hostname": "hostname: Essential",
     "apt-get": "apt: in every Debian install",
-    **dict.fromkeys(["nsenter", "setpriv", "mount", "umount"],
+    **dict.fromkeys(["nsenter", "setpriv", "mount", "umount", "flock"],
                     "util-linux: Priority required"),
     "mkfs.ext4": "e2fsprogs: Priority required",
     "ip": "iproute2: Priority important, in every Debian 12 install (not in minbase trees)",
@@ -79,6 +80,8 @@ HOST_APT: Mapping[str, str] = {
     "rpmlint": "rpmlint",
     "dpkg-shlibdeps": "dpkg-dev",
     "strip": "binutils",
+    # fleet control's transport (sd-bus runs `ssh`), and the fleet test's key
+    **dict.fromkeys(["ssh", "ssh-keygen"], "openssh-client"),
     # the host tests' private bus (tests/private_bus.py), read with gdbus as well as busctl
     "dbus-daemon": "dbus-daemon",
     "gdbus": "libglib2.0-bin",

@@ -146,6 +146,7 @@ class Agent:
         self.started = time.time()
         self.task_listeners: list[Callable[[TaskChange], None]] = []
         self.state_listeners: list[Callable[[AgentState], None]] = []
+        self.idle_listeners: list[Callable[[], None]] = []  # the last running run has ended
         # (assignment id, its scope's cgroup figures) after each sample is stored
         self.accounting_listeners: list[Callable[[str, dict[str, int]], None]] = []
         self.runs_listeners: list[Callable[[], None]] = []
@@ -364,6 +365,7 @@ class Agent:
                 self._tasks.pop(aid, None)
                 self._open.pop(aid, None)
                 self._update_running_state()
+                self._note_idle()
             self._store_in_order(f"end of assignment {aid}", finish)
 
     def _update_running_state(self) -> None:
@@ -415,6 +417,19 @@ class Agent:
         self.state = state
         for cb in self.state_listeners:
             cb(state)
+
+    # ---- drain: fleet control waits for a disabled node to run nothing ---------------
+    def _note_idle(self) -> None:
+        # A disabled node's state does not change when its work ends (it stays disabled),
+        # and its last TaskChanged comes before the run has cleaned up: this is the one
+        # moment a drain can await.
+        if self.runs:
+            return
+        for cb in self.idle_listeners:
+            try:
+                cb()
+            except Exception:
+                log.exception("idle listener failed")
 
     # ---- reporting (called by runs) --------------------------------------------------
     def _report_state(self, assignment_id: str, task_id: int, state: TaskState,

@@ -25,6 +25,7 @@ from farmnode.tasks.store import Store
 log = logging.getLogger("farmnode")
 
 RESTART_JOBS = {"restart", "try-restart", "reload-or-restart", "try-reload-or-restart"}
+WEBHOOK_DRAIN = 5.0  # s a stopping agent gives its webhooks' queues to empty
 
 
 def _notify(message: str) -> None:
@@ -73,6 +74,14 @@ async def serve(config: Config) -> None:
     agent.trusted_masters = trusted
     service = Agent1Service(agent)
     service.export_to_dbus(OBJECT_PATH, bus)
+    # Webhooks: listening before recovery, which reports what ended while no agent ran.
+    webhooks = None
+    if config.webhooks:
+        from farmnode.webhooks import events as webhook_events
+        from farmnode.webhooks.sender import Webhooks
+        webhooks = Webhooks(config, state_dir, lambda: agent.agent_id, lambda: agent.hostname)
+        webhook_events.attach(agent, webhooks.publish)
+        webhooks.start()
     await agent.recover()
     # The name last: a caller that bus-activated us (dbus-daemon holds its call until the
     # name appears) gets its answer from an agent that is ready, its HTTP API included.
@@ -129,6 +138,10 @@ async def serve(config: Config) -> None:
         _notify("STATUS=closing the HTTP API")
         await control.release_bus_name(bus, BUS_NAME)
         await control.api_down(scopes)
+    if webhooks is not None:
+        # A stop (not a restart) lets the events of the tasks it stopped go out first,
+        # briefly; what is still queued goes out from the next agent.
+        await webhooks.stop(drain=0.0 if job in RESTART_JOBS else WEBHOOK_DRAIN)
     watchdog.cancel()
     store.close()
 

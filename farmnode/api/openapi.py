@@ -152,6 +152,9 @@ _SETTING_SCHEMAS: dict[str, dict[str, Any]] = {
     "agent_ram_report_delta": {"type": ["integer", "null"], "minimum": 0},
     "agent_ram_max_report_frequency": {"type": ["number", "null"], "exclusiveMinimum": 0},
     "task_stop_grace": {"type": ["number", "null"], "exclusiveMinimum": 0},
+    "task_journal_grace": {"type": ["number", "null"], "exclusiveMinimum": 0},
+    "jobtype_path_map": {"type": ["array", "null"], "items": {"type": "string"},
+                         "description": "rules SOURCE => TARGET, see farmnode.yaml(5)"},
 }
 
 CONFIG_PATCH: dict[str, Any] = {

@@ -10,11 +10,15 @@ import dataclasses
 import ipaddress
 import math
 import re
+import shlex
 import types
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from farmnode.config.webhooks import Webhook, parse_webhooks
+from farmnode.pathmap import parse_rules
 
 # A check takes an already type-correct value and returns it (possibly normalised) or raises
 # ValueError with a message that does not repeat the key (the loader adds key and location).
@@ -223,6 +227,25 @@ def _cpuset(value: str) -> str:
     return ",".join(parts)
 
 
+def _command_line(value: str) -> str:
+    # Split as a shell would, but never run by one: what it names is exec'd as it is.
+    if value.strip():
+        try:
+            words = shlex.split(value)
+        except ValueError as exc:
+            raise ValueError(f"does not parse as a command line ({exc}): {value!r}") from None
+        if not words:
+            raise ValueError(f"names no program: {value!r}")
+    return value.strip()
+
+
+def _path_map(value: str) -> str:
+    # Rules keep their order of the file in the value; parse_rules refuses a bad one by name.
+    entries = [e.strip() for e in value.split(",") if e.strip()]
+    parse_rules(entries)
+    return ", ".join(entries)
+
+
 # --- the settings ---------------------------------------------------------------------------
 
 
@@ -296,6 +319,13 @@ class Config:
     # theirs ("/dev/fuse rw")
     task_device_allow: str = _setting("", _device_allow, listed=True)
     task_stop_grace: float = _setting(30.0, _positive)
+    # After a task's end, how long its shim waits for a journald that is away before it
+    # leaves the output in its spool (journaled by the agent once journald is back)
+    task_journal_grace: float = _setting(60.0, _positive)
+    # Run before and after each assignment, inside its scope as the job's user (shell words;
+    # "" for none); a failing pre-hook fails the assignment with its output as the reason
+    task_pre_hook: str = _setting("", _command_line)
+    task_post_hook: str = _setting("", _command_line)
     task_max_runtime: float | None = _setting(None, _positive)
     task_accounting_interval: float = _setting(5.0, _positive)
     # How long a finished task's D-Bus object (org.farmnode.Task1) stays, in seconds.
@@ -310,6 +340,15 @@ class Config:
     # as the job's user, so this is on (it only acts with a master configured).
     jobtype_enable_download: bool = _setting(True)
     jobtype_cache_directory: str = _setting("/var/cache/farmnode/jobtypes", _absolute_path)
+    # Path mapping, SOURCE => TARGET, applied to job data and by job types' map_path
+    jobtype_path_map: str = _setting("", _path_map, listed=True)
+
+    # Webhooks: task and agent events posted to receivers, queued on disk until they answer
+    webhooks: tuple[Webhook, ...] = _setting((), parse_webhooks)
+    webhook_queue_max: int = _setting(10000, _between(1))
+    webhook_timeout: float = _setting(10.0, _positive)
+    webhook_retry_delay: float = _setting(2.0, _positive)
+    webhook_retry_max: float = _setting(300.0, _positive)
 
 
 SECRET_KEYS: frozenset[str] = frozenset(
@@ -323,6 +362,7 @@ def redacted(config: Config) -> dict[str, Any]:
     for key in SECRET_KEYS:
         if out[key] is not None:
             out[key] = REDACTED
+    out["webhooks"] = [w.shown(REDACTED) for w in config.webhooks]
     return out
 
 
@@ -333,6 +373,7 @@ _TYPE_NAMES: dict[type, str] = {
     int: "an integer",
     float: "a number",
     str: "a string",
+    tuple: "a list",
 }
 
 
@@ -405,6 +446,8 @@ class Setting:
             if not math.isfinite(number):
                 raise ValueError(f"must be a finite number, got {describe(value)}")
             return number
+        if base is tuple and isinstance(value, list):
+            return value  # its check makes the typed entries
         if base is str:
             if isinstance(value, str):
                 return value
@@ -451,6 +494,8 @@ def _setting_from_field(f: dataclasses.Field[Any], hint: Any) -> Setting:
                 auto = True
             else:
                 base, choices = str, tuple(literals)
+        elif typing.get_origin(arg) is tuple:
+            base = tuple
         else:
             base = arg
     if base not in _TYPE_NAMES:  # pragma: no cover - a programming error in Config

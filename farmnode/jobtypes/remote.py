@@ -95,7 +95,8 @@ class RemoteJobType(JobType):
         a = self.assignment
         payload = {"id": a.id, "assignment": assignment_to_json(a), "name": a.jobtype.name,
                    "version": a.jobtype.version, "node": self.node,
-                   "expandvars": self.expandvars_enabled}
+                   "expandvars": self.expandvars_enabled,
+                   "path_map": [[r.source, r.target] for r in self.path_map]}
         return self.make_command_data(
             sys.executable, ["-I", "-m", HOST_MODULE, self.module_path, self.classname,
                              json.dumps(payload)])

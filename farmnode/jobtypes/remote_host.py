@@ -30,6 +30,7 @@ from farmnode.jobtypes.pyfarm.agent.config import config as pyfarm_config
 from farmnode.jobtypes.pyfarm.jobtypes.core import jobtype as pyfarm_jobtype
 from farmnode.jobtypes.pyfarm.jobtypes.core.process import LineSplitter, pump
 from farmnode.jobtypes.remote import MARK
+from farmnode.pathmap import PathRule
 from farmnode.tasks.model import TaskState
 
 # The agent cuts lines at 16 KiB: a record must stay below that to reach it whole.
@@ -148,11 +149,17 @@ def load_class(path: str, classname: str, label: str) -> type:
     return cls
 
 
+def _path_map(payload: dict[str, Any]) -> tuple[PathRule, ...]:
+    # The agent checked the rules when it read its config; here they are only rebuilt.
+    return tuple(PathRule(str(src), str(dst)) for src, dst in payload.get("path_map") or ())
+
+
 def run_pyfarm(cls: type[pyfarm_jobtype.JobType], payload: dict[str, Any],
                path: str, label: str) -> int:
     node = payload.get("node") or {}
     pyfarm_config.update({k: v for k, v in node.items() if v is not None})
     pyfarm_config["jobtype_expandvars"] = bool(payload.get("expandvars", True))
+    pyfarm_jobtype.path_map = _path_map(payload)
     pyfarm_jobtype.bind(MarkedSink(), node)
     log = logging.getLogger("pyfarm")
     log.addHandler(LogLines())
@@ -199,7 +206,7 @@ def run_native(cls: type[JobType], payload: dict[str, Any], path: str, label: st
     assignment = parse_assignment(payload["assignment"], payload["id"])
     try:
         jt = cls(assignment, MarkedReporter(),
-                 expandvars=bool(payload.get("expandvars", True)))
+                 expandvars=bool(payload.get("expandvars", True)), path_map=_path_map(payload))
         command = jt.get_command_data()
     except Exception as exc:
         raise Failure(f"{label}: {where(exc, path)}", exc) from None

@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 BUS = "org.farmnode.Agent1"
 TASK1 = "org.farmnode.Task1"
 AGENT = "/org/farmnode/Agent1"
+UNSET = 2**64 - 1  # a figure nobody measured (systemd's "[not set]")
 
 
 def interface_block(xml: str, name: str) -> str:
@@ -104,11 +105,16 @@ def test_a_real_task_object_its_signals_and_its_policy(ct: Container) -> None:
         r = ct.run(["busctl", "call", BUS, path, TASK1, "Signal", "i", "0"], user="guest",
                    check=False)
         assert r.returncode != 0 and "Access denied" in r.stderr
+        r = ct.run(["busctl", "call", BUS, AGENT, BUS, "TryAssign", "s", json.dumps(a)],
+                   user="guest", check=False)
+        assert r.returncode != 0 and "Access denied" in r.stderr
         assert ct.run(["busctl", "call", BUS, path, TASK1, "Cancel"],
                       user="artist").stdout.strip() == "b true"
         changes = mon.until(path, lambda c: c.get("State") == "cancelled")
         assert changes[-1]["FinishedUSec"] > 0
         mon.until(AGENT, lambda c: "Assignments" in c and aid not in c["Assignments"])
+        # the scope's cgroup figures reached the object (cpu.stat: the container has it)
+        mon.until(path, lambda c: c.get("CPUUsageUSec", UNSET) != UNSET)
         r = ct.run(["busctl", "get-property", BUS, path, TASK1, "State", "Reason"])
         assert r.stdout.splitlines()[0] == 's "cancelled"'
         # the interface file is what the agent serves

@@ -34,6 +34,8 @@ from typing import Any, Protocol
 from farmnode.jobtypes.pyfarm.agent.config import config
 from farmnode.jobtypes.pyfarm.jobtypes.core.internals import Cache, Process, System, TypeChecks
 from farmnode.jobtypes.pyfarm.jobtypes.core.process import LineSplitter, ProcessProtocol, pump
+from farmnode.pathmap import PathRule
+from farmnode.pathmap import map_path as apply_path_map
 
 PRIORITY_INFO = 6
 PRIORITY_WARNING = 4
@@ -71,6 +73,8 @@ class _Discard:
 
 _sink: Sink = _Discard()
 _node: dict[str, Any] = {}
+# The node's path-mapping rules (jobtype_path_map), set by the host before the job type runs.
+path_map: tuple[PathRule, ...] = ()
 
 
 def bind(sink: Sink, node: Mapping[str, Any] | None = None) -> None:
@@ -310,8 +314,8 @@ class JobType(Cache, System, Process, TypeChecks):
         return _VAR_RE.sub(replace, value)
 
     def map_path(self, path: str) -> str:
-        """The path for this node: variables expanded, then ``~``."""
-        path = self.expandvars(path)
+        """The path for this node: variables expanded, the site's path-mapping rules, ``~``."""
+        path = apply_path_map(self.expandvars(path), path_map)
         if path == "~" or path.startswith("~/"):
             home = self.get_environment().get("HOME")
             if home:
