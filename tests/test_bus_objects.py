@@ -18,7 +18,8 @@ from sdbus import sd_bus_open_user
 from farmnode.agent.core import Agent
 from farmnode.bus.interface import BUS_NAME, OBJECT_PATH, Agent1Interface
 from farmnode.bus.task1 import TASK_INTERFACE, task_path
-from farmnode.bus.views import UNSET, TaskView
+from farmnode.bus.views import ACCOUNTING_FIELDS, UNSET, TaskView
+from farmnode.systemd.cgroup import read_accounting
 from farmnode.tasks.model import StateChange, TaskState
 from tests.private_bus import Monitor, busctl, payload, private_bus, run, serve, stored
 
@@ -27,6 +28,14 @@ from tests.private_bus import Monitor, busctl, payload, private_bus, run, serve,
 def address(tmp_path: Path) -> Iterator[str]:
     with private_bus(tmp_path) as addr:
         yield addr
+
+
+# A scope's cgroup files in the kernel's format, every figure the agent reads.
+CGROUP_FILES = {
+    "memory.current": "1024\n", "memory.peak": "4096\n", "pids.current": "3\n",
+    "pids.peak": "5\n", "memory.events": "low 0\nhigh 0\nmax 2\noom 1\noom_kill 1\n",
+    "cpu.stat": "usage_usec 2500000\nuser_usec 2000000\nsystem_usec 500000\n",
+}
 
 
 def props(signal: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -99,6 +108,13 @@ def test_managed_objects_survive_a_restart_within_the_retention_and_a_retry_reus
     async def first() -> str:
         async with serve(state, agent_task_object_retention=3600) as agent:
             a = stored(agent, [201, 202, 203])
+            agent._report_states(a.id, [StateChange(201, TaskState.RUNNING, None, None, None)])
+            # the scope's figures as the agent reads them: the kernel's files, read_accounting
+            cgroup = tmp_path / "farmnode-task-201.scope"
+            cgroup.mkdir()
+            for name, text in CGROUP_FILES.items():
+                (cgroup / name).write_text(text)
+            agent._report_accounting(a.id, read_accounting(str(cgroup)))
             agent._report_states(a.id, [
                 StateChange(201, TaskState.FAILED, "exit 3", 3, None),
                 StateChange(202, TaskState.CANCELLED, "cancelled", None, 15)])
@@ -121,8 +137,10 @@ def test_managed_objects_survive_a_restart_within_the_retention_and_a_retry_reus
             assert (views[201].state, views[201].reason, views[201].exit_code) == (
                 "failed", "exit 3", 3)
             assert (views[202].state, views[202].exit_signal) == ("cancelled", 15)
-            # the typed view is the record the listings always showed (times to the usec)
+            # the typed view is the record the listings always showed (times to the usec),
+            # every cgroup figure included
             record = agent.get_task(201).to_dict()
+            assert set(record["accounting"]) == set(ACCOUNTING_FIELDS)
             assert views[201].to_record_dict() == {
                 **record, **{k: pytest.approx(record[k], abs=1e-6)
                              for k in ("created", "started", "finished")}}

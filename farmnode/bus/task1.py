@@ -120,6 +120,20 @@ class Task1Interface(DbusInterfaceCommonAsync, interface_name=TASK_INTERFACE):
     def tasks_current(self) -> int:
         return self.view.tasks_current
 
+    @dbus_property_async("t", flags=CHANGES, property_name="TasksPeak")
+    def tasks_peak(self) -> int:
+        return self.view.tasks_peak
+
+    @dbus_property_async("t", flags=CHANGES, property_name="OOMKills")
+    def oom_kills(self) -> int:
+        """OOM kills in the scope (memory.events oom_kill)."""
+        return self.view.oom_kills
+
+    @dbus_property_async("t", flags=CHANGES, property_name="MemoryMaxEvents")
+    def memory_max_events(self) -> int:
+        """Times the scope hit its MemoryMax (memory.events max)."""
+        return self.view.memory_max_events
+
     @dbus_property_async("as", flags=CHANGES, property_name="GPUs")
     def gpus(self) -> list[str]:
         return list(self.view.gpus)

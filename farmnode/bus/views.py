@@ -25,6 +25,11 @@ def seconds(value: int) -> float | None:
     return value / 1_000_000 if value else None
 
 
+# The record's accounting keys (farmnode.systemd.cgroup.read_accounting), each a field here.
+ACCOUNTING_FIELDS = ("memory_peak", "memory_current", "tasks_current", "tasks_peak",
+                     "oom_kills", "memory_max_events", "cpu_usage_usec")
+
+
 def _figure(accounting: dict[str, int], key: str) -> int:
     value = accounting.get(key)
     return value if isinstance(value, int) and value >= 0 else UNSET
@@ -51,6 +56,9 @@ class TaskView:
     memory_peak: int
     cpu_usage_usec: int
     tasks_current: int
+    tasks_peak: int
+    oom_kills: int
+    memory_max_events: int
     gpus: tuple[str, ...]
     created: int
     started: int
@@ -71,6 +79,8 @@ class TaskView:
             memory_peak=_figure(acc, "memory_peak"),
             cpu_usage_usec=_figure(acc, "cpu_usage_usec"),
             tasks_current=_figure(acc, "tasks_current"),
+            tasks_peak=_figure(acc, "tasks_peak"), oom_kills=_figure(acc, "oom_kills"),
+            memory_max_events=_figure(acc, "memory_max_events"),
             gpus=tuple(rec.gpus), created=usec(rec.created), started=usec(rec.started),
             finished=usec(rec.finished))
 
@@ -79,7 +89,10 @@ class TaskView:
             self, memory_current=_figure(accounting, "memory_current"),
             memory_peak=_figure(accounting, "memory_peak"),
             cpu_usage_usec=_figure(accounting, "cpu_usage_usec"),
-            tasks_current=_figure(accounting, "tasks_current"))
+            tasks_current=_figure(accounting, "tasks_current"),
+            tasks_peak=_figure(accounting, "tasks_peak"),
+            oom_kills=_figure(accounting, "oom_kills"),
+            memory_max_events=_figure(accounting, "memory_max_events"))
 
     def changed(self, other: TaskView) -> list[str]:
         """The fields whose values differ from `other`'s."""
@@ -105,10 +118,8 @@ class TaskView:
 
     def to_record_dict(self) -> dict[str, Any]:
         """The task as the agent's listings have always shown it (TaskRecord.to_dict)."""
-        accounting = {k: v for k, v in (("memory_current", self.memory_current),
-                                        ("memory_peak", self.memory_peak),
-                                        ("cpu_usage_usec", self.cpu_usage_usec),
-                                        ("tasks_current", self.tasks_current)) if v != UNSET}
+        accounting = {key: getattr(self, key) for key in ACCOUNTING_FIELDS
+                      if getattr(self, key) != UNSET}
         return {
             "id": self.id, "assignment_id": self.assignment_id, "job_id": self.job_id,
             "frame": self.frame, "tile": None if self.tile == NONE_INT else self.tile,
@@ -130,7 +141,9 @@ TASK_PROPERTIES: dict[str, tuple[str, str]] = {
     "progress": ("Progress", "d"), "unit": ("Unit", "s"), "exit_code": ("ExitCode", "i"),
     "exit_signal": ("ExitSignal", "i"), "memory_current": ("MemoryCurrent", "t"),
     "memory_peak": ("MemoryPeak", "t"), "cpu_usage_usec": ("CPUUsageUSec", "t"),
-    "tasks_current": ("TasksCurrent", "t"), "gpus": ("GPUs", "as"),
+    "tasks_current": ("TasksCurrent", "t"), "tasks_peak": ("TasksPeak", "t"),
+    "oom_kills": ("OOMKills", "t"), "memory_max_events": ("MemoryMaxEvents", "t"),
+    "gpus": ("GPUs", "as"),
     "created": ("CreatedUSec", "t"), "started": ("StartedUSec", "t"),
     "finished": ("FinishedUSec", "t"),
 }
