@@ -13,7 +13,7 @@ PKG_APT := scdoc lintian rpm rpmlint dpkg-dev binutils
 PKG_PROGRAMS := scdoc lintian rpm rpmlint dpkg-shlibdeps strip
 # chromium: the status page's system test loads the page in it, headless, on the host.
 APT_PACKAGES := debootstrap systemd-container qemu-system-x86 libsystemd-dev pkg-config gcc \
-	python3-dev python3-venv openssh-client chromium $(PKG_APT)
+	python3-dev python3-venv dbus-daemon libglib2.0-bin openssh-client chromium $(PKG_APT)
 PKG_RELEASE ?= 1
 PKG_OUT ?= dist
 PKG_TOOLS = @for t in $(PKG_PROGRAMS); do command -v $$t >/dev/null \

@@ -163,14 +163,18 @@ def test_the_run_checks_the_host_accounts_too() -> None:
 
 
 def test_a_refused_user_is_a_400_naming_user_and_rule() -> None:
-    from farmnode.api.errors import from_dbus
-    from farmnode.bus.interface import InvalidAssignmentError
+    from farmnode.agent.core import InvalidAssignment
+    from farmnode.api.errors import from_refusal
+    from farmnode.bus.errors import detail, error_class
+    from farmnode.tasks.schema import AssignmentError
 
-    message = ("job.user: refusing to run as 'artist': a member of group 'farmnode', which "
-               "controls farmnode (members may call every method of the agent)")
-    err = from_dbus(InvalidAssignmentError(message))
+    why = ("refusing to run as 'artist': a member of group 'farmnode', which controls "
+           "farmnode (members may call every method of the agent)")
+    refused = InvalidAssignment(AssignmentError("job.user", why))
+    err = from_refusal(error_class(refused).dbus_error_name, str(refused),
+                       {k: v for k, (_sig, v) in detail(refused).items()})
     assert err.status_code == 400
-    assert err.to_dict() == {"error": message, "field": "job.user"}
+    assert err.to_dict() == {"error": f"job.user: {why}", "field": "job.user"}
 
 
 def test_the_agent_refuses_the_assignment_before_storing_it(tmp_path: Path) -> None:

@@ -12,21 +12,28 @@ from typing import Any
 
 import pytest
 
+from farmnode.agent.core import (
+    AgentError,
+    InvalidArgument,
+    InvalidAssignment,
+    NotAccepting,
+    NotEnoughResources,
+    PartialOverlap,
+)
 from farmnode.api import formats
 from farmnode.api.app import ROUTES, create_app, methods_of
 from farmnode.api.auth import Basic, Bearer, accepted, parse_authorization, parse_tokens
-from farmnode.api.errors import ApiError, from_dbus
+from farmnode.api.errors import ApiError, from_dbus, from_refusal
 from farmnode.api.generator import generate
 from farmnode.api.openapi import document
 from farmnode.api.resources import parse_signal, task_id_param, task_stats, task_view
+from farmnode.bus.errors import detail, error_class
 from farmnode.bus.interface import (
-    InvalidAssignmentError,
-    NotEnoughResourcesError,
     PartialOverlapError,
 )
 from farmnode.systemd.cgroup import read_accounting
 from farmnode.tasks.model import TaskState
-from farmnode.tasks.schema import parse_assignment
+from farmnode.tasks.schema import AssignmentError, parse_assignment
 from farmnode.tasks.store import Store
 
 
@@ -134,15 +141,31 @@ def test_metrics_text_format(tmp_path: Path) -> None:
         "farmnode_up 0\n")
 
 
-def test_dbus_errors_map_to_pyfarm_statuses() -> None:
-    e = from_dbus(PartialOverlapError("Partial overlap of tasks: rejected task ids [3, 4]"))
+def refusal(exc: AgentError) -> ApiError:
+    """The HTTP answer to a refusal, through the agent's mapping and TryAssign's detail."""
+    typed = {k: v for k, (_sig, v) in detail(exc).items()}
+    return from_refusal(error_class(exc).dbus_error_name, str(exc), typed)
+
+
+def test_refusals_map_to_pyfarm_statuses_from_typed_detail() -> None:
+    e = refusal(PartialOverlap([3, 4]))
     assert (e.status_code, e.to_dict()) == (409, {"error": "Partial overlap of tasks",
                                                   "rejected_task_ids": [3, 4]})
-    e = from_dbus(NotEnoughResourcesError("Not enough ram: agent_ram=100 requires_ram=200"))
+    e = refusal(NotEnoughResources("ram", 100, 200))
     assert (e.status_code, e.to_dict()) == (400, {"error": "Not enough ram", "agent_ram": 100,
                                                   "requires_ram": 200})
-    e = from_dbus(InvalidAssignmentError("job.id: expected an integer, got 'x'"))
+    e = refusal(NotEnoughResources("cpus", 1.5, 4))
+    assert e.to_dict() == {"error": "Not enough cpus", "agent_cpus": 1.5, "requires_cpus": 4}
+    e = refusal(InvalidAssignment(AssignmentError("job.id", "expected an integer, got 'x'")))
     assert e.status_code == 400 and e.to_dict()["field"] == "job.id"
+    # a message that merely looks like a field is not one: the detail decides
+    e = refusal(InvalidArgument("assignment is not valid JSON: Expecting value"))
+    assert e.status_code == 400 and "field" not in e.to_dict()
+    e = refusal(NotAccepting("agent is disabled and takes no new work"))
+    assert e.status_code == 503
+    # errors raised by Assign (busctl, the CLI) keep their status without any detail
+    e = from_dbus(PartialOverlapError("Partial overlap of tasks: rejected task ids [3, 4]"))
+    assert e.status_code == 409
 
 
 def test_request_parameters() -> None:

@@ -52,13 +52,17 @@ class FakeAgent:
     def trusted_masters(self) -> FakeAgent._Prop:
         return FakeAgent._Prop(self.networks)
 
-    async def assign(self, payload: str) -> str:
+    async def try_assign(self, payload: str) -> tuple[str, bool, str, str, dict[str, Any]]:
         self.assigned.append(payload)
-        return "a-1"
+        return "a-1", True, "", "", {}
 
-    async def cancel_task(self, task_id: int) -> bool:
-        self.cancelled.append(task_id)
-        return True
+    class _Task:
+        def __init__(self, agent: FakeAgent, task_id: int) -> None:
+            self.agent, self.task_id = agent, task_id
+
+        async def cancel(self) -> bool:
+            self.agent.cancelled.append(self.task_id)
+            return True
 
     async def restart(self, immediately: bool) -> bool:
         self.restarts.append(immediately)
@@ -85,7 +89,11 @@ def agent(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[FakeAgent
     def call(fn: Any) -> Any:
         return asyncio.run(fn(fake))
 
+    def call_task(task_id: int, fn: Any) -> Any:
+        return asyncio.run(fn(FakeAgent._Task(fake, task_id)))
+
     monkeypatch.setattr(client, "call", call)
+    monkeypatch.setattr(client, "call_task", call_task)
     trusted.clear()
     yield fake
     trusted.clear()

@@ -63,30 +63,44 @@ def test_fakerender_help_works() -> None:
     assert r.returncode == 0 and "25% chance" in r.stdout, r.stderr
 
 
-def test_wait_reads_the_tasks_again_when_the_agent_changes() -> None:
+def test_wait_reads_the_tasks_again_when_the_agent_changes(tmp_path: Path) -> None:
     """A change a dying agent stored but never signalled is not missed: on a new owner of the
-    bus name (`_subscribe` queues RESYNC) `_wait` reads the tasks again. The agent's side is
-    a stand-in here; tests/system/test_restart.py waits across real restarts."""
+    bus name (`_subscribe` queues RESYNC) `_wait` reads the task objects again. The agent's
+    service runs on a private dbus-daemon; tests/system/test_restart.py waits across real
+    restarts."""
     import argparse
     import asyncio
-    import json
 
+    from sdbus import sd_bus_open_user
+
+    from farmnode.bus.interface import BUS_NAME, OBJECT_PATH, Agent1Interface
     from farmnode.cli.main import RESYNC, _wait
-
-    listing = [{"id": 5, "assignment_id": "a1", "state": "running", "reason": None,
-                "progress": 0.5}]
-
-    class Agent:
-        async def list_tasks(self, active: bool) -> str:
-            return json.dumps(listing)
+    from farmnode.tasks.model import StateChange, TaskState
+    from farmnode.tasks.store import Store
+    from tests.private_bus import private_bus, serve, stored
 
     async def scenario() -> int:
-        changes: asyncio.Queue[tuple[str, int, str, str, float]] = asyncio.Queue()
-        waiting = asyncio.create_task(_wait(argparse.Namespace(json=False), Agent(), changes,
-                                            "a1", "finished"))
-        await asyncio.sleep(0.05)
-        listing[0].update(state="done", progress=1.0)  # stored, never signalled
-        changes.put_nowait(RESYNC)
-        return await asyncio.wait_for(waiting, 5)
+        state = tmp_path / "state.db"
+        bus = sd_bus_open_user()
+        proxy = Agent1Interface.new_proxy(BUS_NAME, OBJECT_PATH, bus)
+        changes: asyncio.Queue[tuple[str, dict[str, object]]] = asyncio.Queue()
+        async with serve(state) as agent:
+            a = stored(agent, [5])
+            agent._report_states(a.id, [StateChange(5, TaskState.RUNNING, None, None, None)])
+            waiting = asyncio.create_task(_wait(argparse.Namespace(json=False), proxy,
+                                                changes, a.id, "finished"))
+            await asyncio.sleep(0.1)
+            assert not waiting.done()
+        # the agent stored the end and died before it signalled it
+        dying = Store(state)
+        dying.set_task_state(a.id, 5, TaskState.DONE, exit_code=0)
+        dying.close()
+        async with serve(state):  # its successor: the objects show what is stored
+            changes.put_nowait(RESYNC)
+            try:
+                return await asyncio.wait_for(waiting, 10)
+            finally:
+                bus.close()
 
-    assert asyncio.run(scenario()) == 0
+    with private_bus(tmp_path):
+        assert asyncio.run(scenario()) == 0

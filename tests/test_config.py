@@ -244,6 +244,8 @@ def test_float_keys_accept_integers(etc: Path) -> None:
         ("task_memory_high_ratio: 0", "must be greater than 0 and at most 1, got 0.0"),
         ("task_io_weight: 0", "must be between 1 and 10000, got 0"),
         ("task_swap_max: -1", "must be at least 0, got -1"),
+        ("agent_task_object_retention: -5", "must be at least 0, got -5.0"),
+        ("agent_task_object_retention: soon", "expected a number"),
         ("agent_ram: 0", "must be at least 1, got 0"),
         ("task_default_ram_max: 0", "must be at least 1, got 0"),
         ("task_allowed_cpus: 0-3;6", "must be a CPU list like '0-3,6', got '0-3;6'"),

@@ -18,7 +18,8 @@ import pytest
 
 from farmnode.agent import gpus as gpumod
 from farmnode.agent.core import Agent, InvalidAssignment, NotEnoughResources
-from farmnode.api.errors import from_dbus
+from farmnode.api.errors import from_refusal
+from farmnode.bus.errors import detail, error_class
 from farmnode.config import Config
 from farmnode.config.loader import ConfigError, load_config
 from farmnode.sysinfo import gpu
@@ -289,10 +290,9 @@ def test_scope_and_environment(tmp_path: Path) -> None:
 
 
 def test_master_gets_pyfarms_resource_answer() -> None:
-    class Refused(Exception):
-        dbus_error_name = "org.farmnode.Agent1.Error.NotEnoughResources"
-
-    err = from_dbus(Refused(str(NotEnoughResources("gpus", 1, 2, "job.data.gpus"))))
+    refused = NotEnoughResources("gpus", 1, 2, "job.data.gpus")
+    err = from_refusal(error_class(refused).dbus_error_name, str(refused),
+                       {k: v for k, (_sig, v) in detail(refused).items()})
     assert err.status.startswith("400")
     assert err.to_dict() == {"error": "Not enough gpus", "agent_gpus": 1, "requires_gpus": 2}
 

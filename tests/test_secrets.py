@@ -95,8 +95,8 @@ class FakeAgent:
 
     trusted_masters = _Prop()
 
-    async def assign(self, payload: str) -> str:
-        return "a-1"
+    async def try_assign(self, payload: str) -> tuple[str, bool, str, str, dict[str, Any]]:
+        return "a-1", True, "", "", {}
 
 
 @pytest.fixture

@@ -20,6 +20,10 @@ import pytest
 
 from farmnode.api import client, events, settings, trusted
 from farmnode.api.app import create_app
+from farmnode.bus.task1 import TASK_INTERFACE, task_path
+from farmnode.bus.views import TASK_PROPERTIES, TaskView
+from farmnode.tasks.model import TaskState
+from farmnode.tasks.store import TaskRecord
 from farmnode.tasks.tasklog import LogEntry
 from tests import chromium
 
@@ -33,8 +37,16 @@ class FakeAgent:
 
     trusted_masters = _Prop()
 
+    @property
+    def assignments(self) -> Any:
+        # Awaited as sdbus's property proxies are.
+        async def value() -> list[str]:
+            return ["a1"]
+
+        return value()
+
     def __init__(self) -> None:
-        self.tasks: dict[int, dict[str, Any]] = {}
+        self.tasks: dict[int, TaskRecord] = {}
         # The first task list is answered only once released, with the tasks of when it
         # was asked: an answer older than the events that came meanwhile.
         self.asked, self.release = threading.Event(), threading.Event()
@@ -46,8 +58,12 @@ class FakeAgent:
                                {"id": "g0", "name": f"GPU{HOSTILE}", "assignment": "a1"}],
                            "master_link": None, "storage_error": None})
 
-    async def list_tasks(self, active_only: bool) -> str:
-        answer = json.dumps(list(self.tasks.values()))
+    async def get_managed_objects(self) -> dict[str, dict[str, dict[str, Any]]]:
+        # The task objects as the agent exports them: built from the records through the
+        # agent's own view.
+        answer = {task_path(rec.id): {TASK_INTERFACE: {
+            name: (sig, getattr(TaskView.of(rec), field))
+            for field, (name, sig) in TASK_PROPERTIES.items()}} for rec in self.tasks.values()}
         if not self.asked.is_set():
             self.asked.set()
             self.release.wait(30)
@@ -122,8 +138,11 @@ def served(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 
 
 def task_row(agent: FakeAgent, tid: int, state: str, progress: float) -> None:
-    agent.tasks[tid] = {"id": tid, "frame": 7, "job_id": 3, "assignment_id": "a1",
-                        "state": state, "reason": None, "progress": progress}
+    agent.tasks[tid] = TaskRecord(
+        id=tid, assignment_id="a1", job_id=3, frame=7, tile=None, attempt=0,
+        state=TaskState(state), reason=None, progress=progress, exit_code=None, signal=None,
+        unit=f"farmnode-task-{tid}.scope", jobtype="fakerender", accounting={},
+        created=1.0e9 + tid, started=None, finished=None)
 
 
 def test_the_page_renders_what_it_is_sent_as_text(served: tuple[str, FakeAgent, Any],

@@ -3,8 +3,8 @@
 Boots a disposable Debian 12 container (tools/container.py) that has neither farmnode nor this
 source tree, installs the freshly built package with apt, starts the agent, assigns a 24-frame
 fakerender job (8 assignments of 3 frames, as a master batches them) with the CLI, and draws a
-live progress bar per task from the TaskChanged signals the CLI follows; then one task's
-journal, `farmnode tasks` and a busctl call. The container is gone at the end.
+live progress bar per task from the task objects' PropertiesChanged signals the CLI follows;
+then one task's journal, `farmnode tasks` and a busctl call. The container is gone at the end.
 
     python3 tools/demo.py dist/farmnode_0.1.0-1_amd64.deb
 """
@@ -92,7 +92,7 @@ class Board:
 
 
 def follow(p: subprocess.Popen[str], board: Board) -> None:
-    """`farmnode assign --wait` prints `task ID: STATE NN%` on each TaskChanged signal."""
+    """`farmnode assign --wait` prints `task ID: STATE NN%` on each change of a task object."""
     assert p.stdout is not None
     for line in p.stdout:
         m = re.match(r"task (\d+): (\w+) (\d+)%", line)
@@ -145,7 +145,7 @@ def main(argv: list[str]) -> int:
             p.stdin.close()
             procs.append(p)
         print(f"{BOLD}$ farmnode assign shot010-frames-N.yaml --wait{OFF}   "
-              f"{DIM}# x{len(procs)}, live from TaskChanged signals{OFF}", flush=True)
+              f"{DIM}# x{len(procs)}, live from PropertiesChanged signals{OFF}", flush=True)
         board = Board(tasks)
         with board.lock:
             board.draw()
@@ -164,10 +164,12 @@ def main(argv: list[str]) -> int:
         ct.run(["journalctl", "--sync"])
         shell(ct, ["journalctl", "-u", "farmnode-task-104.scope", "-o", "short-precise",
                    "--no-pager"], note="frames 4-6: the agent journals each line of the scope")
-        shell(ct, ["busctl", "call", "org.farmnode.Agent1", "/org/farmnode/Agent1",
-                   "org.farmnode.Agent1", "GetStatus"], note="the agent's one interface")
         shell(ct, ["busctl", "get-property", "org.farmnode.Agent1", "/org/farmnode/Agent1",
-                   "org.farmnode.Agent1", "Version"])
+                   "org.farmnode.Agent1", "Version", "State", "FreeRAM", "RunningTasks"],
+              note="the agent's typed properties")
+        shell(ct, ["busctl", "get-property", "org.farmnode.Agent1",
+                   "/org/farmnode/Agent1/task/104", "org.farmnode.Task1", "State", "ExitCode",
+                   "Unit", "CPUUsageUSec"], note="one object per task")
         ok = all(c == 0 for c in codes)
         say(f"demo: {'every task done' if ok else f'some tasks failed ({codes})'}; "
             f"install to the last frame in {first_done:.0f} s. Next: `man farmnode`, "

@@ -12,6 +12,7 @@ for u in "$src"/units/*; do install -m 0644 "$u" "$root/etc/systemd/system/"; do
 install -m 0644 "$src/dbus/org.farmnode.Agent1.conf" "$root/etc/dbus-1/system.d/"
 install -m 0644 "$src/dbus/org.farmnode.Agent1.service" "$root/usr/share/dbus-1/system-services/"
 install -m 0644 "$src/dbus/org.farmnode.Agent1.xml" "$root/usr/share/dbus-1/interfaces/"
+install -m 0644 "$src/dbus/org.farmnode.Task1.xml" "$root/usr/share/dbus-1/interfaces/"
 [ -e "$root/etc/farmnode/farmnode.yaml" ] || install -m 0644 "$src/etc/farmnode.yaml" "$root/etc/farmnode/"
 ln -sf /opt/farmnode/bin/farmnode "$root/usr/bin/farmnode"
 ln -sf /opt/farmnode/bin/farmnode-fakerender "$root/usr/bin/farmnode-fakerender"

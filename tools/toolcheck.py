@@ -83,6 +83,9 @@ HOST_APT: Mapping[str, str] = {
     "strip": "binutils",
     # fleet control's transport (sd-bus runs `ssh`), and the fleet test's key
     **dict.fromkeys(["ssh", "ssh-keygen"], "openssh-client"),
+    # the host tests' private bus (tests/private_bus.py), read with gdbus as well as busctl
+    "dbus-daemon": "dbus-daemon",
+    "gdbus": "libglib2.0-bin",
 }
 # Program in .venv/bin -> the Python distribution that brings it; that distribution must be
 # in pyproject.toml (dependencies or the `test` extra) or pip-installed by the Makefile.

@@ -121,6 +121,7 @@ class TaskChange:
     state: TaskState
     reason: str
     progress: float
+    record: TaskRecord | None = None  # the whole stored task, as the change left it
 
 
 class Agent:
@@ -147,6 +148,9 @@ class Agent:
         self.task_listeners: list[Callable[[TaskChange], None]] = []
         self.state_listeners: list[Callable[[AgentState], None]] = []
         self.idle_listeners: list[Callable[[], None]] = []  # the last running run has ended
+        # (assignment id, its scope's cgroup figures) after each sample is stored
+        self.accounting_listeners: list[Callable[[str, dict[str, int]], None]] = []
+        self.runs_listeners: list[Callable[[], None]] = []
         self.agent_id = self._load_agent_id()
         # [4] master sync: set by serve() when a master is configured; GetStatus shows it.
         self.master_link: StatusSource | None = None
@@ -375,6 +379,8 @@ class Agent:
         if self.state in (AgentState.ONLINE, AgentState.RUNNING):
             busy = any(self._unfinished(run) for run in self.runs.values())
             self._set_state(AgentState.RUNNING if busy else AgentState.ONLINE)
+        for cb in self.runs_listeners:  # the runs or their open tasks changed
+            cb()
 
     def _unfinished(self, run: AssignmentRun) -> bool:
         # A run whose tasks all have their final state is only cleaning up: the node is
@@ -527,6 +533,15 @@ class Agent:
             self.store.set_accounting(assignment_id, accounting)
         except STORAGE_ERRORS as exc:  # a sample; the next one replaces it
             self._storage_failed(exc, "accounting sample")
+            return
+        self._accounted(assignment_id, accounting)
+
+    def _accounted(self, assignment_id: str, accounting: dict[str, int]) -> None:
+        for cb in self.accounting_listeners:
+            try:
+                cb(assignment_id, accounting)
+            except Exception:
+                log.exception("accounting listener failed")
 
     def _report_progress(self, assignment_id: str, task_id: int, progress: float) -> None:
         if self._progress_timer is not None:
@@ -557,7 +572,8 @@ class Agent:
         rec = rec or self.store.task_in(assignment_id, task_id)
         if rec is None:
             return
-        change = TaskChange(assignment_id, task_id, rec.state, rec.reason or "", rec.progress)
+        change = TaskChange(assignment_id, task_id, rec.state, rec.reason or "", rec.progress,
+                            rec)
         for cb in self.task_listeners:
             try:
                 cb(change)
@@ -731,6 +747,7 @@ class Agent:
                                                                        self.config.task_slice)))
             if figures:
                 self.store.set_accounting(run.assignment.id, figures)
+                self._accounted(run.assignment.id, figures)
 
     async def account_periodically(self) -> None:
         while True:

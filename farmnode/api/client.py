@@ -29,7 +29,9 @@ from sdbus.dbus_exceptions import DbusFailedError, DbusNameHasNoOwnerError
 from sdbus.sd_bus_internals import SdBusLibraryError
 
 from farmnode.api.errors import ApiError, from_dbus
+from farmnode.bus.client import no_such_object, task_proxy
 from farmnode.bus.interface import BUS_NAME, OBJECT_PATH, Agent1Interface
+from farmnode.bus.task1 import Task1Interface
 from farmnode.systemd.manager import SYSTEMD, JobProxy, UnitProxy
 
 log = logging.getLogger("farmnode.api")
@@ -140,6 +142,21 @@ def call(fn: Callable[[Agent1Interface], Awaitable[T]]) -> T:
         return await fn(await agent_proxy(bus))
 
     return call_with_bus(with_agent)
+
+
+def call_task(task_id: int, fn: Callable[[Task1Interface], Awaitable[T]]) -> T:
+    """A call on a task's object (org.farmnode.Task1); 404 when the agent holds none."""
+
+    async def with_task(bus: SdBus) -> T:
+        task = task_proxy(await agent_proxy(bus), task_id)
+        try:
+            return await fn(task)
+        except DbusFailedError as exc:
+            if no_such_object(exc):
+                raise ApiError(404, f"no task {task_id} on this node") from None
+            raise
+
+    return call_with_bus(with_task)
 
 
 def call_with_bus(fn: Callable[[SdBus], Awaitable[T]]) -> T:

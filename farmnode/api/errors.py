@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import falcon
-
-from farmnode.bus.interface import rejected_task_ids
 
 
 class ApiError(falcon.HTTPError):
@@ -32,33 +29,37 @@ def body_of(error: falcon.HTTPError) -> dict[str, Any]:
     return {"error": str(message)}
 
 
-_RESOURCES = re.compile(r"Not enough (\w+): agent_\1=(\S+) requires_\1=(\S+)")
+def _number(value: float) -> float | int:
+    return int(value) if float(value).is_integer() else value
 
 
-def _number(text: str) -> float | int:
-    value = float(text)
-    return int(value) if value.is_integer() else value
+def from_refusal(name: str, message: str, detail: dict[str, Any]) -> ApiError:
+    """PyFarm's answer to a refused assignment, from TryAssign's typed detail."""
+    short = name.rsplit(".", 1)[-1]
+    if short == "InvalidAssignment":
+        return ApiError(400, message, field=detail.get("field"))
+    if short == "PartialOverlap":
+        return ApiError(409, "Partial overlap of tasks",
+                        rejected_task_ids=list(detail.get("rejected_task_ids", [])))
+    if short == "NotEnoughResources" and "resource" in detail:
+        what = str(detail["resource"])
+        return ApiError(400, f"Not enough {what}", None,
+                        **{f"agent_{what}": _number(detail["available"]),
+                           f"requires_{what}": _number(detail["required"])})
+    return from_dbus_name(name, message)
 
 
 def from_dbus(exc: Exception) -> ApiError:
     """Map an error from org.farmnode.Agent1 (or the bus) to PyFarm's status codes."""
     name = str(getattr(exc, "dbus_error_name", ""))
     message = str(exc.args[0]) if exc.args else str(exc)
+    return from_dbus_name(name, message)
+
+
+def from_dbus_name(name: str, message: str) -> ApiError:
     short = name.rsplit(".", 1)[-1]
-    if short == "InvalidAssignment":
-        field = message.split(":", 1)[0] if ":" in message else None
-        return ApiError(400, message, field=field)
-    if short == "PartialOverlap":
-        return ApiError(409, "Partial overlap of tasks",
-                        rejected_task_ids=rejected_task_ids(message))
-    if short == "NotEnoughResources":
-        m = _RESOURCES.search(message)
-        if m:
-            what = m.group(1)
-            extra: dict[str, Any] = {f"agent_{what}": _number(m.group(2)),
-                                     f"requires_{what}": _number(m.group(3))}
-            return ApiError(400, f"Not enough {what}", None, **extra)
-        return ApiError(400, message)
+    if short in ("InvalidAssignment", "PartialOverlap", "NotEnoughResources"):
+        return ApiError(409 if short == "PartialOverlap" else 400, message)
     if short == "NotAccepting":
         return ApiError(503, message)
     if short == "UnknownTask":

@@ -20,8 +20,9 @@ import falcon
 from sdbus import SdBus
 
 from farmnode.api import client, formats
-from farmnode.api.errors import ApiError
+from farmnode.api.errors import ApiError, from_refusal
 from farmnode.api.http import JSON, MERGE_PATCH, object_body, read_json, send_json
+from farmnode.bus.client import task_views
 from farmnode.bus.interface import BUS_NAME, Agent1Interface
 from farmnode.tasks.tasklog import LogEntry
 
@@ -89,15 +90,18 @@ class Assign(Resource):
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         body = read_json(req, required=True)
         payload = json.dumps(body)
-        assignment_id: str = client.call(lambda a: a.assign(payload))
+        assignment_id, _created, error, message, detail = client.call(
+            lambda a: a.try_assign(payload))
+        if error:
+            raise from_refusal(error, message, {k: v for k, (_sig, v) in detail.items()})
         send_json(resp, {"id": assignment_id}, 202)
 
 
 class Tasks(Resource):
     pyfarm = True
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        tasks = json.loads(client.call(lambda a: a.list_tasks(True)))
-        send_json(resp, [task_view(t) for t in tasks])
+        views = client.call(lambda a: task_views(a, active_only=True))
+        send_json(resp, [task_view(v.to_record_dict()) for v in views])
 
 
 class Task(Resource):
@@ -110,7 +114,7 @@ class Task(Resource):
     def on_delete(self, req: falcon.Request, resp: falcon.Response, task_id: str) -> None:
         tid = task_id_param(task_id)
         try:
-            stopped: bool = client.call(lambda a: a.cancel_task(tid))
+            stopped: bool = client.call_task(tid, lambda t: t.cancel())
         except ApiError as exc:
             if exc.status_code != 404:
                 raise
@@ -297,7 +301,7 @@ class TaskSignal(Resource):
         if "signal" not in body:
             raise ApiError(400, "signal: is required", field="signal")
         sig = parse_signal(body["signal"])
-        sent: bool = client.call(lambda a: a.signal_task(tid, int(sig)))
+        sent: bool = client.call_task(tid, lambda t: t.signal(int(sig)))
         if not sent:
             raise ApiError(409, f"task {tid} is not running")
         send_json(resp, {"task_id": tid, "signal": sig.name, "number": int(sig)}, 202)

@@ -1,16 +1,20 @@
 """org.farmnode.Agent1: declaration shared by the server and every client.
 
-Complex values travel as JSON strings: the schema of an assignment or a task record grows
-with the protocol, and busctl users can still read and write them. Errors carry D-Bus names
-under org.farmnode.Agent1.Error so clients can map them (the HTTP API to 400/409/503).
+In systemd's style: typed properties that emit PropertiesChanged, one org.farmnode.Task1
+object per task under this object's ObjectManager (farmnode.bus.task1). JSON stays where
+PyFarm's schema is the payload (an assignment) and in the older calls that return records
+(GetStatus, ListTasks, GetTask). Errors carry D-Bus names under org.farmnode.Agent1.Error
+(mapped in farmnode.bus.errors); TryAssign returns a refusal's detail typed.
 """
 
 from __future__ import annotations
 
-import re
+from typing import Any
 
 from sdbus import (
-    DbusInterfaceCommonAsync,
+    DbusObjectManagerInterfaceAsync,
+    DbusPropertyConstFlag,
+    DbusPropertyEmitsChangeFlag,
     DbusUnprivilegedFlag,
     dbus_method_async,
     dbus_property_async,
@@ -69,13 +73,9 @@ PATCHABLE_CONFIG_KEYS: tuple[str, ...] = (
 )
 
 
-def rejected_task_ids(message: str) -> list[int]:
-    """The ids named by a PartialOverlap error's message."""
-    m = re.search(r"rejected task ids \[([0-9, ]*)\]", message)
-    return [int(x) for x in m.group(1).split(",") if x.strip()] if m else []
+class Agent1Interface(DbusObjectManagerInterfaceAsync, interface_name=INTERFACE):
+    """The agent; its ObjectManager lists the task objects (farmnode.bus.task1)."""
 
-
-class Agent1Interface(DbusInterfaceCommonAsync, interface_name=INTERFACE):
     @dbus_method_async(input_signature="s", result_signature="s", flags=OPEN,
                        result_args_names=("assignment_id",))
     async def assign(self, assignment_json: str) -> str:
@@ -167,15 +167,15 @@ class Agent1Interface(DbusInterfaceCommonAsync, interface_name=INTERFACE):
         """The job-file jobs this node queued or submitted, with their state."""
         raise NotImplementedError
 
-    @dbus_property_async("s")
+    @dbus_property_async("s", flags=DbusPropertyEmitsChangeFlag)
     def state(self) -> str:
         raise NotImplementedError
 
-    @dbus_property_async("s")
+    @dbus_property_async("s", flags=DbusPropertyConstFlag)
     def version(self) -> str:
         raise NotImplementedError
 
-    @dbus_property_async("s")
+    @dbus_property_async("s", flags=DbusPropertyConstFlag)
     def agent_id(self) -> str:
         raise NotImplementedError
 
@@ -199,4 +199,72 @@ class Agent1Interface(DbusInterfaceCommonAsync, interface_name=INTERFACE):
     def idle(self) -> None:
         """The last running assignment has ended (and cleaned up): the node runs nothing.
         `farmnode drain` disables the node and awaits this."""
+        raise NotImplementedError
+
+    # ---- typed API: properties that emit PropertiesChanged, refusals with detail --------
+    @dbus_method_async(input_signature="s", result_signature="sbssa{sv}", flags=OPEN,
+                       input_args_names=("assignment_json",),
+                       result_args_names=("assignment_id", "created", "error", "message",
+                                          "detail"))
+    async def try_assign(self, assignment_json: str,
+                         ) -> tuple[str, bool, str, str, dict[str, tuple[str, Any]]]:
+        """Assign, with a refusal returned rather than raised: the D-Bus error name Assign
+        would raise ("" when accepted), its message and its typed detail (rejected_task_ids
+        ax, resource s, available d, required d, field s)."""
+        raise NotImplementedError
+
+    @dbus_property_async("t", flags=DbusPropertyEmitsChangeFlag, property_name="FreeRAM")
+    def free_ram(self) -> int:
+        """MiB available; PropertiesChanged once it moved by agent_ram_report_delta."""
+        raise NotImplementedError
+
+    @dbus_property_async("t", flags=DbusPropertyEmitsChangeFlag, property_name="TotalRAM")
+    def total_ram(self) -> int:
+        """MiB the node offers tasks (agent_ram, or the machine's)."""
+        raise NotImplementedError
+
+    @dbus_property_async("d", flags=DbusPropertyEmitsChangeFlag, property_name="CPUs")
+    def cpus(self) -> float:
+        raise NotImplementedError
+
+    @dbus_property_async("u", flags=DbusPropertyEmitsChangeFlag, property_name="RunningTasks")
+    def running_tasks(self) -> int:
+        """Tasks of the assignments the agent runs."""
+        raise NotImplementedError
+
+    @dbus_property_async("as", flags=DbusPropertyEmitsChangeFlag, property_name="Assignments")
+    def assignments(self) -> list[str]:
+        raise NotImplementedError
+
+    @dbus_property_async("u", flags=DbusPropertyEmitsChangeFlag, property_name="GPUsTotal")
+    def gpus_total(self) -> int:
+        raise NotImplementedError
+
+    @dbus_property_async("u", flags=DbusPropertyEmitsChangeFlag, property_name="GPUsFree")
+    def gpus_free(self) -> int:
+        raise NotImplementedError
+
+    @dbus_property_async("s", flags=DbusPropertyEmitsChangeFlag, property_name="MasterLink")
+    def master_link(self) -> str:
+        """standalone (no master configured), unannounced or announced."""
+        raise NotImplementedError
+
+    @dbus_property_async("s", flags=DbusPropertyEmitsChangeFlag,
+                         property_name="MasterLastError")
+    def master_last_error(self) -> str:
+        raise NotImplementedError
+
+    @dbus_property_async("t", flags=DbusPropertyEmitsChangeFlag,
+                         property_name="LastMasterContactUSec")
+    def last_master_contact(self) -> int:
+        """When the master last heard from us or called us, usec since the epoch; 0: never."""
+        raise NotImplementedError
+
+    @dbus_property_async("u", flags=DbusPropertyEmitsChangeFlag, property_name="QueuedReports")
+    def queued_reports(self) -> int:
+        raise NotImplementedError
+
+    @dbus_property_async("s", flags=DbusPropertyEmitsChangeFlag, property_name="StorageError")
+    def storage_error(self) -> str:
+        """Set while the state directory refuses writes."""
         raise NotImplementedError

@@ -4,22 +4,23 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable
+import time
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from sdbus import dbus_method_async_override, dbus_property_async_override
+from sdbus import SdBus, dbus_method_async_override, dbus_property_async_override
+from sdbus.dbus_proxy_async_interface_base import DbusExportHandle
 
 from farmnode import __version__
 from farmnode.agent import core
+from farmnode.bus.agent_props import AgentProperties
+from farmnode.bus.errors import detail, error_class, translated
 from farmnode.bus.interface import (
+    INTERFACE,
     Agent1Interface,
     InvalidArgumentError,
     InvalidAssignmentError,
-    NotAcceptingError,
-    NotEnoughResourcesError,
-    PartialOverlapError,
-    UnknownTaskError,
 )
+from farmnode.bus.tasks import TaskObjects
 
 if TYPE_CHECKING:
     from farmnode.jobfile.service import JobFiles
@@ -27,24 +28,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-_ERRORS: list[tuple[type[core.AgentError], type[Exception]]] = [
-    (core.InvalidAssignment, InvalidAssignmentError),
-    (core.PartialOverlap, PartialOverlapError),
-    (core.NotEnoughResources, NotEnoughResourcesError),
-    (core.NotAccepting, NotAcceptingError),
-    (core.UnknownTask, UnknownTaskError),
-    (core.InvalidArgument, InvalidArgumentError),
-]
-
-
-async def _translated(call: Callable[[], Awaitable[T]]) -> T:
-    try:
-        return await call()
-    except core.AgentError as exc:
-        for ours, theirs in _ERRORS:
-            if isinstance(exc, ours):
-                raise theirs(str(exc)) from None
-        raise InvalidArgumentError(str(exc)) from None
+_translated = translated
 
 
 def _dumps(obj: Any) -> str:
@@ -122,6 +106,7 @@ class Agent1Service(Agent1Interface):
     @dbus_method_async_override()
     async def note_master_contact(self) -> None:
         self.agent.note_master_contact()
+        self.props.changed()
 
     @dbus_property_async_override()
     def state(self) -> str:
@@ -204,3 +189,95 @@ class Agent1Service(Agent1Interface):
             return _dumps(self._job_files().listing())
 
         return await _translated(call)
+
+    # ---- typed API: PropertiesChanged, task objects, TryAssign ---------------------------
+    def export_to_dbus(self, object_path: str, bus: SdBus | None = None) -> DbusExportHandle:
+        """Export the agent, its ObjectManager and the objects of the tasks it knows."""
+        handle = super().export_to_dbus(object_path, bus)
+        attached = self._dbus.attached_bus
+        assert attached is not None
+        self.task_objects = TaskObjects(self, attached, self.agent,
+                                        lambda: self.agent.config.agent_task_object_retention)
+        self.task_objects.load(self.agent.store.tasks(active_only=True)
+                               + self.agent.store.finished_since(
+                                   time.time() - self.agent.config.agent_task_object_retention))
+        self.props = AgentProperties(self.agent, self._emit_agent_properties)
+        self.props.start()
+        self.agent.task_listeners.append(self._on_task_record)
+        self.agent.state_listeners.append(lambda _state: self.props.changed())
+        self.agent.runs_listeners.append(self.props.changed)
+        self.agent.accounting_listeners.append(self.task_objects.accounting)
+        return handle
+
+    def _emit_agent_properties(self, changed: dict[str, tuple[str, Any]]) -> None:
+        self.properties_changed.emit((INTERFACE, changed, []))
+
+    def _on_task_record(self, c: core.TaskChange) -> None:
+        if c.record is not None:
+            self.task_objects.update(c.record)
+        self.props.changed()
+
+    @dbus_method_async_override()
+    async def try_assign(self, assignment_json: str,
+                         ) -> tuple[str, bool, str, str, dict[str, tuple[str, Any]]]:
+        try:
+            payload = json.loads(assignment_json)
+        except RecursionError:
+            return "", False, InvalidAssignmentError.dbus_error_name, \
+                "assignment is not valid JSON: nested too deeply", {}
+        except ValueError as exc:
+            return "", False, InvalidAssignmentError.dbus_error_name, \
+                f"assignment is not valid JSON: {exc}", {}
+        try:
+            assignment_id, created = self.agent.assign(payload)
+        except core.AgentError as exc:
+            return "", False, error_class(exc).dbus_error_name, str(exc), detail(exc)
+        return assignment_id, created, "", "", {}
+
+    @dbus_property_async_override()
+    def free_ram(self) -> int:
+        return self.props.view().free_ram
+
+    @dbus_property_async_override()
+    def total_ram(self) -> int:
+        return self.props.view().total_ram
+
+    @dbus_property_async_override()
+    def cpus(self) -> float:
+        return self.props.view().cpus
+
+    @dbus_property_async_override()
+    def running_tasks(self) -> int:
+        return self.props.view().running_tasks
+
+    @dbus_property_async_override()
+    def assignments(self) -> list[str]:
+        return list(self.props.view().assignments)
+
+    @dbus_property_async_override()
+    def gpus_total(self) -> int:
+        return self.props.view().gpus_total
+
+    @dbus_property_async_override()
+    def gpus_free(self) -> int:
+        return self.props.view().gpus_free
+
+    @dbus_property_async_override()
+    def master_link(self) -> str:
+        return self.props.view().master_link
+
+    @dbus_property_async_override()
+    def master_last_error(self) -> str:
+        return self.props.view().master_last_error
+
+    @dbus_property_async_override()
+    def last_master_contact(self) -> int:
+        return self.props.view().last_master_contact
+
+    @dbus_property_async_override()
+    def queued_reports(self) -> int:
+        return self.props.view().queued_reports
+
+    @dbus_property_async_override()
+    def storage_error(self) -> str:
+        return self.props.view().storage_error

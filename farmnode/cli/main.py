@@ -127,12 +127,26 @@ async def _assign_and_wait(args: argparse.Namespace, bus: Any, proxy: Any, paylo
     return await _wait(args, proxy, changes, assignment_id, "finished")
 
 
-async def _subscribe(bus: Any) -> asyncio.Queue[tuple[str, int, str, str, float]]:
-    from farmnode.bus.interface import BUS_NAME, INTERFACE, OBJECT_PATH
+TaskChanges = asyncio.Queue[tuple[str, dict[str, Any]]]
+RESYNC: tuple[str, dict[str, Any]] = ("", {})  # in the queue of changes: read every task again
 
-    changes: asyncio.Queue[tuple[str, int, str, str, float]] = asyncio.Queue()
-    slot = await bus.match_signal_async(BUS_NAME, OBJECT_PATH, INTERFACE, "TaskChanged",
-                                        lambda m: changes.put_nowait(m.get_contents()))
+
+async def _subscribe(bus: Any) -> TaskChanges:
+    """PropertiesChanged of the agent's task objects, as (path, {property: value})."""
+    from farmnode.bus.interface import BUS_NAME
+    from farmnode.bus.task1 import TASK_INTERFACE, TASK_PATH_PREFIX
+
+    changes: TaskChanges = asyncio.Queue()
+
+    def changed(m: Any) -> None:
+        if not str(m.path or "").startswith(TASK_PATH_PREFIX + "/"):
+            return
+        interface, props, _invalidated = m.get_contents()
+        if interface == TASK_INTERFACE:
+            changes.put_nowait((m.path, {k: v for k, (_sig, v) in props.items()}))
+
+    slot = await bus.match_signal_async(BUS_NAME, None, "org.freedesktop.DBus.Properties",
+                                        "PropertiesChanged", changed)
 
     def owner_changed(m: Any) -> None:
         # A new agent process (restart, upgrade, crash): a change its predecessor stored but
@@ -149,19 +163,18 @@ async def _subscribe(bus: Any) -> asyncio.Queue[tuple[str, int, str, str, float]
     return changes
 
 
-RESYNC = ("", -1, "", "", 0.0)  # in the queue of changes: read every task again
-
-
 FINISHED = ("done", "failed", "cancelled")
 
 
-async def _wait(args: argparse.Namespace, proxy: Any,
-                changes: asyncio.Queue[tuple[str, int, str, str, float]],
+async def _wait(args: argparse.Namespace, proxy: Any, changes: TaskChanges,
                 assignment_id: str, until: str) -> int:
-    """Follow TaskChanged signals; the match is in place before the snapshot, so no change
-    can slip between the two."""
-    tasks = {t["id"]: t for t in json.loads(await proxy.list_tasks(False))
-             if t["assignment_id"] == assignment_id}
+    """Follow the task objects' PropertiesChanged; the match is in place before the
+    snapshot, so no change can slip between the two."""
+    from farmnode.bus.client import task_views
+    from farmnode.bus.task1 import task_id_of
+    from farmnode.bus.views import TaskView
+
+    tasks = {v.id: v for v in await task_views(proxy) if v.assignment_id == assignment_id}
     if not tasks:
         raise CliError(f"no assignment {assignment_id} on this node")
     if not args.json:
@@ -169,34 +182,36 @@ async def _wait(args: argparse.Namespace, proxy: Any,
 
     def reached() -> bool:
         if until == "running":
-            return all(t["state"] != "queued" for t in tasks.values())
-        return all(t["state"] in FINISHED for t in tasks.values())
+            return all(t.state != "queued" for t in tasks.values())
+        return all(t.state in FINISHED for t in tasks.values())
 
-    def show(task_id: int, state: str, reason: str, progress: float) -> None:
-        t = tasks[task_id]
-        if (t["state"], t["progress"]) != (state, progress) and not args.json:
-            print(f"task {task_id}: {state} {progress * 100:.0f}%"
-                  + (f" ({reason})" if reason else ""), flush=True)
-        t.update(state=state, reason=reason or None, progress=progress)
+    def show(new: TaskView) -> None:
+        old = tasks[new.id]
+        if (old.state, old.progress) != (new.state, new.progress) and not args.json:
+            print(f"task {new.id}: {new.state} {new.progress * 100:.0f}%"
+                  + (f" ({new.reason})" if new.reason else ""), flush=True)
+        tasks[new.id] = new
 
     while not reached():
-        change = await changes.get()
-        if change == RESYNC:
-            for t in json.loads(await proxy.list_tasks(False)):
-                if t["id"] in tasks and t["assignment_id"] == assignment_id:
-                    show(t["id"], t["state"], t["reason"] or "", t["progress"])
+        path, changed = await changes.get()
+        if (path, changed) == RESYNC:
+            for v in await task_views(proxy):
+                if v.id in tasks and v.assignment_id == assignment_id:
+                    show(v)
             continue
-        aid, task_id, state, reason, progress = change
-        if aid != assignment_id or task_id not in tasks:
+        task_id = task_id_of(path)
+        if task_id not in tasks:
             continue
-        show(task_id, state, reason, progress)
-    final = [t for t in json.loads(await proxy.list_tasks(False))
-             if t["assignment_id"] == assignment_id]
+        new = tasks[task_id].updated(changed)
+        if new.assignment_id == assignment_id:  # not a later retry of the same task id
+            show(new)
+    final = sorted(tasks.values(), key=lambda v: (-v.created, v.frame))
     if args.json:
-        print(json.dumps({"id": assignment_id, "tasks": final}, indent=2))
+        print(json.dumps({"id": assignment_id, "tasks": [v.to_record_dict() for v in final]},
+                         indent=2))
     if until == "running":
         return EXIT_OK
-    return EXIT_FAIL if any(t["state"] != "done" for t in final) else EXIT_OK
+    return EXIT_FAIL if any(t.state != "done" for t in final) else EXIT_OK
 
 
 def _workstation_lines(ws: dict[str, Any]) -> str:
@@ -236,10 +251,12 @@ async def _client(args: argparse.Namespace) -> int:
                 f"assignment {g['assignment']}" if g["assignment"] else "free")
         _print(args, st, human)
     elif args.command == "tasks":
-        tasks = json.loads(await proxy.list_tasks(args.active))
+        from farmnode.bus.client import task_views
+
+        tasks = [v.to_record_dict() for v in await task_views(proxy, args.active)]
         _print(args, tasks, "\n".join([TASK_HEADER, *map(_fmt_task, tasks)]))
     elif args.command == "cancel":
-        stopped = await proxy.cancel_task(args.task)
+        stopped = await _cancel(proxy, args.task)
         _print(args, {"task": args.task, "stopped": stopped},
                f"task {args.task}: " + ("stopping" if stopped else "not running"))
         return EXIT_OK if stopped else EXIT_FAIL
@@ -250,6 +267,21 @@ async def _client(args: argparse.Namespace) -> int:
         await proxy.get_task(args.task)  # a clear error for an unknown task
         return _logs(args)
     return EXIT_OK
+
+
+async def _cancel(proxy: Any, task_id: int) -> bool:
+    from sdbus.dbus_exceptions import DbusFailedError
+
+    from farmnode.bus.client import no_such_object, task_proxy
+
+    try:
+        stopped: bool = await task_proxy(proxy, task_id).cancel()
+    except DbusFailedError as exc:
+        if no_such_object(exc):
+            raise CliError(f"no task {task_id} on this node (running, or finished within "
+                           "agent_task_object_retention)") from None
+        raise
+    return stopped
 
 
 def _logs(args: argparse.Namespace) -> int:

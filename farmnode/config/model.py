@@ -329,6 +329,8 @@ class Config:
     task_post_hook: str = _setting("", _command_line)
     task_max_runtime: float | None = _setting(None, _positive)
     task_accounting_interval: float = _setting(5.0, _positive)
+    # How long a finished task's D-Bus object (org.farmnode.Task1) stays, in seconds.
+    agent_task_object_retention: float = _setting(600.0, _non_negative)
     # MB of output a task log sent to the master may hold (the rest stays in journald)
     task_log_max_size: int = _setting(64, _between(1))
     node_reserve_ram: int = _setting(1024, _non_negative)

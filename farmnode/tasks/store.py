@@ -49,6 +49,7 @@ CREATE TABLE IF NOT EXISTS tasks (
     PRIMARY KEY (assignment_id, id)
 );
 CREATE INDEX IF NOT EXISTS tasks_by_id ON tasks(id);
+CREATE INDEX IF NOT EXISTS tasks_by_finished ON tasks(finished);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 -- Reports for the master not yet acknowledged, written in the same transaction as the change
 -- they describe, so a crash can never leave a change that will not be reported.
@@ -424,6 +425,11 @@ class Store:
         sql += " ORDER BY t.created DESC, t.frame ASC LIMIT ?"
         return [self._record(r) for r in self.db.execute(sql, (*args, -1 if limit is None
                                                                 else limit))]
+
+    def finished_since(self, since: float) -> list[TaskRecord]:
+        """Tasks that finished after `since` (an index range, whatever the history's size)."""
+        return [self._record(r) for r in self.db.execute(
+            self._SELECT + " WHERE t.finished > ? ORDER BY t.finished", (since,))]
 
     def task_in(self, assignment_id: str, task_id: int) -> TaskRecord | None:
         """One task of one assignment (an index lookup, whatever the assignment's size)."""
