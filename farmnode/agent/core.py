@@ -113,6 +113,12 @@ class StatusSource(Protocol):
     def assign_refusal(self) -> str | None: ...
 
 
+class HealthSource(Protocol):
+    """What the core needs of farmnode.health.watch.HealthWatch: the checks, for the status."""
+
+    def status(self) -> dict[str, Any]: ...
+
+
 @dataclass(frozen=True)
 class TaskChange:
     assignment_id: str
@@ -150,6 +156,11 @@ class Agent:
         self.master_link: StatusSource | None = None
         # Who may call PyFarm's endpoints without credentials (set by the entry point).
         self.trusted_masters: TrustedMasters | None = None
+        # Health checks (set by the entry point): why they keep the node from work (None:
+        # they do not), apart from an admin's own SetState("disabled"), which they never undo.
+        self.health: HealthSource | None = None
+        self.health_reason: str | None = None
+        self.disabled_by_admin = False
         self._shutting_down = False
         self._detached = False
         # Progress is throttled: the first change of a quiet spell is stored at once, later
@@ -251,7 +262,8 @@ class Agent:
     def assign(self, payload: object) -> tuple[str, bool]:
         """Validate and start an assignment; (id, False) for an identical repeat."""
         if self._shutting_down or self.state in (AgentState.DISABLED, AgentState.OFFLINE):
-            raise NotAccepting(f"agent is {self.state} and takes no new work")
+            raise NotAccepting(f"agent is {self.state} and takes no new work"
+                               + (f" ({self.state_reason()})" if self.state_reason() else ""))
         refusal = self.master_link.assign_refusal() if self.master_link else None
         if refusal:
             # PyFarm's answer while it reannounces: the master tries again.
@@ -399,9 +411,30 @@ class Agent:
                 f"unknown state {state!r}: expected one of online, disabled") from None
         if new not in (AgentState.ONLINE, AgentState.DISABLED):
             raise InvalidArgument(f"state {state!r} cannot be set: use online or disabled")
+        self.disabled_by_admin = new is AgentState.DISABLED
+        if new is AgentState.ONLINE and self.health_reason is not None:
+            return  # a failing check keeps it disabled; it comes online when that passes
         if new is AgentState.ONLINE and self.runs:
             new = AgentState.RUNNING
         self._set_state(new)
+
+    def set_health(self, reason: str | None) -> None:
+        """The health checks' verdict: a reason takes the node out of work, None brings it
+        back, unless an admin disabled it."""
+        self.health_reason = reason
+        if reason is not None and self.state in (AgentState.ONLINE, AgentState.RUNNING):
+            self._set_state(AgentState.DISABLED)
+        elif reason is None and self.state is AgentState.DISABLED and not self.disabled_by_admin:
+            self._set_state(AgentState.ONLINE)
+            self._update_running_state()
+
+    def state_reason(self) -> str | None:
+        """Why the node is disabled, in words (None: it is not)."""
+        if self.state is not AgentState.DISABLED:
+            return None
+        reasons = (["disabled by an admin (SetState)"] if self.disabled_by_admin else []) + (
+            [self.health_reason] if self.health_reason else [])
+        return "; ".join(reasons) or None
 
     def _set_state(self, state: AgentState) -> None:
         if state is self.state:
@@ -542,6 +575,9 @@ class Agent:
                    for rec in self.store.tasks(rid, limit=1)]
         return {
             "state": str(self.state),
+            # Why it is disabled (an admin, a failing health check), and the checks.
+            "state_reason": self.state_reason(),
+            "health": self.health.status() if self.health else None,
             "agent_id": self.agent_id,
             "agent_hostname": self.hostname,
             "version": __version__,

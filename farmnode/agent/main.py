@@ -74,6 +74,14 @@ async def serve(config: Config) -> None:
     service = Agent1Service(agent)
     service.export_to_dbus(OBJECT_PATH, bus)
     await agent.recover()
+    # Health checks gate work from the first moment: the node is disabled until every check
+    # has passed once; READY waits for their first verdicts (bounded by START_WAIT).
+    from farmnode.health.watch import HealthWatch
+
+    health = HealthWatch(bus, config.health_interval, agent.set_health)
+    agent.health = health
+    await health.start()
+    await health.settled()
     # The name last: a caller that bus-activated us (dbus-daemon holds its call until the
     # name appears) gets its answer from an agent that is ready, its HTTP API included.
     if await api:
@@ -107,6 +115,7 @@ async def serve(config: Config) -> None:
     job = await scopes.own_pending_job(os.getpid())
     log.info("asked to stop; systemd's job on this unit: %s", job)
     accounting.cancel()
+    await health.stop()
     if job in RESTART_JOBS:
         # restart, upgrade (try-restart): the tasks run on; the next agent re-adopts them
         _notify(f"STOPPING=1\nSTATUS=restarting, {len(agent.runs)} task scope(s) keep running")

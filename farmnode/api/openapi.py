@@ -233,6 +233,23 @@ OPERATIONS: dict[str, dict[str, dict[str, Any]]] = {
             "type": "object", "required": ["state", "agent_id", "free_ram"],
             "properties": {"state": {"type": "string"}, "agent_id": {"type": "string"},
                            "free_ram": {"type": "integer"},
+                           "state_reason": {"type": ["string", "null"], "description": (
+                               "Why the node is disabled: an admin, failing health checks.")},
+                           "health": {"type": ["object", "null"], "description": (
+                               "The health checks (farmnode-health.target): each one's last "
+                               "verdict and output; null where none are installed."),
+                               "properties": {
+                                   "passed_once": {"type": "boolean"},
+                                   "interval": {"type": "number"},
+                                   "checks": {"type": "array", "items": {
+                                       "type": "object", "properties": {
+                                           "name": {"type": "string"},
+                                           "unit": {"type": "string"},
+                                           "ok": {"type": ["boolean", "null"]},
+                                           "detail": {"type": "string"},
+                                           "output": {"type": "array",
+                                                      "items": {"type": "string"}},
+                                           "at": {"type": ["number", "null"]}}}}}},
                            "gpus": {"type": "array", "description": (
                                "The GPUs tasks may get and the assignment holding each."),
                                "items": {"type": "object", "properties": {
