@@ -301,7 +301,7 @@ def test_runner_unknown_check_and_builtin(tmp_path: Path, capsys: pytest.Capture
     assert run.main([]) == run.EXIT_USAGE
     # built in, with the configuration of this host (defaults where it has none)
     assert run.main(["state"]) in (0, run.EXIT_FAILED)
-    assert capsys.readouterr().out.startswith("/var/lib/farmnode")
+    assert capsys.readouterr().out.startswith("state directory /var/lib/farmnode")
 
 
 def test_runner_execs_the_dropin(tmp_path: Path) -> None:

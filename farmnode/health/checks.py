@@ -52,17 +52,19 @@ def state_dir(path: str) -> CheckResult:
     try:
         fd, name = tempfile.mkstemp(dir=path, prefix=".farmnode-health-")
     except OSError as exc:
-        return CheckResult(False, f"{path}: cannot create a file ({_oserror(exc)})")
+        return CheckResult(False, f"state directory {path}: cannot create a file "
+                                  f"({_oserror(exc)})")
     try:
         os.write(fd, b"farmnode health check\n" * 64)
         os.fsync(fd)
     except OSError as exc:
-        return CheckResult(False, f"{path}: cannot write and sync a file ({_oserror(exc)})")
+        return CheckResult(False, f"state directory {path}: cannot write and sync a file "
+                                  f"({_oserror(exc)})")
     finally:
         os.close(fd)
         with contextlib.suppress(OSError):
             os.unlink(name)
-    return CheckResult(True, f"{path}: writable")
+    return CheckResult(True, f"state directory {path}: writable")
 
 
 def journald(socket_path: str = JOURNAL_VARLINK, timeout: float = JOURNAL_TIMEOUT

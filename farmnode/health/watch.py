@@ -42,7 +42,7 @@ OUTPUT_CHARS = 300  # per line
 # Before it says READY the agent waits this long for every check's first verdict; beyond it
 # the node starts disabled and waits on.
 START_WAIT = 30.0
-# A failed check's journal lines may trail its exit: journald reads the stream on its own.
+# A check's journal lines may trail its exit: journald reads the stream on its own.
 OUTPUT_LAG = 1.0
 
 UNIT_IFACE = "org.freedesktop.systemd1.Unit"
@@ -154,6 +154,9 @@ class HealthWatch:
         self.passed_once = False
         self.reason: str | None = None
         self._settled = asyncio.Event()
+        # Units with a verdict of this agent's own rounds: a failing verdict from before a
+        # restart does not end the wait before READY (a fresh run may pass).
+        self._fresh: set[str] = set()
         self._warned: set[str] = set()
         self._slot: Any = None
         self._loop_task: asyncio.Task[None] | None = None
@@ -246,6 +249,7 @@ class HealthWatch:
             except Exception as exc:  # e.g. a unit file that does not parse
                 self.verdicts[unit] = Verdict(unit, False, f"could not be started ({exc})",
                                               (), time.time())
+                self._fresh.add(unit)
         self._publish()
 
     # ---- verdicts ---------------------------------------------------------------------
@@ -267,6 +271,8 @@ class HealthWatch:
             return  # a run in progress: its own JobRemoved comes
         if only_if_ran and not service.get("ExecMainStartTimestampMonotonic"):
             return
+        if not only_if_ran:
+            self._fresh.add(unit)
         result = str(service.get("Result", ""))
         ok = result == "success" and props.get("ActiveState") != "failed"
         detail = describe(result, int(service.get("ExecMainCode", 0)),
@@ -274,7 +280,7 @@ class HealthWatch:
                           int(service.get("TimeoutStartUSec", 0)))
         invocation = bytes(props.get("InvocationID", b"")).hex()
         output: tuple[str, ...] = ()
-        deadline = time.monotonic() + (0 if ok else OUTPUT_LAG)
+        deadline = time.monotonic() + OUTPUT_LAG
         while invocation:
             output = await asyncio.to_thread(journal_tail, invocation)
             if output or time.monotonic() >= deadline:
@@ -300,7 +306,7 @@ class HealthWatch:
             reason = f"health checks have not passed yet (waiting for {', '.join(pending)})"
         else:
             reason = None
-        if self.passed_once or len(current) == len(self.units):
+        if self.passed_once or self._fresh >= set(self.units):
             self._settled.set()
         if reason == self.reason:
             return
