@@ -6,9 +6,9 @@ an admin's own units with WantedBy=farmnode-health.target) plus one
 farmnode-health@NAME.service per executable in /etc/farmnode/health.d. Each round (at start,
 then every health_interval) starts them all; whoever starts one (a round, an admin's timer,
 `systemctl start`), its verdict arrives as systemd's JobRemoved for the unit, and is read
-from the unit's own properties (Result, ExecMainStatus) and the journal lines of that run
-(_SYSTEMD_INVOCATION_ID). A hung check is systemd's to kill (TimeoutStartSec=); it then
-fails with Result=timeout like any other failure. Nothing of a check runs in the agent.
+from the unit's own properties (Result, ExecMainStatus) and the journal lines of that run.
+A hung check is systemd's to kill (TimeoutStartSec=); it then fails with Result=timeout like
+any other failure. Nothing of a check runs in the agent.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import signal
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,8 +43,7 @@ OUTPUT_CHARS = 300  # per line
 # Before it says READY the agent waits this long for every check's first verdict; beyond it
 # the node starts disabled and waits on.
 START_WAIT = 30.0
-# A check's journal lines may trail its exit: journald reads the stream on its own.
-OUTPUT_LAG = 1.0
+JOURNAL_SYNC_TIMEOUT = 10.0
 
 UNIT_IFACE = "org.freedesktop.systemd1.Unit"
 SERVICE_IFACE = "org.freedesktop.systemd1.Service"
@@ -118,19 +118,23 @@ def dropin_units(directory: Path = HEALTH_D, warned: set[str] | None = None) -> 
     return out
 
 
-def journal_tail(invocation: str, lines: int = OUTPUT_LINES) -> tuple[str, ...]:
-    """The last lines a unit's run (its invocation id) wrote to the journal. Blocks: run it
-    in a thread."""
+def journal_tail(unit: str, since_usec: int, lines: int = OUTPUT_LINES) -> tuple[str, ...]:
+    """The last lines the unit's run that started at `since_usec` (CLOCK_REALTIME) wrote to
+    the journal. By time, not _SYSTEMD_INVOCATION_ID: journald takes that from a cgroup xattr,
+    which a cgroup v1 tree (the test container's) does not have. Blocks: run it in a thread."""
     from systemd import journal
 
     reader = journal.Reader()
     try:
-        reader.add_match(_SYSTEMD_INVOCATION_ID=invocation)
+        reader.add_match(_SYSTEMD_UNIT=unit)
         reader.seek_tail()
         out: collections.deque[str] = collections.deque()
         while len(out) < lines:
             entry = reader.get_previous()
             if not entry:
+                break
+            stamp = entry.get("__REALTIME_TIMESTAMP")
+            if stamp is not None and stamp.timestamp() * 1e6 < since_usec:
                 break
             message = entry.get("MESSAGE", "")
             if isinstance(message, bytes):
@@ -139,6 +143,12 @@ def journal_tail(invocation: str, lines: int = OUTPUT_LINES) -> tuple[str, ...]:
         return tuple(out)
     finally:
         reader.close()
+
+
+def journal_sync() -> None:
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        subprocess.run(["journalctl", "--sync"], check=False, timeout=JOURNAL_SYNC_TIMEOUT,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 class HealthWatch:
@@ -278,14 +288,15 @@ class HealthWatch:
         detail = describe(result, int(service.get("ExecMainCode", 0)),
                           int(service.get("ExecMainStatus", 0)),
                           int(service.get("TimeoutStartUSec", 0)))
-        invocation = bytes(props.get("InvocationID", b"")).hex()
+        started = int(service.get("ExecMainStartTimestamp", 0))
         output: tuple[str, ...] = ()
-        deadline = time.monotonic() + OUTPUT_LAG
-        while invocation:
-            output = await asyncio.to_thread(journal_tail, invocation)
-            if output or time.monotonic() >= deadline:
-                break
-            await asyncio.sleep(0.1)
+        if started:
+            output = await asyncio.to_thread(journal_tail, unit, started)
+            if not output:
+                # journald may not have read the check's stream yet: have it write what it
+                # was handed (as the task logs do), then look once more.
+                await asyncio.to_thread(journal_sync)
+                output = await asyncio.to_thread(journal_tail, unit, started)
         if unit not in self.units:
             return  # removed meanwhile
         self.verdicts[unit] = Verdict(unit, ok, detail, output, time.time())

@@ -87,8 +87,8 @@ def test_failing_dropin_disables_with_its_output_and_its_fix_brings_the_node_bac
         ct: Container, master: MasterStub) -> None:
     reason = "health check mounts exited with status 1: /shots is not mounted (mounts)"
     dropin(ct, "mounts", FLAKY.format(name="mounts"))
-    st = until(ct, lambda s: s["state"] == "disabled", "the failing check disables the node")
-    assert st["state_reason"] == reason
+    until(ct, lambda s: s["state"] == "disabled" and s["state_reason"] == reason,
+          "the failing check disables the node, with its name and output")
     a = assignment("command", {"command": ["true"]}, [1])
     r = farmnode(ct, "assign", "-", input=json.dumps(a), check=False)
     assert r.returncode != 0 and reason in r.stderr, r.stderr
@@ -130,10 +130,11 @@ def test_hanging_check_is_killed_at_its_timeout(ct: Container, master: MasterStu
           "systemctl daemon-reload")
     began = time.monotonic()
     dropin(ct, "hang", "#!/bin/sh\necho 'asking the NFS server'\nexec sleep 600\n")
-    st = until(ct, lambda s: s["state"] == "disabled", "the hanging check disables the node")
+    until(ct, lambda s: s["state"] == "disabled", "the hanging check disables the node")
     took = time.monotonic() - began
-    assert st["state_reason"] == ("health check hang did not finish within its timeout 2 s "
-                                  "(TimeoutStartSec=) and was killed: asking the NFS server")
+    until(ct, lambda s: s["state_reason"] == (
+        "health check hang did not finish within its timeout 2 s (TimeoutStartSec=) and was "
+        "killed: asking the NFS server"), "the reason names the timeout and the output")
     assert 2 <= took < 15, took
     show = ct.run(["systemctl", "show", "-P", "Result", "farmnode-health@hang.service"])
     assert show.stdout.strip() == "timeout"
