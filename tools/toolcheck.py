@@ -111,7 +111,7 @@ TREE_APT: Mapping[str, str] = {
     **dict.fromkeys(["systemctl", "journalctl", "busctl", "systemd-run", "systemd-cat",
                      "systemd-analyze", "systemd-id128", "systemd-sysusers", "systemd-notify"],
                     "systemd"),
-    "python3": "python3", "ps": "procps", "kill": "procps", "pgrep": "procps", "ip": "iproute2",
+    "python3": "python3", "ps": "procps", "kill": "procps", "ip": "iproute2",
 }
 PYFARM_BASE: Mapping[str, str] = {
     "/opt/pyfarm/bin/pip": "the virtualenv the recipe makes",
