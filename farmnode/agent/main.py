@@ -75,10 +75,12 @@ async def serve(config: Config) -> None:
     service.export_to_dbus(OBJECT_PATH, bus)
     await agent.recover()
     # Health checks gate work from the first moment: the node is disabled until every check
-    # has passed once; READY waits for their first verdicts (bounded by START_WAIT).
+    # has passed once since boot; READY waits for their first verdicts (at most START_WAIT).
     from farmnode.health.watch import HealthWatch
 
-    health = HealthWatch(bus, config.health_interval, agent.set_health)
+    runtime_dir = Path(os.environ.get("RUNTIME_DIRECTORY", config.agent_runtime_dir).split(":")[0])
+    health = HealthWatch(bus, config.health_interval, agent.set_health,
+                         passed_marker=runtime_dir / "health-passed")
     agent.health = health
     await health.start()
     await health.settled()

@@ -118,23 +118,28 @@ def dropin_units(directory: Path = HEALTH_D, warned: set[str] | None = None) -> 
     return out
 
 
-def journal_tail(unit: str, since_usec: int, lines: int = OUTPUT_LINES) -> tuple[str, ...]:
-    """The last lines the unit's run that started at `since_usec` (CLOCK_REALTIME) wrote to
-    the journal. By time, not _SYSTEMD_INVOCATION_ID: journald takes that from a cgroup xattr,
-    which a cgroup v1 tree (the test container's) does not have. Blocks: run it in a thread."""
+def run_output(unit: str, invocation: str, lines: int = OUTPUT_LINES) -> tuple[str, ...]:
+    """The last lines a run of the unit wrote to the journal: the run `invocation` names, else
+    the unit's latest (its id from systemd's own last line about the unit: a check that
+    passed is unloaded at once, and its properties with it). Blocks: run it in a thread."""
     from systemd import journal
 
-    reader = journal.Reader()
+    reader = journal.Reader(flags=journal.SYSTEM)
     try:
-        reader.add_match(_SYSTEMD_UNIT=unit)
+        if not invocation:
+            reader.add_match(UNIT=unit, _PID="1")
+            reader.seek_tail()
+            latest = reader.get_previous()
+            invocation = str(latest.get("INVOCATION_ID", "")) if latest else ""
+            reader.flush_matches()
+            if not invocation:
+                return ()
+        reader.add_match(_SYSTEMD_INVOCATION_ID=invocation.replace("-", ""))
         reader.seek_tail()
         out: collections.deque[str] = collections.deque()
         while len(out) < lines:
             entry = reader.get_previous()
             if not entry:
-                break
-            stamp = entry.get("__REALTIME_TIMESTAMP")
-            if stamp is not None and stamp.timestamp() * 1e6 < since_usec:
                 break
             message = entry.get("MESSAGE", "")
             if isinstance(message, bytes):
@@ -153,8 +158,12 @@ def journal_sync() -> None:
 
 class HealthWatch:
     def __init__(self, bus: SdBus, interval: float, on_change: Callable[[str | None], None],
-                 checks_dir: Path = HEALTH_D) -> None:
+                 checks_dir: Path = HEALTH_D, passed_marker: Path | None = None) -> None:
         self.bus = bus
+        # In /run: "the checks have passed once since boot", so a restarted agent (an upgrade,
+        # a crash) does not wait for a round before it takes work again. A check that failed
+        # stays failed in systemd (a failed unit keeps its state), so the restart sees it.
+        self.passed_marker = passed_marker
         self.interval = interval
         self.on_change = on_change
         self.checks_dir = checks_dir
@@ -223,6 +232,8 @@ class HealthWatch:
             return
         self.enabled = True
         self.units = units
+        if self.passed_marker is not None and self.passed_marker.exists():
+            self.passed_once = True
         for unit in units:
             await self._conclude(unit, only_if_ran=True)
         self._publish()
@@ -288,15 +299,15 @@ class HealthWatch:
         detail = describe(result, int(service.get("ExecMainCode", 0)),
                           int(service.get("ExecMainStatus", 0)),
                           int(service.get("TimeoutStartUSec", 0)))
-        started = int(service.get("ExecMainStartTimestamp", 0))
-        output: tuple[str, ...] = ()
-        if started:
-            output = await asyncio.to_thread(journal_tail, unit, started)
-            if not output:
-                # journald may not have read the check's stream yet: have it write what it
-                # was handed (as the task logs do), then look once more.
-                await asyncio.to_thread(journal_sync)
-                output = await asyncio.to_thread(journal_tail, unit, started)
+        # Kept by a failed unit; a unit that passed is unloaded, so its run is found by name.
+        invocation = bytes(props.get("InvocationID", b"")).hex().strip("0")
+        invocation = bytes(props.get("InvocationID", b"")).hex() if invocation else ""
+        output = await asyncio.to_thread(run_output, unit, invocation)
+        if not output:
+            # journald may not have read the check's stream yet: have it write what it was
+            # handed (as the task logs do), then look once more.
+            await asyncio.to_thread(journal_sync)
+            output = await asyncio.to_thread(run_output, unit, invocation)
         if unit not in self.units:
             return  # removed meanwhile
         self.verdicts[unit] = Verdict(unit, ok, detail, output, time.time())
@@ -309,6 +320,12 @@ class HealthWatch:
             self.passed_once = True
             log.info("every health check passed (%s): the node takes work",
                      ", ".join(v.name for v in current) or "none installed")
+            if self.passed_marker is not None:
+                try:
+                    self.passed_marker.touch()
+                except OSError as exc:
+                    log.warning("cannot note that the checks passed in %s: %s",
+                                self.passed_marker, exc)
         if failing:
             reason: str | None = "; ".join(v.reason for v in failing)
         elif not self.passed_once:
