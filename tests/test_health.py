@@ -376,6 +376,21 @@ def test_a_check_failing_at_start_keeps_the_gate_shut() -> None:
     assert seen[-1] is None and w.passed_once
 
 
+def test_passing_once_is_noted_for_the_next_agent(tmp_path: Path) -> None:
+    a = "farmnode-health@scratch.service"
+    marker = tmp_path / "run" / "health-passed"
+    marker.parent.mkdir()
+    w = HealthWatch(None, 60, lambda reason: None,  # type: ignore[arg-type]
+                    passed_marker=marker)
+    w.units = [a]
+    w.verdicts[a] = Verdict(a, False, "exited with status 1", (), 1.0)
+    w._publish()
+    assert not marker.exists()
+    w.verdicts[a] = Verdict(a, True, "passed", (), 2.0)
+    w._publish()
+    assert marker.exists()
+
+
 # ---- the core: disabled with the reason, never re-enabling an admin's disable ---------------
 
 
