@@ -43,7 +43,10 @@ OUTPUT_CHARS = 300  # per line
 # Before it says READY the agent waits this long for every check's first verdict; beyond it
 # the node starts disabled and waits on.
 START_WAIT = 30.0
-JOURNAL_SYNC_TIMEOUT = 10.0
+JOURNAL_SYNC_TIMEOUT = 2.0
+# While a check fails, rounds come this often (if health_interval is longer): a node whose
+# disk was cleaned or whose journald came back is back at work within seconds.
+RETRY_INTERVAL = 5.0
 
 UNIT_IFACE = "org.freedesktop.systemd1.Unit"
 SERVICE_IFACE = "org.freedesktop.systemd1.Service"
@@ -150,6 +153,9 @@ def run_output(unit: str, invocation: str, lines: int = OUTPUT_LINES) -> tuple[s
         reader.close()
 
 
+_PASSED = Verdict("", True, "passed", (), 0)
+
+
 def journal_sync() -> None:
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         subprocess.run(["journalctl", "--sync"], check=False, timeout=JOURNAL_SYNC_TIMEOUT,
@@ -250,9 +256,14 @@ class HealthWatch:
             task.cancel()
 
     async def _rounds(self) -> None:
+        step = min(self.interval, RETRY_INTERVAL)
         while True:
             await self.round()
-            await asyncio.sleep(self.interval)
+            deadline = time.monotonic() + self.interval
+            while time.monotonic() < deadline:
+                await asyncio.sleep(min(step, max(0.0, deadline - time.monotonic())))
+                if any(not v.ok for v in self.verdicts.values()):
+                    break
 
     async def round(self) -> None:
         try:
@@ -334,7 +345,11 @@ class HealthWatch:
             reason = f"health checks have not passed yet (waiting for {', '.join(pending)})"
         else:
             reason = None
-        if self.passed_once or self._fresh >= set(self.units):
+        # Settled: every check has a verdict of this agent's rounds; or, once they passed
+        # since boot, every check that failed before has (a restart after a fix is online).
+        unsure = [u for u in self.units if u not in self._fresh
+                  and not (self.passed_once and self.verdicts.get(u, _PASSED).ok)]
+        if not unsure:
             self._settled.set()
         if reason == self.reason:
             return

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
+import pytest
 from container import Container
 
 from tests.system.conftest import assignment, farmnode, journal
@@ -13,6 +14,17 @@ from tests.system.conftest import assignment, farmnode, journal
 LINES = 30000
 JOURNALD_UNITS = ["systemd-journald.socket", "systemd-journald-dev-log.socket",
                   "systemd-journald.service"]
+
+
+@pytest.fixture(autouse=True)
+def _node_back_after(ct: Container) -> Iterator[None]:
+    # journald away fails the journald health check, which disables the node; the next
+    # test needs it taking work again (a failing check is rerun every few seconds).
+    yield
+    deadline = time.monotonic() + 60
+    while json.loads(farmnode(ct, "--json", "status").stdout)["state"] == "disabled":
+        assert time.monotonic() < deadline, farmnode(ct, "status").stdout
+        time.sleep(0.2)
 
 
 def _journaled_up_to(ct: Container, task_id: int, line: int, timeout: float = 60) -> None:
