@@ -391,6 +391,20 @@ def test_passing_once_is_noted_for_the_next_agent(tmp_path: Path) -> None:
     assert marker.exists()
 
 
+def test_a_restart_waits_only_for_checks_that_failed_before() -> None:
+    a, b = "farmnode-health@scratch.service", "farmnode-health@mounts.service"
+    w, seen = gate([a, b])
+    w.passed_once = True  # the note in /run: they passed since boot
+    w.verdicts[b] = Verdict(b, False, "exited with status 1", ("gone",), 1.0)  # from systemd
+    w._publish()
+    assert seen == ["health check mounts exited with status 1: gone"]
+    assert not w._settled.is_set()  # READY waits for mounts' next run
+    w._fresh.add(b)
+    w.verdicts[b] = Verdict(b, True, "passed", (), 2.0)
+    w._publish()
+    assert seen[-1] is None and w._settled.is_set()  # scratch has not run yet: no matter
+
+
 # ---- the core: disabled with the reason, never re-enabling an admin's disable ---------------
 
 
