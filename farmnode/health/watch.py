@@ -44,9 +44,6 @@ OUTPUT_CHARS = 300  # per line
 # the node starts disabled and waits on.
 START_WAIT = 30.0
 JOURNAL_SYNC_TIMEOUT = 2.0
-# While a check fails, rounds come this often (if health_interval is longer): a node whose
-# disk was cleaned or whose journald came back is back at work within seconds.
-RETRY_INTERVAL = 5.0
 
 UNIT_IFACE = "org.freedesktop.systemd1.Unit"
 SERVICE_IFACE = "org.freedesktop.systemd1.Service"
@@ -121,20 +118,27 @@ def dropin_units(directory: Path = HEALTH_D, warned: set[str] | None = None) -> 
     return out
 
 
-def run_output(unit: str, invocation: str, lines: int = OUTPUT_LINES) -> tuple[str, ...]:
-    """The last lines a run of the unit wrote to the journal: the run `invocation` names, else
-    the unit's latest (its id from systemd's own last line about the unit: a check that
-    passed is unloaded at once, and its properties with it). Blocks: run it in a thread."""
+def run_output(unit: str, invocation: str, since: float,
+               lines: int = OUTPUT_LINES) -> tuple[str, ...]:
+    """The last lines a run of the unit wrote to the journal: the run `invocation` names (a
+    failed unit keeps it), else the unit's latest run, if it wrote anything after `since`
+    (wall clock; a unit that passed is unloaded at once, its invocation id with it). Blocks:
+    run it in a thread."""
     from systemd import journal
 
     reader = journal.Reader(flags=journal.SYSTEM)
     try:
+        reader.this_boot()
         if not invocation:
-            reader.add_match(UNIT=unit, _PID="1")
+            reader.add_match(_SYSTEMD_UNIT=unit)
             reader.seek_tail()
             latest = reader.get_previous()
-            invocation = str(latest.get("INVOCATION_ID", "")) if latest else ""
+            stamp = latest.get("__REALTIME_TIMESTAMP") if latest else None
+            if not latest or stamp is None or stamp.timestamp() < since:
+                return ()
+            invocation = str(latest.get("_SYSTEMD_INVOCATION_ID", ""))
             reader.flush_matches()
+            reader.this_boot()
             if not invocation:
                 return ()
         reader.add_match(_SYSTEMD_INVOCATION_ID=invocation.replace("-", ""))
@@ -256,14 +260,12 @@ class HealthWatch:
             task.cancel()
 
     async def _rounds(self) -> None:
-        step = min(self.interval, RETRY_INTERVAL)
+        # Every check every interval, failing or not (as Slurm's HealthCheckInterval): while
+        # journald is away, systemd writes its lines about each run to the console instead.
+        # To check again now: systemctl start farmnode-health@NAME.service.
         while True:
             await self.round()
-            deadline = time.monotonic() + self.interval
-            while time.monotonic() < deadline:
-                await asyncio.sleep(min(step, max(0.0, deadline - time.monotonic())))
-                if any(not v.ok for v in self.verdicts.values()):
-                    break
+            await asyncio.sleep(self.interval)
 
     async def round(self) -> None:
         try:
@@ -313,12 +315,14 @@ class HealthWatch:
         # Kept by a failed unit; a unit that passed is unloaded, so its run is found by name.
         invocation = bytes(props.get("InvocationID", b"")).hex().strip("0")
         invocation = bytes(props.get("InvocationID", b"")).hex() if invocation else ""
-        output = await asyncio.to_thread(run_output, unit, invocation)
+        previous = self.verdicts.get(unit)
+        since = previous.at if previous is not None else 0.0
+        output = await asyncio.to_thread(run_output, unit, invocation, since)
         if not output:
             # journald may not have read the check's stream yet: have it write what it was
             # handed (as the task logs do), then look once more.
             await asyncio.to_thread(journal_sync)
-            output = await asyncio.to_thread(run_output, unit, invocation)
+            output = await asyncio.to_thread(run_output, unit, invocation, since)
         if unit not in self.units:
             return  # removed meanwhile
         self.verdicts[unit] = Verdict(unit, ok, detail, output, time.time())

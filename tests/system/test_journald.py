@@ -18,9 +18,10 @@ JOURNALD_UNITS = ["systemd-journald.socket", "systemd-journald-dev-log.socket",
 
 @pytest.fixture(autouse=True)
 def _node_back_after(ct: Container) -> Iterator[None]:
-    # journald away fails the journald health check, which disables the node; the next
-    # test needs it taking work again (a failing check is rerun every few seconds).
+    # journald away fails the journald health check, which disables the node until the
+    # check's next run; the next test needs it taking work again: run it now.
     yield
+    ct.run(["systemctl", "start", "farmnode-health@journald.service"], check=False)
     deadline = time.monotonic() + 60
     while json.loads(farmnode(ct, "--json", "status").stdout)["state"] == "disabled":
         assert time.monotonic() < deadline, farmnode(ct, "status").stdout
