@@ -172,7 +172,15 @@ async def _wait(args: argparse.Namespace, proxy: Any,
     while not reached():
         change = await changes.get()
         if change == RESYNC:
-            for t in json.loads(await proxy.list_tasks(False)):
+            from sdbus.dbus_exceptions import DbusDisconnectedError, DbusNoReplyError
+
+            try:
+                listing = json.loads(await proxy.list_tasks(False))
+            except (DbusNoReplyError, DbusDisconnectedError):
+                # That agent went while answering (killed as it was asked): its successor's
+                # NameOwnerChanged brings another resync.
+                continue
+            for t in listing:
                 if t["id"] in tasks and t["assignment_id"] == assignment_id:
                     show(t["id"], t["state"], t["reason"] or "", t["progress"])
             continue
