@@ -331,6 +331,8 @@ def test_describe_systemd_results() -> None:
 def gate(units: list[str]) -> tuple[HealthWatch, list[str | None]]:
     seen: list[str | None] = []
     w = HealthWatch(None, 60, seen.append)  # type: ignore[arg-type]
+    assert w.status() is None  # until start() finds farmnode-health.target
+    w.enabled = True
     w.units = units
     return w, seen
 
@@ -382,6 +384,7 @@ def test_passing_once_is_noted_for_the_next_agent(tmp_path: Path) -> None:
     marker.parent.mkdir()
     w = HealthWatch(None, 60, lambda reason: None,  # type: ignore[arg-type]
                     passed_marker=marker)
+    w.enabled = True
     w.units = [a]
     w.verdicts[a] = Verdict(a, False, "exited with status 1", (), 1.0)
     w._publish()

@@ -116,7 +116,7 @@ class StatusSource(Protocol):
 class HealthSource(Protocol):
     """What the core needs of farmnode.health.watch.HealthWatch: the checks, for the status."""
 
-    def status(self) -> dict[str, Any]: ...
+    def status(self) -> dict[str, Any] | None: ...
 
 
 @dataclass(frozen=True)

@@ -364,7 +364,9 @@ class HealthWatch:
         self.reason = reason
         self.on_change(reason)
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> dict[str, Any] | None:
+        if not self.enabled:
+            return None  # no farmnode-health.target: nothing gates work
         return {"passed_once": self.passed_once, "interval": self.interval,
                 "checks": [self.verdicts[u].to_json() if u in self.verdicts
                            else {"name": Verdict(u, False, "", (), 0).name, "unit": u,
