@@ -11,8 +11,9 @@ PY := $(VENV)/bin/python
 PKG_APT := scdoc lintian rpm rpmlint dpkg-dev binutils
 # The programs of those packages packaging/build.py and the recipes run: `make apt` if one lacks.
 PKG_PROGRAMS := scdoc lintian rpm rpmlint dpkg-shlibdeps strip
+# chromium: the status page's system test loads the page in it, headless, on the host.
 APT_PACKAGES := debootstrap systemd-container qemu-system-x86 libsystemd-dev pkg-config gcc \
-	python3-dev python3-venv $(PKG_APT)
+	python3-dev python3-venv openssh-client chromium $(PKG_APT)
 PKG_RELEASE ?= 1
 PKG_OUT ?= dist
 PKG_TOOLS = @for t in $(PKG_PROGRAMS); do command -v $$t >/dev/null \
@@ -23,6 +24,7 @@ PKG_TOOLS = @for t in $(PKG_PROGRAMS); do command -v $$t >/dev/null \
 $(VENV)/.stamp: pyproject.toml
 	@command -v debootstrap >/dev/null && command -v systemd-nspawn >/dev/null \
 	  && command -v qemu-system-x86_64 >/dev/null \
+	  && command -v chromium >/dev/null \
 	  && [ -e /usr/include/systemd/sd-journal.h ] || $(MAKE) apt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
@@ -31,9 +33,10 @@ $(VENV)/.stamp: pyproject.toml
 
 setup: $(VENV)/.stamp
 
+# Serialised: two checkouts' `make setup` at once would otherwise fail on apt's lock.
 apt:
-	apt-get update -qq
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES)
+	flock /var/lock/farmnode-make-apt.lock sh -c 'apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES)'
 
 lint: setup
 	$(VENV)/bin/ruff check farmnode tests tools

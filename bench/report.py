@@ -36,7 +36,7 @@ def rows(results: dict[str, Any]) -> list[Row]:
     for step, section in (("latency", _latency_rows), ("throughput", _throughput_rows),
                           ("footprint", _footprint_rows), ("scale", _scale_rows),
                           ("restart", _restart_rows), ("master", _master_rows),
-                          ("big", _big_rows)):
+                          ("big", _big_rows), ("warm", _warm_rows)):
         got = results.get(step, {"error": "not run"})
         if isinstance(got, dict) and "error" in got:
             out.append((step, f"the step failed: {got['error'][-300:]}", "", "", "**error**"))
@@ -180,6 +180,25 @@ def _big_rows(results: dict[str, Any]) -> list[Row]:
         (f"kill -9 with {n:,} tasks running → READY / all concluded",
          f"{b['kill_ready_s']:.2f} s / {b['kill_concluded_s']:.2f} s (job: 3 s)",
          f"worst stall after READY {b['kill_worst_s'] * 1000:.0f} ms", "—", "—"),
+    ]
+
+
+def _warm_rows(results: dict[str, Any]) -> list[Row]:
+    w = results["warm"]
+    warm, cold = Summary.of(w["warm_s"]), Summary.of(w["cold_s"])
+    r = ratio(cold.p50, warm.p50)
+    trip = _ms(w["round_trip_s"])
+    cost = w["import_cost_s"]
+    return [
+        (f"Per-task wall time, a task needing a {cost:g} s import: warm process (bench/warm.py)",
+         f"{warm.scaled(1000).mmm('{:.1f}')} ms (first, with the setup: "
+         f"{w['first_warm_s']:.2f} s)",
+         f"cold, a process per task {cold.mmm('{:.2f}')} s; **{r:.0f}{TIMES}** faster",
+         f"≥ 50{TIMES}", verdict(r, 50, higher_is_better=True)),
+        ("Warm round trip, one command (send → result)",
+         f"{trip.mmm('{:.2f}')} ms (p99 {trip.p99:.2f})",
+         f"per command in a 100-command request {w['per_command_in_request_s'] * 1000:.2f} ms",
+         "—", "—"),
     ]
 
 

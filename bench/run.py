@@ -54,6 +54,7 @@ class Plan:
     master_compression: float  # 60: an hour in a minute
     master_hours: float
     big_tasks: int = 5000
+    warm_reps: int = 10
 
     @classmethod
     def full(cls) -> Plan:
@@ -61,7 +62,7 @@ class Plan:
 
     @classmethod
     def quick(cls) -> Plan:
-        return cls("quick", 6, 2, 0, 200_000, 2, 15, 50, 200, 300, 3, 120, 0.25)
+        return cls("quick", 6, 2, 0, 200_000, 2, 15, 50, 200, 300, 3, 120, 0.25, warm_reps=4)
 
 
 def log(msg: str) -> None:
@@ -224,24 +225,28 @@ def run(plan: Plan, save: Path) -> dict[str, Any]:
         port = free_port()
         log(f"container up; plan {plan.name}")
         step("container", lambda: inside(ct, "setup", "--port", port))
-        log("1/7 launch latency")
+        log("1/8 launch latency")
         step("latency", lambda: inside(ct, "latency", "--port", port, "--reps",
                                        plan.latency_reps, "--cold-reps", plan.cold_reps))
-        log("2/7 output throughput")
+        log("2/8 output throughput")
         step("throughput", lambda: throughput(ct, plan))
-        log("3/7 footprint")
+        log("3/8 footprint")
         step("footprint", lambda: inside(ct, "footprint", "--port", port, "--seconds",
                                          plan.footprint_s, "--tasks", plan.quiet_tasks))
-        log("4/7 scale")
+        log("4/8 scale")
         step("scale", lambda: inside(ct, "scale", "--port", port, "--tasks", plan.scale_tasks,
                                      "--queries", plan.queries))
-        log("5/7 restart")
+        log("5/8 restart")
         step("restart", lambda: inside(ct, "restart", "--reps", plan.restart_reps,
                                        "--tasks", 8))
-        log("6/7 master traffic")
+        log("6/8 master traffic")
         step("master", lambda: master_traffic(ct, plan))
-        log("7/7 one big assignment")
+        log("7/8 one big assignment")
         step("big", lambda: inside(ct, "big", "--tasks", plan.big_tasks))
+        log("8/8 warm per-job process against a process per task")
+        step("warm", lambda: json.loads(ct.run(
+            ["/opt/farmnode/bin/python", "/src/bench/warm.py", "--reps", str(plan.warm_reps)],
+            timeout=600).stdout))
     return results
 
 

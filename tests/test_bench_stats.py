@@ -47,3 +47,17 @@ def test_verdict_direction() -> None:
     assert verdict(1.6, 1.5) == "**missed**"
     assert verdict(0.8, 0.7, higher_is_better=True) == "met"
     assert verdict(0.6, 0.7, higher_is_better=True) == "**missed**"
+
+
+def test_warm_rows_compare_medians_and_judge_the_50x_target() -> None:
+    from bench import report
+
+    results = {"warm": {"import_cost_s": 1.0, "cold_s": [1.01, 1.02, 1.03],
+                        "warm_s": [0.012, 0.013, 0.02], "first_warm_s": 1.04,
+                        "round_trip_s": [0.0003, 0.0004], "per_command_in_request_s": 0.0001}}
+    speed, trip = report._warm_rows(results)
+    assert "12.0 / 13.0 / 20.0 ms" in speed[1] and f"**78{report.TIMES}**" in speed[2]
+    assert speed[4] == "met"
+    results["warm"]["warm_s"] = [0.03, 0.03, 0.03]
+    assert report._warm_rows(results)[0][4] == "**missed**"
+    assert trip[1].startswith("0.30 / 0.35 / 0.40 ms")

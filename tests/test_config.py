@@ -75,6 +75,8 @@ def test_shipped_default_file_equals_defaults() -> None:
 def test_shipped_default_file_lists_every_key_with_its_default() -> None:
     listed = yaml.safe_load(ETC_DEFAULT.read_text())
     fields = {f.name: f.default for f in dataclasses.fields(Config)}
+    # YAML has no tuple: a list-valued key's default () is written [].
+    fields = {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}
     assert list(listed) == list(fields)
     assert listed == fields
 
@@ -463,3 +465,13 @@ def test_redacted_hides_secrets_only(etc: Path) -> None:
 
 def test_redacted_keeps_none(etc: Path) -> None:
     assert redacted(load(etc))["agent_api_password"] is None
+
+
+def test_a_hook_that_does_not_parse_names_file_line_and_key(etc: Path) -> None:
+    path = write(etc / "conf.d" / "20-hooks.yaml",
+                 "task_post_hook: /usr/bin/true\ntask_pre_hook: \"/usr/bin/check 'mounts\"\n")
+    err = error(etc)
+    assert str(err).startswith(f"{path}:2: task_pre_hook: does not parse as a command line "
+                               "(No closing quotation)"), str(err)
+    write(etc / "conf.d" / "20-hooks.yaml", "task_pre_hook: \"/usr/bin/check 'a b'\"\n")
+    assert load(etc).task_pre_hook == "/usr/bin/check 'a b'"

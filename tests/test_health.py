@@ -408,7 +408,7 @@ def test_a_restart_waits_only_for_checks_that_failed_before() -> None:
     assert seen[-1] is None and w._settled.is_set()  # scratch has not run yet: no matter
 
 
-# ---- the core: disabled with the reason, never re-enabling an admin's disable ---------------
+# ---- the core: a failing check is a hold; never re-enabling an admin's disable ------------
 
 
 def agent(tmp_path: Path) -> Agent:
@@ -419,13 +419,13 @@ def test_failing_check_disables_and_passing_brings_back(tmp_path: Path) -> None:
     a = agent(tmp_path)
     states: list[AgentState] = []
     a.state_listeners.append(states.append)
-    a.set_health("health check mounts exited with status 1: /shots gone")
+    a.set_hold("health", "health check mounts exited with status 1: /shots gone")
     assert a.state is AgentState.DISABLED
     assert a.status()["state_reason"] == "health check mounts exited with status 1: /shots gone"
     with pytest.raises(NotAccepting, match="/shots gone"):
         a.assign({"job": {"id": 1, "by": 1}, "jobtype": {"name": "command", "version": 1},
                   "tasks": [{"id": 1, "frame": 1}]})
-    a.set_health(None)
+    a.set_hold("health", None)
     assert a.state is AgentState.ONLINE and a.status()["state_reason"] is None
     assert states == [AgentState.DISABLED, AgentState.ONLINE]
 
@@ -433,12 +433,9 @@ def test_failing_check_disables_and_passing_brings_back(tmp_path: Path) -> None:
 def test_admin_disable_is_never_undone_by_a_check(tmp_path: Path) -> None:
     a = agent(tmp_path)
     a.set_state("disabled")
-    a.set_health("health check gpu exited with status 1: no driver")
-    assert a.status()["state_reason"] == ("disabled by an admin (SetState); health check gpu "
-                                          "exited with status 1: no driver")
-    a.set_health(None)
+    a.set_hold("health", "health check gpu exited with status 1: no driver")
+    a.set_hold("health", None)
     assert a.state is AgentState.DISABLED
-    assert a.status()["state_reason"] == "disabled by an admin (SetState)"
     a.set_state("online")
     assert a.state is AgentState.ONLINE
 
@@ -446,11 +443,11 @@ def test_admin_disable_is_never_undone_by_a_check(tmp_path: Path) -> None:
 def test_admin_online_while_a_check_fails_stays_disabled_until_it_passes(tmp_path: Path
                                                                          ) -> None:
     a = agent(tmp_path)
-    a.set_health("health check scratch exited with status 1: 3 MB free")
+    a.set_hold("health", "health check scratch exited with status 1: 3 MB free")
     a.set_state("online")
     assert a.state is AgentState.DISABLED
     assert a.status()["state_reason"] == "health check scratch exited with status 1: 3 MB free"
-    a.set_health(None)
+    a.set_hold("health", None)
     assert a.state is AgentState.ONLINE
 
 

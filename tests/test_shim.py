@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -21,6 +22,7 @@ import pytest
 
 from farmnode.systemd import framing, link
 from farmnode.systemd.journal import format_line
+from farmnode.systemd.shim import spool_paths
 
 
 class FakeJournal:
@@ -88,7 +90,8 @@ class FakeJournal:
 
 
 class Shim:
-    def __init__(self, tmp: Path, argv: list[str], journal_socket: Path | None = None) -> None:
+    def __init__(self, tmp: Path, argv: list[str], journal_socket: Path | None = None,
+                 journal_grace: float | None = None, **extra: object) -> None:
         self.journal = FakeJournal(tmp / "journal.sock") if journal_socket is None else None
         self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         gate_r, gate_w = os.pipe()
@@ -103,6 +106,9 @@ class Shim:
                 "status_path": str(self.status),
                 "journal": [["farmnode-stdout", 6], ["farmnode-stderr", 4]],
                 "journal_socket": str(journal_socket or tmp / "journal.sock")}
+        if journal_grace is not None:
+            spec["journal_grace"] = journal_grace
+        spec.update(extra)
         with os.fdopen(gate_w, "wb") as gate:
             gate.write(json.dumps(spec).encode())
         self.sock.settimeout(30)
@@ -235,6 +241,21 @@ def test_journald_away_holds_the_output_and_the_exit_until_it_is_back(tmp: Path)
     assert len(notes) == 1 and b"journald was unreachable" in notes[0]
 
 
+def test_journald_away_past_the_grace_leaves_the_output_in_the_spool(tmp: Path) -> None:
+    # task_journal_grace reaches the shim in its spec: after it, the shim leaves, and what
+    # journald never took is in the spool for the agent to journal.
+    shim = Shim(tmp, ["/bin/sh", "-c", "echo one; echo two"], journal_grace=0.5)
+    _data, _record, _ = collect_until_exit(shim)
+    assert shim.journal is not None
+    shim.journal.stop()
+    shim.send(link.WRITE, 0, 4, b"<6>one\n")
+    shim.send(link.WRITE, 0, 8, b"<6>two\n")
+    shim.send(link.EXIT_ACK)
+    assert shim.proc.wait(timeout=30) == 0
+    data, _meta = spool_paths(str(shim.status), "farmnode-stdout")
+    assert Path(data).read_bytes() == b"<6>one\n<6>two\n"
+
+
 def test_journald_away_blocks_the_job_on_its_pipe_once_the_cap_is_held(tmp: Path) -> None:
     from farmnode.systemd.shim import BUFFER_CAP
 
@@ -352,3 +373,93 @@ def test_gone_agent_raw_output_cannot_choose_its_priority(tmp: Path) -> None:
     assert lines and all(line.startswith(b"<6>") for line in lines)
     assert b"".join(line[3:] for line in lines) == b"".join(HOSTILE).replace(
         b"\0", "\ufffd".encode()).replace(b"\n", b"")
+
+
+# --- pre and post hooks (farmnode.systemd.hooks) ------------------------------------------
+
+
+def run_with_hooks(tmp: Path, argv: list[str], **hooks: object) -> tuple[bytes, bytes,
+                                                                             dict[str, object]]:
+    shim = Shim(tmp, argv, **hooks)
+    data, record, _ = collect_until_exit(shim)
+    shim.send(link.EXIT_ACK)
+    shim.proc.wait(timeout=10)
+    return bytes(data[0]), bytes(data[1]), record
+
+
+def test_a_failing_pre_hook_stops_the_job_and_its_output_is_the_reason(tmp: Path) -> None:
+    marker = tmp / "ran"
+    pre = ["/bin/sh", "-c", "echo checking mounts; echo '/mnt/projects is missing' >&2; exit 3"]
+    out, err, record = run_with_hooks(tmp, ["/bin/sh", "-c", f"touch {marker}"], pre=pre)
+    assert not marker.exists()
+    assert record["exit_code"] == 3
+    assert str(record["failure"]).startswith("pre-hook /bin/sh failed (exit 3): "), record
+    assert "checking mounts" in str(record["failure"])
+    assert "/mnt/projects is missing" in str(record["failure"])
+    # Its lines are the task's output, on their own streams, like the job's.
+    assert out == b"checking mounts\n" and err == b"/mnt/projects is missing\n"
+
+
+def test_hooks_run_around_the_job_and_the_post_hook_learns_how_it_ended(tmp: Path) -> None:
+    pre = ["/bin/sh", "-c", "echo pre $FARMNODE_HOOK"]
+    post = ["/bin/sh", "-c", "echo post $FARMNODE_HOOK ${FARMNODE_EXIT_CODE-none}"]
+    out, _, record = run_with_hooks(tmp, ["/bin/sh", "-c", "echo job; exit 4"], pre=pre,
+                                    post=post)
+    assert out == b"pre pre\njob\npost post 4\n"
+    assert record["exit_code"] == 4 and "failure" not in record, record
+
+
+def test_a_failing_post_hook_fails_a_job_that_succeeded_only(tmp: Path) -> None:
+    post = ["/bin/sh", "-c", "echo copy failed >&2; exit 2"]
+    _, _, record = run_with_hooks(tmp, ["true"], post=post)
+    assert record["exit_code"] == 2
+    assert record["failure"] == "post-hook /bin/sh failed (exit 2): copy failed", record
+    # After a job that failed, its own failure stays the reason.
+    (tmp / "again").mkdir()
+    _, _, record = run_with_hooks(tmp / "again", ["/bin/sh", "-c", "exit 5"], post=post)
+    assert record["exit_code"] == 5 and "failure" not in record, record
+
+
+def test_under_hooks_a_job_killed_by_a_signal_is_recorded_as_such(tmp: Path) -> None:
+    post = ["/bin/sh", "-c", "echo after signal $FARMNODE_EXIT_SIGNAL"]
+    out, _, record = run_with_hooks(tmp, ["/bin/sh", "-c", "kill -9 $$"], post=post)
+    assert record["signal"] == 9 and "exit_code" not in record, record
+    assert out == b"after signal 9\n"
+
+
+def test_under_hooks_a_job_that_cannot_start_fails_with_the_reason(tmp: Path) -> None:
+    _, _, record = run_with_hooks(tmp, ["/no/such/renderer"], pre=["true"])
+    assert record["exit_code"] == 127
+    assert record["failure"] == "exec /no/such/renderer: No such file or directory", record
+
+
+def test_the_hooks_supervisor_leaves_the_stop_signal_to_the_job(tmp: Path) -> None:
+    # systemd signals every process of the scope: the job handles it, the supervisor stays
+    # and runs the post-hook with the job's outcome.
+    script = "trap 'echo stopping; exit 0' TERM; echo ready; while :; do sleep 0.05; done"
+    shim = Shim(tmp, ["/bin/sh", "-c", script], pre=["true"],
+                post=["/bin/sh", "-c", "echo post $FARMNODE_EXIT_CODE"])
+    out = bytearray()
+    supervisor = 0
+    for kind, _stream, _offset, payload in shim.packets():
+        if kind == link.STARTED:
+            supervisor = json.loads(payload)["pid"]
+        if kind == link.DATA:
+            out += payload
+        if b"ready\n" in out:
+            break
+    job = int(Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()[0])
+    for pid in (supervisor, job):
+        os.kill(pid, signal.SIGTERM)
+    record: dict[str, object] = {}
+    for kind, _stream, _offset, payload in shim.packets():
+        if kind == link.DATA:
+            out += payload
+        if kind == link.EXIT:
+            record = json.loads(payload)
+            break
+    shim.send(link.EXIT_ACK)
+    assert shim.proc.wait(timeout=10) == 0
+    assert record["exit_code"] == 0 and "failure" not in record, record
+    assert bytes(out).endswith(b"stopping\npost 0\n"), bytes(out)
+

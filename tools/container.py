@@ -37,6 +37,11 @@ VENV = "/opt/farmnode"
 PACKAGES = [
     "systemd", "systemd-sysv", "dbus", "python3", "python3-venv", "procps", "iproute2",
     "util-linux", "libsystemd0",
+    # Fleet control's far side: `farmnode -H` reaches a node's bus through sshd and
+    # systemd-stdio-bridge, `-M` through systemd-machined.
+    "openssh-server", "systemd-container",
+    # pam_systemd: PAM logins register logind sessions (workstation mode's tests open some)
+    "libpam-systemd",
 ]
 # Bump when the recipe changes in a way the hash of the lists above would not show.
 RECIPE_VERSION = "2"
@@ -120,6 +125,10 @@ def ensure_tree() -> Path:
     for unit in masked:
         (work / "etc/systemd/system" / unit).unlink(missing_ok=True)
         os.symlink("/dev/null", work / "etc/systemd/system" / unit)
+    # Most containers share the host's network: an sshd there would take the host's port 22.
+    # The tests that want one start it in their own network namespace.
+    (work / "etc/systemd/system/multi-user.target.wants/ssh.service").unlink(missing_ok=True)
+    (work / "etc/systemd/system/sshd.service").unlink(missing_ok=True)
     (work / ".farmnode-tree-complete").write_text(recipe_hash() + "\n")
     try:
         os.rename(work, tree)

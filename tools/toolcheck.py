@@ -50,11 +50,12 @@ HOST_BASE: Mapping[str, str] = {
     **dict.fromkeys(["cat", "cp", "rm", "ln", "ls", "mkdir", "install", "tee", "touch", "env",
                      "id", "stat", "du", "chgrp", "test", "["], "coreutils: Essential"),
     "sed": "sed: Essential", "grep": "grep: Essential", "awk": "mawk: Priority required",
-    **dict.fromkeys(["chmod", "sleep", "mv", "dd", "sync", "nproc", "seq", "date", "df"],
+    **dict.fromkeys(["chmod", "sleep", "mv", "dd", "sync", "nproc", "seq", "date", "df", "cut",
+                     "mkfifo"],
                     "coreutils: Essential"),
     "hostname": "hostname: Essential",
     "apt-get": "apt: in every Debian install",
-    **dict.fromkeys(["nsenter", "setpriv", "mount", "umount"],
+    **dict.fromkeys(["nsenter", "setpriv", "mount", "umount", "flock"],
                     "util-linux: Priority required"),
     "mkfs.ext4": "e2fsprogs: Priority required",
     "ip": "iproute2: Priority important, in every Debian 12 install (not in minbase trees)",
@@ -78,7 +79,10 @@ HOST_APT: Mapping[str, str] = {
     "/usr/lib/rpm/elfdeps": "rpm",
     "rpmlint": "rpmlint",
     "dpkg-shlibdeps": "dpkg-dev",
+    "chromium": "chromium",  # the status page's system test: headless, over DevTools
     "strip": "binutils",
+    # fleet control's transport (sd-bus runs `ssh`), and the fleet test's key
+    **dict.fromkeys(["ssh", "ssh-keygen"], "openssh-client"),
 }
 # Program in .venv/bin -> the Python distribution that brings it; that distribution must be
 # in pyproject.toml (dependencies or the `test` extra) or pip-installed by the Makefile.

@@ -29,6 +29,7 @@ from farmnode.agent import accounts
 from farmnode.agent.gpus import FIELD as GPUS_FIELD
 from farmnode.agent.gpus import GpuPool, GpuRequestError, requested
 from farmnode.agent.runner import AssignmentRun, scope_unit_name, task_user_rules
+from farmnode.agent.workstation import Workstation
 from farmnode.config import Config
 from farmnode.config.model import jobtype_counts
 from farmnode.jobtypes.remote import RemoteJobTypeError, cache_store
@@ -151,18 +152,21 @@ class Agent:
         self.started = time.time()
         self.task_listeners: list[Callable[[TaskChange], None]] = []
         self.state_listeners: list[Callable[[AgentState], None]] = []
+        self.idle_listeners: list[Callable[[], None]] = []  # the last running run has ended
         self.agent_id = self._load_agent_id()
         # [4] master sync: set by serve() when a master is configured; GetStatus shows it.
         self.master_link: StatusSource | None = None
         # Who may call PyFarm's endpoints without credentials (set by the entry point).
         self.trusted_masters: TrustedMasters | None = None
-        # Health checks (set by the entry point): why they keep the node from work (None:
-        # they do not), apart from an admin's own SetState("disabled"), which they never undo.
+        # Health checks (set by the entry point; a failing one is a hold, "health").
         self.health: HealthSource | None = None
-        self.health_reason: str | None = None
-        self.disabled_by_admin = False
         self._shutting_down = False
         self._detached = False
+        # Why the node takes no new work besides the admin's own `disabled` ({source: why}):
+        # workstation mode sets one while a user is at the node.
+        self.holds: dict[str, str] = {}
+        self._admin_disabled = False
+        self.workstation: Workstation | None = None
         # Progress is throttled: the first change of a quiet spell is stored at once, later
         # ones at most every PROGRESS_INTERVAL (only the latest counts). A renderer printing
         # a progress line per sample made one durable SQLite commit per line (bench: 1000
@@ -263,7 +267,7 @@ class Agent:
         """Validate and start an assignment; (id, False) for an identical repeat."""
         if self._shutting_down or self.state in (AgentState.DISABLED, AgentState.OFFLINE):
             raise NotAccepting(f"agent is {self.state} and takes no new work"
-                               + (f" ({self.state_reason()})" if self.state_reason() else ""))
+                               + "".join(f": {why}" for why in self.holds.values()))
         refusal = self.master_link.assign_refusal() if self.master_link else None
         if refusal:
             # PyFarm's answer while it reannounces: the master tries again.
@@ -372,6 +376,7 @@ class Agent:
                 self._tasks.pop(aid, None)
                 self._open.pop(aid, None)
                 self._update_running_state()
+                self._note_idle()
             self._store_in_order(f"end of assignment {aid}", finish)
 
     def _update_running_state(self) -> None:
@@ -401,6 +406,8 @@ class Agent:
         if run.cancelled_reason:
             return
         run.cancelled_reason = reason
+        if self.workstation is not None:
+            await self.workstation.release(run.unit)
         await self.scopes.stop_scope(run.unit)
 
     def set_state(self, state: str) -> None:
@@ -411,30 +418,33 @@ class Agent:
                 f"unknown state {state!r}: expected one of online, disabled") from None
         if new not in (AgentState.ONLINE, AgentState.DISABLED):
             raise InvalidArgument(f"state {state!r} cannot be set: use online or disabled")
-        self.disabled_by_admin = new is AgentState.DISABLED
-        if new is AgentState.ONLINE and self.health_reason is not None:
-            return  # a failing check keeps it disabled; it comes online when that passes
+        self._admin_disabled = new is AgentState.DISABLED
+        if new is AgentState.ONLINE and self.holds:
+            log.info("state online asked for; the node stays disabled: %s",
+                     "; ".join(self.holds.values()))
+            return
         if new is AgentState.ONLINE and self.runs:
             new = AgentState.RUNNING
         self._set_state(new)
 
-    def set_health(self, reason: str | None) -> None:
-        """The health checks' verdict: a reason takes the node out of work, None brings it
-        back, unless an admin disabled it."""
-        self.health_reason = reason
-        if reason is not None and self.state in (AgentState.ONLINE, AgentState.RUNNING):
+    # ---- holds (workstation mode) ----------------------------------------------------
+    def set_hold(self, source: str, reason: str | None) -> None:
+        """Take no new work while `reason` holds (None lifts it): the node is `disabled`
+        to the master, and status says why. The admin's own `disabled` outlasts it."""
+        if reason is None:
+            self.holds.pop(source, None)
+        else:
+            self.holds[source] = reason
+        if self.state is AgentState.OFFLINE or self._shutting_down:
+            return
+        if self.holds:
             self._set_state(AgentState.DISABLED)
-        elif reason is None and self.state is AgentState.DISABLED and not self.disabled_by_admin:
-            self._set_state(AgentState.ONLINE)
-            self._update_running_state()
+        elif self.state is AgentState.DISABLED and not self._admin_disabled:
+            busy = any(self._unfinished(run) for run in self.runs.values())
+            self._set_state(AgentState.RUNNING if busy else AgentState.ONLINE)
 
-    def state_reason(self) -> str | None:
-        """Why the node is disabled, in words (None: it is not)."""
-        if self.state is not AgentState.DISABLED:
-            return None
-        reasons = (["disabled by an admin (SetState)"] if self.disabled_by_admin else []) + (
-            [self.health_reason] if self.health_reason else [])
-        return "; ".join(reasons) or None
+    def running_units(self) -> list[str]:
+        return [run.unit for run in self.runs.values()]
 
     def _set_state(self, state: AgentState) -> None:
         if state is self.state:
@@ -442,6 +452,19 @@ class Agent:
         self.state = state
         for cb in self.state_listeners:
             cb(state)
+
+    # ---- drain: fleet control waits for a disabled node to run nothing ---------------
+    def _note_idle(self) -> None:
+        # A disabled node's state does not change when its work ends (it stays disabled),
+        # and its last TaskChanged comes before the run has cleaned up: this is the one
+        # moment a drain can await.
+        if self.runs:
+            return
+        for cb in self.idle_listeners:
+            try:
+                cb()
+            except Exception:
+                log.exception("idle listener failed")
 
     # ---- reporting (called by runs) --------------------------------------------------
     def _report_state(self, assignment_id: str, task_id: int, state: TaskState,
@@ -575,8 +598,7 @@ class Agent:
                    for rec in self.store.tasks(rid, limit=1)]
         return {
             "state": str(self.state),
-            # Why it is disabled (an admin, a failing health check), and the checks.
-            "state_reason": self.state_reason(),
+            # The health checks: each one's last verdict and output.
             "health": self.health.status() if self.health else None,
             "agent_id": self.agent_id,
             "agent_hostname": self.hostname,
@@ -597,6 +619,10 @@ class Agent:
             "farm_name": self.config.farm_name,
             # Set while the state directory refuses writes (outcomes held in memory).
             "storage_error": self.storage_error,
+            # Why the node is disabled when it is not the admin's doing; the user sessions
+            # and paused tasks of workstation mode.
+            "state_reason": "; ".join(self.holds.values()) or None,
+            "workstation": self.workstation.status() if self.workstation else None,
             # PyFarm's 0.8.6 master has no column for disks (it refuses an announce that
             # carries them): they are ours to show only.
             "disks": [d.to_json() for d in host.disks()],
@@ -751,6 +777,10 @@ class Agent:
         if self._tasks:
             await asyncio.wait(list(self._tasks.values()),
                                timeout=self.config.task_stop_grace + 10)
+        # The jobs' warm processes stop with their tasks, idle ones too (farmnode.warm).
+        from farmnode.warm import manager as warm_manager
+
+        await warm_manager.stop_all(self.scopes, self.config)
         for task in self._spool_janitor:
             task.cancel()  # the next agent picks the spools up again
         self.flush_progress()

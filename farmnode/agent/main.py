@@ -12,7 +12,7 @@ from pathlib import Path
 from sdbus import request_default_bus_name_async, sd_bus_open_system, set_default_bus
 from systemd import daemon
 
-from farmnode.agent import control
+from farmnode.agent import control, workstation
 from farmnode.agent.control import journal_output
 from farmnode.agent.core import Agent
 from farmnode.config import Config
@@ -25,6 +25,7 @@ from farmnode.tasks.store import Store
 log = logging.getLogger("farmnode")
 
 RESTART_JOBS = {"restart", "try-restart", "reload-or-restart", "try-reload-or-restart"}
+WEBHOOK_DRAIN = 5.0  # s a stopping agent gives its webhooks' queues to empty
 
 
 def _notify(message: str) -> None:
@@ -73,13 +74,25 @@ async def serve(config: Config) -> None:
     agent.trusted_masters = trusted
     service = Agent1Service(agent)
     service.export_to_dbus(OBJECT_PATH, bus)
+    # Webhooks: listening before recovery, which reports what ended while no agent ran.
+    webhooks = None
+    if config.webhooks:
+        from farmnode.webhooks import events as webhook_events
+        from farmnode.webhooks.sender import Webhooks
+        webhooks = Webhooks(config, state_dir, lambda: agent.agent_id, lambda: agent.hostname)
+        webhook_events.attach(agent, webhooks.publish)
+        webhooks.start()
     await agent.recover()
+    # Judged before the name is taken: an agent that starts while a user is at the node
+    # takes no work, and its tasks stay paused.
+    agent.workstation = await workstation.start(config, agent, bus)
     # Health checks gate work from the first moment: the node is disabled until every check
     # has passed once since boot; READY waits for their first verdicts (at most START_WAIT).
     from farmnode.health.watch import HealthWatch
 
     runtime_dir = Path(os.environ.get("RUNTIME_DIRECTORY", config.agent_runtime_dir).split(":")[0])
-    health = HealthWatch(bus, config.health_interval, agent.set_health,
+    health = HealthWatch(bus, config.health_interval,
+                         lambda reason: agent.set_hold("health", reason),
                          passed_marker=runtime_dir / "health-passed")
     agent.health = health
     await health.start()
@@ -117,6 +130,8 @@ async def serve(config: Config) -> None:
     job = await scopes.own_pending_job(os.getpid())
     log.info("asked to stop; systemd's job on this unit: %s", job)
     accounting.cancel()
+    if agent.workstation is not None:
+        await agent.workstation.stop()
     await health.stop()
     if job in RESTART_JOBS:
         # restart, upgrade (try-restart): the tasks run on; the next agent re-adopts them
@@ -140,6 +155,10 @@ async def serve(config: Config) -> None:
         _notify("STATUS=closing the HTTP API")
         await control.release_bus_name(bus, BUS_NAME)
         await control.api_down(scopes)
+    if webhooks is not None:
+        # A stop (not a restart) lets the events of the tasks it stopped go out first,
+        # briefly; what is still queued goes out from the next agent.
+        await webhooks.stop(drain=0.0 if job in RESTART_JOBS else WEBHOOK_DRAIN)
     watchdog.cancel()
     store.close()
 

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import secrets
+import shlex
 import socket
 import subprocess
 import sys
@@ -30,6 +31,7 @@ from farmnode.config import Config
 from farmnode.jobtypes.base import CommandData, ExitStatus, JobType, Stream
 from farmnode.jobtypes.registry import UnknownJobType, available_jobtypes, load_jobtype
 from farmnode.jobtypes.remote import RemoteJobType, cache_latest, remote_jobtype_class
+from farmnode.pathmap import parse_rules
 from farmnode.sysinfo.gpu import Gpu
 from farmnode.systemd import fdstore, link, spool
 from farmnode.systemd.cgroup import cgroup_path_dir, shim_pid, unit_cgroup_path
@@ -47,6 +49,9 @@ from farmnode.systemd.scope import ScopeError, ScopeLimits, ScopeManager, scope_
 from farmnode.tasks import tasklog
 from farmnode.tasks.model import Assignment, StateChange, TaskState
 from farmnode.tasks.tasklog import InternalLine
+from farmnode.warm import manager as warm_manager
+from farmnode.warm import wire as warm_wire
+from farmnode.warm.jobtype import WarmJobType
 
 log = logging.getLogger(__name__)
 
@@ -295,7 +300,8 @@ class AssignmentRun:
                                      f"{why}") from None
             cls = remote_jobtype_class(*hit)
         self.jobtype = cls(a, self, expandvars=self.config.jobtype_expandvars,
-                           default_user=self.config.task_default_user)
+                           default_user=self.config.task_default_user,
+                           path_map=parse_rules(self.config.jobtype_path_map.split(",")))
         if isinstance(self.jobtype, RemoteJobType) and self.node_facts is not None:
             self.jobtype.node = self.node_facts()
         return self.jobtype
@@ -410,14 +416,35 @@ class AssignmentRun:
             # Over the job's own: its devices are the agent's to say (the kernel holds it to
             # them anyway).
             env.update(gpu_environment(self.gpus))
+        # A job type with a warm per-job process: it is started (or reused) before the
+        # task's shim, which runs only its client (farmnode.warm).
+        if isinstance(self.jobtype, WarmJobType):
+            try:
+                warm_socket = await warm_manager.ensure(
+                    self.scopes, self.config, a, self.jobtype.warm_process(), ident, env,
+                    limits_for(a, self.config))
+            except (ValueError, warm_manager.WarmError) as exc:
+                self._finish_all(TaskState.FAILED, str(exc), None)
+                return
+            env[warm_wire.SOCKET_ENV] = str(warm_socket)
         self.status_path().parent.mkdir(parents=True, exist_ok=True)
         self.status_path().unlink(missing_ok=True)
         spec = {
             "argv": [command.command, *command.arguments], "env": env, "cwd": command.cwd,
             "uid": ident.uid, "gid": ident.gid, "groups": list(ident.groups),
             "status_path": str(self.status_path()),
+            "journal_grace": self.config.task_journal_grace,
             "journal": [list(p) for p in zip(IDENTIFIERS, DEFAULT_PRIORITIES, strict=True)],
         }
+        try:
+            pre, post = self._load_jobtype_hooks()
+        except Exception as exc:
+            self._finish_all(TaskState.FAILED, f"job type {a.jobtype.name!r} hooks: {exc}", None)
+            return
+        if pre:
+            spec["pre"] = pre
+        if post:
+            spec["post"] = post
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         gate_r, gate_w = os.pipe()
         try:
@@ -464,6 +491,12 @@ class AssignmentRun:
         with os.fdopen(gate_w, "wb") as gate:
             gate.write(json.dumps(spec).encode())
         await self._serve(ours, resume=False)
+
+    def _load_jobtype_hooks(self) -> tuple[list[str] | None, list[str] | None]:
+        assert self.jobtype is not None
+        pre = shlex.split(self.config.task_pre_hook) or None
+        post = shlex.split(self.config.task_post_hook) or None
+        return self.jobtype.get_hooks(pre, post)
 
     async def _abandon(self, gate_w: int, ours: socket.socket, scope_exists: bool) -> None:
         """Give up before the gate opens: nothing of the job ever runs (the shim exits 125)."""
@@ -561,6 +594,9 @@ class AssignmentRun:
         # Background processes the job left behind end with it.
         await self.scopes.stop_scope(self.unit)
         remove_unit_settings(self.unit)
+        if isinstance(self.jobtype, WarmJobType):
+            await warm_manager.after_run(self.scopes, self.config, self.assignment,
+                                         self.jobtype, bool(self.cancelled_reason))
         return never_started
 
     def _arm_timeout(self, loop: asyncio.AbstractEventLoop) -> asyncio.TimerHandle | None:
@@ -696,6 +732,10 @@ class AssignmentRun:
             return
         if self.timed_out:
             self._finish_all(TaskState.FAILED, self.timed_out, status)
+            return
+        if "failure" in record:
+            # A hook failed (or, under the hooks' supervisor, the job could not be started).
+            self._finish_all(TaskState.FAILED, str(record["failure"]), status)
             return
         oom = isinstance(accounting, dict) and int(accounting.get("oom_kills", 0)) > 0
         if oom and status.signal == 9:

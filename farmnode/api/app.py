@@ -19,6 +19,7 @@ from farmnode.api.auth import CHALLENGE, accepted, parse_authorization
 from farmnode.api.errors import ApiError, body_of
 from farmnode.api.events import Events
 from farmnode.api.http import JSON, check_accept, check_content_type, dumps
+from farmnode.api.page import Page, Static
 
 log = logging.getLogger("farmnode.api")
 
@@ -40,6 +41,9 @@ ROUTES: list[tuple[str, r.Resource]] = [
     ("/api/v1/events", Events()),
     ("/api/v1/openapi.json", r.OpenApi()),
     ("/metrics", r.Metrics()),
+    # The status page and its own stylesheet and script (farmnode.api.page).
+    ("/", Page()),
+    ("/static/{name}", Static()),
 ]
 
 HTTP_METHODS = ("get", "post", "put", "patch", "delete")

@@ -11,6 +11,10 @@ import hmac
 from dataclasses import dataclass
 
 CHALLENGE = 'Basic realm="farmnode", charset="UTF-8", Bearer realm="farmnode"'
+# A browser cannot send a bearer token by itself (an EventSource sends no header of its
+# own): one of the tokens is also accepted as the Basic password of this user, so the
+# browser's own credential prompt takes it.
+TOKEN_USER = "token"
 
 
 @dataclass(frozen=True)
@@ -61,14 +65,21 @@ def _same(a: str, b: str) -> bool:
 
 def accepted(creds: Basic | Bearer | None, username: str | None, password: str | None,
              tokens: frozenset[str]) -> bool:
-    """Whether the credentials match the configured user/password or one of the tokens."""
+    """Whether the credentials match the configured user/password or one of the tokens
+    (as a bearer token, or as the Basic password of TOKEN_USER)."""
     if isinstance(creds, Basic):
-        if username is None or password is None:
-            return False
-        return _same(creds.username, username) & _same(creds.password, password)
+        ok = (username is not None and password is not None
+              and _same(creds.username, username) & _same(creds.password, password))
+        if creds.username == TOKEN_USER:
+            ok |= _one_of(creds.password, tokens)
+        return ok
     if isinstance(creds, Bearer):
-        found = False
-        for token in tokens:  # no early exit: the time taken does not depend on which matched
-            found |= _same(creds.token, token)
-        return found
+        return _one_of(creds.token, tokens)
     return False
+
+
+def _one_of(secret: str, tokens: frozenset[str]) -> bool:
+    found = False
+    for token in tokens:  # no early exit: the time taken does not depend on which matched
+        found |= _same(secret, token)
+    return found

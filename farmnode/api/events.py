@@ -1,8 +1,9 @@
 """GET /api/v1/events: server-sent events of task and agent changes.
 
 The stream relays the agent's D-Bus signals (TaskChanged, StateChanged) and the bus's
-NameOwnerChanged for the agent (offline when it leaves). The match is installed before the
-first event (the agent's current state) is read, so nothing falls between the two.
+NameOwnerChanged for the agent (offline when it leaves), and samples the node's status for
+what no signal tells (farmnode.api.node_events). The match is installed before the first
+event (the agent's current state) is read, so nothing falls between the two.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,6 +19,7 @@ import falcon
 
 from farmnode.api import client
 from farmnode.api.errors import ApiError
+from farmnode.api.node_events import NodeWatch
 from farmnode.api.resources import Resource
 from farmnode.bus.interface import BUS_NAME, INTERFACE, OBJECT_PATH, Agent1Interface
 
@@ -113,27 +116,30 @@ class Events(Resource):
                            headers={"Retry-After": RETRY_AFTER, "Connection": "close"})
         try:
             queue: asyncio.Queue[bytes] = asyncio.Queue()
-            matches = client.call_with_bus(lambda bus: _subscribe(bus, queue))
+            watch = NodeWatch(next_sample=time.monotonic())
+            matches = client.call_with_bus(lambda bus: _subscribe(bus, queue, watch))
             try:
-                state = json.loads(client.call(lambda a: a.get_status())).get("state",
-                                                                               "unknown")
+                status = json.loads(client.call(lambda a: a.get_status()))
+                state = status.get("state", "unknown")
             except ApiError as exc:
                 if exc.status_code != 503:
                     raise
-                state = "offline"
+                status, state = None, "offline"
         except BaseException:
             slots.give_back(authenticated)
             raise
         resp.content_type = EVENT_STREAM
         resp.set_header("Cache-Control", "no-store")
-        resp.stream = _Held(_stream(queue, matches, state), authenticated)
+        resp.stream = _Held(_stream(queue, matches, state, watch, status), authenticated)
 
 
-async def _subscribe(bus: Any, queue: asyncio.Queue[bytes]) -> list[Any]:
+async def _subscribe(bus: Any, queue: asyncio.Queue[bytes], watch: NodeWatch) -> list[Any]:
     pending: set[asyncio.Task[None]] = set()
 
     def on_agent(message: Any) -> None:
-        event = signal_event(message.member, message.get_contents())
+        contents = message.get_contents()
+        watch.saw(message.member, contents, time.monotonic())
+        event = signal_event(message.member, contents)
         if event is not None:
             queue.put_nowait(event)
 
@@ -165,14 +171,41 @@ async def _announce(bus: Any, owner: str, queue: asyncio.Queue[bytes]) -> None:
         pass
 
 
-def _stream(queue: asyncio.Queue[bytes], slots: list[Any], state: str) -> Iterator[bytes]:
+def _node_status() -> dict[str, Any] | None:
+    try:
+        status: dict[str, Any] = json.loads(client.call(lambda a: a.get_status()))
+    except ApiError:  # the agent is away: its NameOwnerChanged says offline
+        return None
+    return status
+
+
+def _stream(queue: asyncio.Queue[bytes], slots: list[Any], state: str, watch: NodeWatch,
+            status: dict[str, Any] | None) -> Iterator[bytes]:
     try:
         yield b"retry: 2000\n\n"
         yield sse("agent", {"state": state})
+        view = watch.sampled(status, time.monotonic())
+        if view is not None:
+            yield sse("node", view)
+        written = time.monotonic()
         while True:
-            try:
-                yield client.run(asyncio.wait_for(queue.get(), HEARTBEAT))
-            except TimeoutError:
+            now = time.monotonic()
+            if watch.due(now):
+                view = watch.sampled(_node_status(), now)
+                if view is not None:
+                    written = now
+                    yield sse("node", view)
+                continue
+            if now - written >= HEARTBEAT:
+                written = now
                 yield b": keep-alive\n\n"
+                continue
+            wait = min(watch.next_sample, written + HEARTBEAT) - now
+            try:
+                event = client.run(asyncio.wait_for(queue.get(), wait))
+            except TimeoutError:
+                continue
+            written = time.monotonic()
+            yield event
     finally:
         slots.clear()  # dropping the slots removes the matches

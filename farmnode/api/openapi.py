@@ -152,6 +152,9 @@ _SETTING_SCHEMAS: dict[str, dict[str, Any]] = {
     "agent_ram_report_delta": {"type": ["integer", "null"], "minimum": 0},
     "agent_ram_max_report_frequency": {"type": ["number", "null"], "exclusiveMinimum": 0},
     "task_stop_grace": {"type": ["number", "null"], "exclusiveMinimum": 0},
+    "task_journal_grace": {"type": ["number", "null"], "exclusiveMinimum": 0},
+    "jobtype_path_map": {"type": ["array", "null"], "items": {"type": "string"},
+                         "description": "rules SOURCE => TARGET, see farmnode.yaml(5)"},
 }
 
 CONFIG_PATCH: dict[str, Any] = {
@@ -233,8 +236,6 @@ OPERATIONS: dict[str, dict[str, dict[str, Any]]] = {
             "type": "object", "required": ["state", "agent_id", "free_ram"],
             "properties": {"state": {"type": "string"}, "agent_id": {"type": "string"},
                            "free_ram": {"type": "integer"},
-                           "state_reason": {"type": ["string", "null"], "description": (
-                               "Why the node is disabled: an admin, failing health checks.")},
                            "health": {"type": ["object", "null"], "description": (
                                "The health checks (farmnode-health.target): each one's last "
                                "verdict and output; null where none are installed."),
@@ -257,7 +258,14 @@ OPERATIONS: dict[str, dict[str, dict[str, Any]]] = {
                                    "name": {"type": "string"},
                                    "uuid": {"type": ["string", "null"]},
                                    "devices": {"type": "array", "items": {"type": "string"}},
-                                   "assignment": {"type": ["string", "null"]}}}}}})}}},
+                                   "assignment": {"type": ["string", "null"]}}}},
+                           "state_reason": {"type": ["string", "null"], "description": (
+                               "Why the node is disabled when the admin did not disable it "
+                               "(workstation mode: a user at the node, the schedule; a failing "
+                               "health check).")},
+                           "workstation": {"type": ["object", "null"], "description": (
+                               "Workstation mode: the verdict, logind's sessions, the "
+                               "paused task scopes; null when it is off.")}}})}}},
     "/api/v1/stop": {"post": {
         "operationId": "stop", "summary": "Stop the agent; its tasks are stopped gracefully.",
         "security": MUTATING,
@@ -303,7 +311,10 @@ OPERATIONS: dict[str, dict[str, dict[str, Any]]] = {
              "description": "A task id, an assignment id, or <assignment id>.csv.",
              "schema": {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,128}$"}},
             {"name": "format", "in": "query", "required": False,
-             "schema": {"type": "string", "enum": ["csv", "text"]}}],
+             "schema": {"type": "string", "enum": ["csv", "text"]}},
+            {"name": "tail", "in": "query", "required": False,
+             "description": "Only the last lines of the log, this many.",
+             "schema": {"type": "integer", "minimum": 1, "maximum": 10000}}],
         "responses": {
             "200": {"description": "The log.", "content": {
                 "text/csv": {"schema": {"type": "string"}},
@@ -313,13 +324,30 @@ OPERATIONS: dict[str, dict[str, dict[str, Any]]] = {
     "/api/v1/events": {"get": {
         "operationId": "events",
         "summary": "Server-sent events: `task` (assignment_id, task_id, state, reason, "
-                   "progress) and `agent` (state), as they happen.",
+                   "progress) and `agent` (state), as they happen; `node` (the status "
+                   "page's figures of GET /api/v1/status) when they change, sampled at "
+                   "least every 5 s.",
         "security": OUTPUT,
         "responses": {"200": {"description": "An endless event stream.", "content": {
             "text/event-stream": {"schema": {"type": "string"}}}}}}},
     "/api/v1/openapi.json": {"get": {
         "operationId": "openapi", "summary": "This document.", "security": [{}],
         "responses": {"200": _ok("The OpenAPI document.", {"type": "object"})}}},
+    "/": {"get": {
+        "operationId": "statusPage",
+        "summary": "The node's status page (HTML; its data comes from the endpoints here).",
+        "security": OUTPUT,
+        "responses": {"200": {"description": "The page.", "content": {
+            "text/html": {"schema": {"type": "string"}}}}}}},
+    "/static/{name}": {"get": {
+        "operationId": "staticFile", "summary": "The status page's stylesheet and script.",
+        "security": [{}],
+        "parameters": [{"name": "name", "in": "path", "required": True,
+                        "schema": {"type": "string", "enum": ["page.css", "page.js"]}}],
+        "responses": {"200": {"description": "The file.", "content": {
+            "text/css": {"schema": {"type": "string"}},
+            "text/javascript": {"schema": {"type": "string"}}}},
+            "404": _error("No such file.")}}},
     "/metrics": {"get": {
         "operationId": "metrics",
         "summary": "Prometheus metrics: tasks by state, RAM, per-task memory and CPU.",
@@ -333,7 +361,7 @@ def _with_common(path: str, method: str, op: dict[str, Any]) -> dict[str, Any]:
     op = copy.deepcopy(op)
     responses = op["responses"]
     extra: dict[str, Any] = {}
-    if path not in ("/api/versions", "/api/v1/openapi.json"):
+    if path not in ("/api/versions", "/api/v1/openapi.json", "/static/{name}"):
         extra.update(COMMON)
     else:
         extra.update({k: COMMON[k] for k in ("406", "415")})

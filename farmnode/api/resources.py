@@ -8,11 +8,12 @@ Resource attributes read by the guard (farmnode.api.app): `produces` (media type
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import os
 import re
 import signal
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any, ClassVar
 
 import falcon
@@ -22,6 +23,7 @@ from farmnode.api import client, formats
 from farmnode.api.errors import ApiError
 from farmnode.api.http import JSON, MERGE_PATCH, object_body, read_json, send_json
 from farmnode.bus.interface import BUS_NAME, Agent1Interface
+from farmnode.tasks.tasklog import LogEntry
 
 # How long POST /api/v1/stop {"wait": true} waits for the agent to go (TimeoutStopSec=90s).
 STOP_WAIT = 120.0
@@ -222,15 +224,31 @@ class TaskLogs(Resource):
                 else "csv"
         if fmt not in ("csv", "text"):
             raise ApiError(400, f"format must be csv or text, got {fmt[:20]!r}")
+        tail = tail_param(req.get_param("tail"))
         fd: int = client.call(lambda a: a.task_log(identifier))
         resp.content_type = ("text/csv" if fmt == "csv" else "text/plain") + "; charset=utf-8"
-        resp.stream = _log_stream(fd, fmt)
+        resp.stream = _log_stream(fd, fmt, tail)
 
 
-def _log_stream(fd: int, fmt: str) -> Iterator[bytes]:
+MAX_TAIL = 10_000
+
+
+def tail_param(raw: str | None) -> int | None:
+    """?tail=N: only the last N lines of the log (the status page shows the end)."""
+    if raw is None:
+        return None
+    if not re.fullmatch(r"[0-9]{1,5}", raw) or not 1 <= int(raw) <= MAX_TAIL:
+        raise ApiError(400, f"tail must be a number of lines from 1 to {MAX_TAIL}, got "
+                            f"{raw[:20]!r}", field="tail")
+    return int(raw)
+
+
+def _log_stream(fd: int, fmt: str, tail: int | None = None) -> Iterator[bytes]:
     # The fd came over D-Bus and is ours to close; gunicorn closes the iterator on disconnect.
     with os.fdopen(fd, "rb") as f:
-        entries = formats.log_entries(f)
+        entries: Iterable[LogEntry] = formats.log_entries(f)
+        if tail is not None:  # read through, keeping only the last lines
+            entries = collections.deque(entries, maxlen=tail)
         lines = formats.csv_rows(entries) if fmt == "csv" else formats.text_lines(entries)
         for line in lines:
             yield line.encode("utf-8")

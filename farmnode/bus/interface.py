@@ -64,6 +64,8 @@ PATCHABLE_CONFIG_KEYS: tuple[str, ...] = (
     "agent_ram_report_delta",
     "agent_ram_max_report_frequency",
     "task_stop_grace",
+    "task_journal_grace",
+    "jobtype_path_map",
 )
 
 
@@ -176,4 +178,11 @@ class Agent1Interface(DbusInterfaceCommonAsync, interface_name=INTERFACE):
 
     @dbus_signal_async("s", signal_args_names=("state",))
     def state_changed(self) -> str:
+        raise NotImplementedError
+
+    # ---- drain ---------------------------------------------------------------------
+    @dbus_signal_async("")
+    def idle(self) -> None:
+        """The last running assignment has ended (and cleaned up): the node runs nothing.
+        `farmnode drain` disables the node and awaits this."""
         raise NotImplementedError

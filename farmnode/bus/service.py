@@ -54,12 +54,16 @@ class Agent1Service(Agent1Interface):
         self.agent = agent
         agent.task_listeners.append(self._on_task)
         agent.state_listeners.append(self._on_state)
+        agent.idle_listeners.append(self._on_idle)
 
     def _on_task(self, c: core.TaskChange) -> None:
         self.task_changed.emit((c.assignment_id, c.task_id, str(c.state), c.reason, c.progress))
 
     def _on_state(self, state: core.AgentState) -> None:
         self.state_changed.emit(str(state))
+
+    def _on_idle(self) -> None:
+        self.idle.emit(None)
 
     @dbus_method_async_override()
     async def assign(self, assignment_json: str) -> str:

@@ -22,6 +22,10 @@ class CliError(Exception):
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="farmnode", description="farmnode render-node agent")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("-H", "--host", action="append", default=[], metavar="[USER@]HOST,…",
+                   help="run on these nodes over ssh (status, tasks, cancel, state, drain)")
+    p.add_argument("-M", "--machine", action="append", default=[], metavar="MACHINE,…",
+                   help="run on these local containers (systemd-machined)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     sub.add_parser("status", help="the agent's state and resources")
@@ -40,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     lg.add_argument("-f", "--follow", action="store_true")
     s = sub.add_parser("state", help="set the agent online or disabled")
     s.add_argument("state", choices=["online", "disabled"])
+    sub.add_parser("drain", help="take no new work, wait until running tasks have finished")
     r = sub.add_parser("run", help="run the agent in the foreground (what farmnode.service runs)")
     r.add_argument("--config", default="/etc/farmnode/farmnode.yaml")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -197,6 +202,18 @@ async def _wait(args: argparse.Namespace, proxy: Any,
     return EXIT_FAIL if any(t["state"] != "done" for t in final) else EXIT_OK
 
 
+def _workstation_lines(ws: dict[str, Any]) -> str:
+    paused = ", ".join(ws["paused_units"]) or "none"
+    out = (f"\nworkstation: {'rendering' if ws['rendering'] else 'paused'} "
+           f"(pause: {ws['pause']}; paused scopes: {paused})")
+    for s in ws["sessions"]:
+        out += (f"\nsession {s['id']}: {s['user']} {s['type']} "
+                f"{s['seat'] or s['tty'] or 'no seat'}"
+                f"{' remote' if s['remote'] else ''}{' idle' if s['idle_hint'] else ''}"
+                f"{'' if s['counted'] else ' (not counted)'}")
+    return out
+
+
 async def _client(args: argparse.Namespace) -> int:
     if args.command == "assign":
         return await _assign(args)
@@ -206,7 +223,10 @@ async def _client(args: argparse.Namespace) -> int:
         return await _wait(args, proxy, changes, args.assignment, args.until)
     if args.command == "status":
         st = json.loads(await proxy.get_status())
-        human = "\n".join(f"{k}: {v}" for k, v in st.items() if k not in ("gpus", "health"))
+        human = "\n".join(f"{k}: {v}" for k, v in st.items()
+                           if k not in ("gpus", "workstation", "health"))
+        if st.get("workstation"):
+            human += _workstation_lines(st["workstation"])
         for c in (st.get("health") or {}).get("checks", []):
             verdict = {True: "ok", False: "FAILING", None: "not run yet"}[c["ok"]]
             human += f"\nhealth {c['name']}: {verdict}" + (
@@ -294,11 +314,31 @@ def _run_agent(args: argparse.Namespace) -> int:
     return run(config)
 
 
+async def _fleet(args: argparse.Namespace) -> int:
+    from farmnode.fleet import fanout
+    from farmnode.fleet.target import LOCAL, TargetError, parse_targets
+
+    if args.command not in fanout.COMMANDS:
+        raise CliError(f"-H/-M: {args.command} runs on one node; fleet commands are "
+                       f"{', '.join(fanout.COMMANDS)}", EXIT_USAGE)
+    try:
+        targets = parse_targets(args.host, args.machine) or [LOCAL]
+    except TargetError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    cmd = fanout.Command(args.command, task=getattr(args, "task", 0),
+                         state=getattr(args, "state", ""),
+                         active_only=getattr(args, "active", False))
+    ok, _ = await fanout.run(targets, cmd, fanout.Printer(json_lines=args.json))
+    return EXIT_OK if ok else EXIT_FAIL
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "run":
             return _run_agent(args)
+        if args.host or args.machine or args.command == "drain":
+            return asyncio.run(_fleet(args))
         return asyncio.run(_client(args))
     except CliError as exc:
         print(f"farmnode: {exc}", file=sys.stderr)

@@ -133,7 +133,29 @@ def load_config(
             if problem:
                 raise ConfigError(values[key], None, key,
                                   f"{key}: {values[key]} holds secrets but {problem}")
+        _check_webhook_secrets(values, origins)
     return Config(**values)
+
+
+def _check_webhook_secrets(values: Mapping[str, Any], origins: Mapping[str, _Origin]) -> None:
+    # Only the agent reads them (as root): a missing, empty or readable secret is found at
+    # start, not at the first event.
+    origin = origins["webhooks"]
+    for i, hook in enumerate(values["webhooks"], 1):
+        if hook.secret_file is None:
+            continue
+        where = f"webhooks: entry {i} ({hook.name}): secret_file {hook.secret_file}"
+        try:
+            secret = Path(hook.secret_file).read_bytes().strip()
+        except OSError as e:
+            raise ConfigError(origin.path, origin.line, "webhooks",
+                              f"{where}: cannot read: {e.strerror}") from None
+        if not secret:
+            raise ConfigError(origin.path, origin.line, "webhooks", f"{where}: is empty")
+        problem = exposure(Path(hook.secret_file))
+        if problem:
+            raise ConfigError(origin.path, origin.line, "webhooks",
+                              f"{where}: holds a secret but {problem}")
 
 
 # Who besides root may read a file holding a secret: group farmnode (the API's group, that
@@ -399,5 +421,9 @@ def _cross_check(values: Mapping[str, Any], origins: Mapping[str, _Origin]) -> N
             f"must be at least agent_http_retry_delay ({values['agent_http_retry_delay']:g}), "
             f"got {values['agent_http_retry_max']:g}",
         )
+    if values["webhook_retry_max"] < values["webhook_retry_delay"]:
+        fail("webhook_retry_max",
+             f"must be at least webhook_retry_delay ({values['webhook_retry_delay']:g}), "
+             f"got {values['webhook_retry_max']:g}")
     if values["task_default_user"] in ("root", "0"):
         fail("task_default_user", "tasks never run as root")

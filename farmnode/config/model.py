@@ -10,11 +10,16 @@ import dataclasses
 import ipaddress
 import math
 import re
+import shlex
 import types
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from farmnode.config.schedule import canonical as canonical_schedule
+from farmnode.config.webhooks import Webhook, parse_webhooks
+from farmnode.pathmap import parse_rules
 
 # A check takes an already type-correct value and returns it (possibly normalised) or raises
 # ValueError with a message that does not repeat the key (the loader adds key and location).
@@ -223,6 +228,25 @@ def _cpuset(value: str) -> str:
     return ",".join(parts)
 
 
+def _command_line(value: str) -> str:
+    # Split as a shell would, but never run by one: what it names is exec'd as it is.
+    if value.strip():
+        try:
+            words = shlex.split(value)
+        except ValueError as exc:
+            raise ValueError(f"does not parse as a command line ({exc}): {value!r}") from None
+        if not words:
+            raise ValueError(f"names no program: {value!r}")
+    return value.strip()
+
+
+def _path_map(value: str) -> str:
+    # Rules keep their order of the file in the value; parse_rules refuses a bad one by name.
+    entries = [e.strip() for e in value.split(",") if e.strip()]
+    parse_rules(entries)
+    return ", ".join(entries)
+
+
 # --- the settings ---------------------------------------------------------------------------
 
 
@@ -296,6 +320,13 @@ class Config:
     # theirs ("/dev/fuse rw")
     task_device_allow: str = _setting("", _device_allow, listed=True)
     task_stop_grace: float = _setting(30.0, _positive)
+    # After a task's end, how long its shim waits for a journald that is away before it
+    # leaves the output in its spool (journaled by the agent once journald is back)
+    task_journal_grace: float = _setting(60.0, _positive)
+    # Run before and after each assignment, inside its scope as the job's user (shell words;
+    # "" for none); a failing pre-hook fails the assignment with its output as the reason
+    task_pre_hook: str = _setting("", _command_line)
+    task_post_hook: str = _setting("", _command_line)
     task_max_runtime: float | None = _setting(None, _positive)
     task_accounting_interval: float = _setting(5.0, _positive)
     # MB of output a task log sent to the master may hold (the rest stays in journald)
@@ -308,6 +339,31 @@ class Config:
     # as the job's user, so this is on (it only acts with a master configured).
     jobtype_enable_download: bool = _setting(True)
     jobtype_cache_directory: str = _setting("/var/cache/farmnode/jobtypes", _absolute_path)
+    # Path mapping, SOURCE => TARGET, applied to job data and by job types' map_path
+    jobtype_path_map: str = _setting("", _path_map, listed=True)
+
+    # Webhooks: task and agent events posted to receivers, queued on disk until they answer
+    webhooks: tuple[Webhook, ...] = _setting((), parse_webhooks)
+    webhook_queue_max: int = _setting(10000, _between(1))
+    webhook_timeout: float = _setting(10.0, _positive)
+    webhook_retry_delay: float = _setting(2.0, _positive)
+    webhook_retry_max: float = _setting(300.0, _positive)
+
+    # Workstation mode: while a user is at the node (logind), no new work and the running
+    # tasks paused ("freeze": systemd's freezer; "cpu-idle": CPUWeight=idle, they run on
+    # only when the CPU is otherwise idle), resumed after workstation_idle_time idle.
+    workstation_mode: bool = _setting(False)
+    workstation_idle_time: float = _setting(600.0, _positive)
+    workstation_pause: Literal["freeze", "cpu-idle"] = _setting("freeze")
+    # Remote sessions (ssh) are admins and scripts far more often than someone using the
+    # machine, and sshd never sets an idle hint: they count only where this says so.
+    workstation_remote_sessions: bool = _setting(False)
+    # How often sessions that never set an idle hint (text consoles, ssh) are looked at:
+    # their activity is their tty's last input, of which logind sends no signal.
+    workstation_tty_check_interval: float = _setting(5.0, _positive)
+    # Hours of the day the node renders at all ("19:00-07:00, 12:00-13:00"; local time);
+    # outside them it takes no work and pauses its tasks as for a user. null: always.
+    render_schedule: str | None = _setting(None, canonical_schedule)
 
     # Health checks (farmnode-health@.service units; farmnode(8), HEALTH CHECKS): a round
     # every health_interval s; the scratch check wants this many MB free where tasks write.
@@ -327,6 +383,7 @@ def redacted(config: Config) -> dict[str, Any]:
     for key in SECRET_KEYS:
         if out[key] is not None:
             out[key] = REDACTED
+    out["webhooks"] = [w.shown(REDACTED) for w in config.webhooks]
     return out
 
 
@@ -337,6 +394,7 @@ _TYPE_NAMES: dict[type, str] = {
     int: "an integer",
     float: "a number",
     str: "a string",
+    tuple: "a list",
 }
 
 
@@ -409,6 +467,8 @@ class Setting:
             if not math.isfinite(number):
                 raise ValueError(f"must be a finite number, got {describe(value)}")
             return number
+        if base is tuple and isinstance(value, list):
+            return value  # its check makes the typed entries
         if base is str:
             if isinstance(value, str):
                 return value
@@ -455,6 +515,8 @@ def _setting_from_field(f: dataclasses.Field[Any], hint: Any) -> Setting:
                 auto = True
             else:
                 base, choices = str, tuple(literals)
+        elif typing.get_origin(arg) is tuple:
+            base = tuple
         else:
             base = arg
     if base not in _TYPE_NAMES:  # pragma: no cover - a programming error in Config

@@ -14,7 +14,7 @@ library only, so it starts fast), remote and remote_host (job types downloaded f
 master: cached, and run inside the task's scope as its user, never in the agent), pyfarm
 (PyFarm's ``pyfarm.jobtypes…`` import paths for such job types, used by remote_host only).
 
-May import: farmnode.tasks (model, schema) and farmnode.config only. This ``__init__``
-deliberately imports nothing, because the ``farmnode-fakerender`` console script imports the
-package on every start.
+May import: farmnode.tasks (model, schema), farmnode.config and farmnode.pathmap only. This
+``__init__`` deliberately imports nothing, because the ``farmnode-fakerender`` console script
+imports the package on every start.
 """

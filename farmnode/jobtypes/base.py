@@ -24,6 +24,7 @@ way to reject bad job data.
 from __future__ import annotations
 
 import abc
+import dataclasses
 import enum
 import itertools
 import math
@@ -35,6 +36,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
+from farmnode.pathmap import PathRule, map_data, map_path
 from farmnode.tasks.model import Assignment, Job, Task, TaskState
 
 # syslog(3) priorities, as journald's PRIORITY= field wants them.
@@ -192,9 +194,17 @@ class JobType(abc.ABC):
         *,
         expandvars: bool = True,
         default_user: str | None = None,
+        path_map: tuple[PathRule, ...] = (),
     ) -> None:
         if not assignment.tasks:
             raise ValueError(f"assignment {assignment.id} has no tasks")
+        # The site's rules apply to the job's data before the job type sees it, and again in
+        # map_path to paths the job type builds (the rules are idempotent by construction).
+        if path_map:
+            data = map_data(assignment.job.data, path_map)
+            job = dataclasses.replace(assignment.job, data=data)
+            assignment = dataclasses.replace(assignment, job=job)
+        self.path_map = path_map
         self.assignment = assignment
         self.reporter = reporter
         self.expandvars_enabled = expandvars
@@ -394,13 +404,19 @@ class JobType(abc.ABC):
 
         return _VAR_RE.sub(replace, value)
 
-    def map_path(self, path: str, environment: Mapping[str, str] | None = None) -> str:
-        """Translate a path from the job for this node; override for site path mapping.
+    def get_hooks(self, pre: list[str] | None,
+                  post: list[str] | None) -> tuple[list[str] | None, list[str] | None]:
+        """The commands run before and after this assignment, in its scope as the job's user;
+        given the node's (task_pre_hook, task_post_hook), None where there is none. Override
+        to add or replace them for this job type."""
+        return pre, post
 
-        The default expands variables (as `expandvars`) and ``~``; a bare ``~`` means the job's
-        ``$HOME``.
+    def map_path(self, path: str, environment: Mapping[str, str] | None = None) -> str:
+        """Translate a path from the job for this node: variables expanded (as `expandvars`),
+        then the site's path-mapping rules (`jobtype_path_map`), then ``~`` (a bare ``~`` means
+        the job's ``$HOME``).
         """
-        path = self.expandvars(path, environment)
+        path = map_path(self.expandvars(path, environment), self.path_map)
         if path == "~" or path.startswith("~/"):
             home = (environment or {}).get("HOME") or self.get_environment().get("HOME")
             if home is not None:

@@ -17,6 +17,7 @@ changed source under the same version is a new file (PyFarm never refreshed its 
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import os
@@ -27,6 +28,8 @@ from typing import Any, ClassVar
 
 from farmnode.jobtypes.base import CommandData, ExitStatus, JobType, Stream
 from farmnode.tasks.model import TaskState
+from farmnode.warm import client as warm_client
+from farmnode.warm.jobtype import EXECUTOR_PATH, WarmJobType, WarmProcess
 
 MARK = "\x1e"  # ASCII record separator: never the start of a renderer's line
 HOST_MODULE = "farmnode.jobtypes.remote_host"
@@ -72,8 +75,37 @@ def cache_latest(cache_dir: str | Path, name: str, version: int) -> tuple[Path, 
 
 def remote_jobtype_class(module_path: Path, classname: str) -> type[JobType]:
     """A JobType for the agent's side of one downloaded job type."""
-    return type(f"Remote{classname}", (RemoteJobType,),
+    base = WarmRemoteJobType if uses_persistent_hooks(module_path) else RemoteJobType
+    return type(f"Remote{classname}", (base,),
                 {"module_path": str(module_path), "classname": classname})
+
+
+PERSISTENT_HOOKS = frozenset({"prepare_for_job", "cleanup_after_job",
+                              "spawn_persistent_process"})
+
+
+def uses_persistent_hooks(module_path: Path | str) -> bool:
+    """Whether the source names one of PyFarm's job-level hooks: then the job's assignments
+    run in its warm process (farmnode.jobtypes.pyfarm.warm). The source is only parsed here,
+    never run (the agent runs no downloaded code); what cannot be parsed runs as before and
+    fails in the task's scope with the file and line."""
+    try:
+        with open(module_path, encoding="utf-8") as f:
+            tree = ast.parse(f.read(), str(module_path))
+    except (OSError, UnicodeDecodeError, SyntaxError, ValueError, RecursionError, MemoryError):
+        return False
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            name = node.name
+        elif isinstance(node, ast.Attribute):
+            name = node.attr
+        elif isinstance(node, ast.Name):
+            name = node.id
+        else:
+            continue
+        if name in PERSISTENT_HOOKS:
+            return True
+    return False
 
 
 class RemoteJobType(JobType):
@@ -95,7 +127,8 @@ class RemoteJobType(JobType):
         a = self.assignment
         payload = {"id": a.id, "assignment": assignment_to_json(a), "name": a.jobtype.name,
                    "version": a.jobtype.version, "node": self.node,
-                   "expandvars": self.expandvars_enabled}
+                   "expandvars": self.expandvars_enabled,
+                   "path_map": [[r.source, r.target] for r in self.path_map]}
         return self.make_command_data(
             sys.executable, ["-I", "-m", HOST_MODULE, self.module_path, self.classname,
                              json.dumps(payload)])
@@ -131,3 +164,48 @@ class RemoteJobType(JobType):
 
     def failure_reason(self, status: ExitStatus) -> str:
         return self.error or super().failure_reason(status)
+
+
+class WarmRemoteJobType(RemoteJobType, WarmJobType):
+    """A downloaded job type that uses PyFarm's job-level hooks: each assignment is run by
+    farmnode.jobtypes.remote_host inside the job's warm interpreter (this node's Python, with
+    farmnode), so what prepare_for_job made and spawn_persistent_process started live on
+    from one assignment of the job to the next; the teardown runs cleanup_after_job."""
+
+    HOST = "_farmnode_remote_host"
+
+    def warm_process(self) -> WarmProcess:
+        return WarmProcess(
+            argv=(sys.executable, "-I", EXECUTOR_PATH),
+            setup=(f"import {HOST_MODULE} as {self.HOST}",),
+            teardown=(f"{self.HOST}.warm.cleanup()",),
+            env=self.get_environment())
+
+    def commands(self) -> list[str]:
+        payload = json.loads(RemoteJobType.get_command_data(self).arguments[-1])
+        return [f"{self.HOST}.run_warm({self.module_path!r}, {self.classname!r}, "
+                f"{payload!r})"]
+
+    def request(self) -> dict[str, Any]:
+        # The job type handles the assignment's frames itself: one run, not one per frame.
+        req = super().request()
+        req["items"] = req["items"][:1]
+        return req
+
+    def get_command_data(self) -> CommandData:
+        return WarmJobType.get_command_data(self)
+
+    def handle_line(self, stream: Stream, line: str) -> str | None:
+        if stream == Stream.STDERR and line.startswith(warm_client.RECORD):
+            return WarmJobType.handle_line(self, stream, line)
+        self._warm_priority = None
+        return RemoteJobType.handle_line(self, stream, line)
+
+    def line_priority(self, stream: Stream, line: str) -> int:
+        if self._warm_priority is not None:
+            return self._warm_priority
+        return RemoteJobType.line_priority(self, stream, line)
+
+    def failure_reason(self, status: ExitStatus) -> str:
+        # The job type's own reason first; the warm process's when it never got that far.
+        return self.error or self.warm_error or status.describe()

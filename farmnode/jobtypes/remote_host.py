@@ -26,10 +26,12 @@ from typing import Any
 
 from farmnode.jobtypes import pyfarm
 from farmnode.jobtypes.base import ExitStatus, JobType, Stream
+from farmnode.jobtypes.pyfarm import warm
 from farmnode.jobtypes.pyfarm.agent.config import config as pyfarm_config
 from farmnode.jobtypes.pyfarm.jobtypes.core import jobtype as pyfarm_jobtype
 from farmnode.jobtypes.pyfarm.jobtypes.core.process import LineSplitter, pump
 from farmnode.jobtypes.remote import MARK
+from farmnode.pathmap import PathRule
 from farmnode.tasks.model import TaskState
 
 # The agent cuts lines at 16 KiB: a record must stay below that to reach it whole.
@@ -148,16 +150,25 @@ def load_class(path: str, classname: str, label: str) -> type:
     return cls
 
 
+def _path_map(payload: dict[str, Any]) -> tuple[PathRule, ...]:
+    # The agent checked the rules when it read its config; here they are only rebuilt.
+    return tuple(PathRule(str(src), str(dst)) for src, dst in payload.get("path_map") or ())
+
+
 def run_pyfarm(cls: type[pyfarm_jobtype.JobType], payload: dict[str, Any],
                path: str, label: str) -> int:
     node = payload.get("node") or {}
     pyfarm_config.update({k: v for k, v in node.items() if v is not None})
     pyfarm_config["jobtype_expandvars"] = bool(payload.get("expandvars", True))
+    pyfarm_jobtype.path_map = _path_map(payload)
     pyfarm_jobtype.bind(MarkedSink(), node)
     log = logging.getLogger("pyfarm")
-    log.addHandler(LogLines())
+    if not any(isinstance(h, LogLines) for h in log.handlers):  # once per warm process
+        log.addHandler(LogLines())
     log.setLevel(logging.INFO)
     log.propagate = False
+    if warm.active:
+        warm.prepare(cls, payload["assignment"], label, path)
     try:
         jt = cls(payload["assignment"])
     except Exception as exc:
@@ -199,7 +210,7 @@ def run_native(cls: type[JobType], payload: dict[str, Any], path: str, label: st
     assignment = parse_assignment(payload["assignment"], payload["id"])
     try:
         jt = cls(assignment, MarkedReporter(),
-                 expandvars=bool(payload.get("expandvars", True)))
+                 expandvars=bool(payload.get("expandvars", True)), path_map=_path_map(payload))
         command = jt.get_command_data()
     except Exception as exc:
         raise Failure(f"{label}: {where(exc, path)}", exc) from None
@@ -235,7 +246,9 @@ def main(argv: list[str]) -> int:
     label = f"job type {name!r} v{version}"
     pyfarm.install()
     try:
-        cls = load_class(path, classname, label)
+        cls = warm.loaded.get((path, classname)) or load_class(path, classname, label)
+        if warm.active:
+            warm.loaded[(path, classname)] = cls
         if issubclass(cls, pyfarm_jobtype.JobType):
             return run_pyfarm(cls, payload, path, label)
         assert issubclass(cls, JobType)
@@ -252,6 +265,20 @@ def main(argv: list[str]) -> int:
         sys.stderr.flush()
         emit({"error": f"{label}: {where(exc, path)}"})
         return 1
+
+
+class TaskFailed(Exception):
+    """The assignment failed in the job's warm process (its reason went out as a record)."""
+
+
+def run_warm(path: str, classname: str, payload: dict[str, Any]) -> None:
+    """One assignment in the job's warm interpreter (farmnode.warm), as main() runs it in a
+    process of its own, except that the class stays loaded for the job's next assignments,
+    with what prepare_for_job made and the processes spawn_persistent_process started."""
+    warm.active = True
+    code = main(["remote_host", path, classname, json.dumps(payload)])
+    if code:
+        raise TaskFailed(f"exit status {code}")
 
 
 if __name__ == "__main__":

@@ -60,6 +60,15 @@ class ManagerProxy(DbusInterfaceCommonAsync, interface_name=MANAGER_IFACE):
     async def get_unit_by_pid(self, pid: int) -> str:
         raise NotImplementedError
 
+    # The freezer (workstation mode): answered once the cgroup is frozen or thawed.
+    @dbus_method_async(input_signature="s")
+    async def freeze_unit(self, name: str) -> None:
+        raise NotImplementedError
+
+    @dbus_method_async(input_signature="s")
+    async def thaw_unit(self, name: str) -> None:
+        raise NotImplementedError
+
 
 class UnitProxy(DbusInterfaceCommonAsync, interface_name="org.freedesktop.systemd1.Unit"):
     @dbus_property_async("s")

@@ -112,8 +112,10 @@ class ScopeManager:
     def __init__(self, bus: SdBus) -> None:
         self.bus = bus
         self.manager = ManagerProxy.new_proxy(SYSTEMD, MANAGER_PATH, bus)
-        # The tasks' scopes, and the HTTP API's units, whose start and stop follow the agent.
-        self.jobs = JobWatcher(bus, unit_prefix=("farmnode-task-", "farmnode-api."))
+        # The tasks' scopes, the jobs' warm scopes (farmnode.warm), and the HTTP API's units,
+        # whose start and stop follow the agent.
+        self.jobs = JobWatcher(bus, unit_prefix=("farmnode-task-", "farmnode-warm-",
+                                                 "farmnode-api."))
 
     async def start(self) -> None:
         await self.jobs.start(self.manager)
@@ -132,6 +134,16 @@ class ScopeManager:
         """Stop (TERM, TimeoutStopUSec, KILL the cgroup); False if the unit is already gone."""
         try:
             await self.manager.stop_unit(unit, "replace")
+        except (DbusFailedError, SdBusUnmappedMessageError) as exc:
+            if _unit_gone(exc):
+                return False
+            raise
+        return True
+
+    async def stop_scope_wait(self, unit: str, timeout: float) -> bool:
+        """As stop_scope, and return once it is stopped (its name free for a new scope)."""
+        try:
+            await self.unit_job(unit, "stop", timeout)
         except (DbusFailedError, SdBusUnmappedMessageError) as exc:
             if _unit_gone(exc):
                 return False

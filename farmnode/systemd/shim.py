@@ -92,8 +92,10 @@ def _set_name(name: str) -> None:
         pass
 
 
-def _exec_job(spec: dict[str, Any], out_w: int, err_w: int, err_fd: int) -> None:
-    """In the forked child: wire stdio, drop privileges, enter cwd, exec. Never returns."""
+def _exec_job(spec: dict[str, Any], out_w: int, err_w: int, err_fd: int,
+              report_fd: int) -> None:
+    """In the forked child: wire stdio, drop privileges, enter cwd, exec (or, with hooks,
+    become their supervisor: farmnode.systemd.hooks). Never returns."""
     stage = "setup"
     try:
         os.dup2(out_w, 1)
@@ -115,6 +117,18 @@ def _exec_job(spec: dict[str, Any], out_w: int, err_w: int, err_fd: int) -> None
             os.chdir(str(cwd))
         argv = [str(a) for a in spec["argv"]]
         env = {str(k): str(v) for k, v in spec["env"].items()}
+        pre, post = spec.get("pre"), spec.get("post")
+        if pre or post:
+            from farmnode.systemd import hooks
+
+            stage = "start the hooks"
+            for sig in SHIELDED:
+                # The stop signals are the job's (and the hooks'), never their supervisor's.
+                signal.signal(sig, signal.SIG_IGN)
+            os.close(err_fd)  # running: what fails from here on comes as a report
+            os._exit(hooks.supervise([str(a) for a in pre] if pre else None, argv,
+                                     [str(a) for a in post] if post else None, env,
+                                     report_fd, SHIELDED))
         stage = f"exec {argv[0]}"
         os.execvpe(argv[0], argv, env)
     except BaseException as exc:
@@ -129,7 +143,8 @@ SIOCOUTQ = 0x5411  # bytes sent on a socket that the peer has not read yet (see 
 RETRY_FIRST, RETRY_MAX = 0.05, 1.0  # seconds between tries to reach journald again
 CONFIRM_EVERY = 0.02  # while journald has not read everything yet: how often to look
 # Once the job has ended and the agent has its exit, how long the shim waits for a journald
-# that is away before it leaves, its held output in the spool for the agent to journal.
+# that is away before it leaves, its held output in the spool for the agent to journal
+# (task_journal_grace; the spec carries it).
 JOURNAL_GRACE = 60.0
 SPOOL_META_EVERY = 0.2  # seconds between rewrites of a spool's record while it changes
 
@@ -453,8 +468,10 @@ class Stream:
 
 
 class Forwarder:
-    def __init__(self, sock: socket.socket, streams: list[Stream], pid: int) -> None:
+    def __init__(self, sock: socket.socket, streams: list[Stream], pid: int,
+                 journal_grace: float = JOURNAL_GRACE) -> None:
         self.sock = sock
+        self.journal_grace = journal_grace
         self.streams = streams
         self.pid = pid
         self.pidfd = os.pidfd_open(pid)
@@ -467,6 +484,7 @@ class Forwarder:
         self.link_gone = False
         self.raw_finished = False
         self.ended_at: float | None = None  # monotonic: when the job was reaped
+        self.report_fd = -1  # the hooks' supervisor's report of a failure (hooks.py)
 
     def _send(self, packet: bytes) -> bool:
         try:
@@ -559,6 +577,19 @@ class Forwarder:
     def _journal_pending(self) -> bool:
         return any(s.journal.pending or s.journal.unresolved for s in self.streams)
 
+    def _hook_report(self) -> str:
+        # The hooks' supervisor wrote it before it left, at most a few KiB: in the pipe.
+        if self.report_fd < 0:
+            return ""
+        os.set_blocking(self.report_fd, False)
+        try:
+            return _read_all(self.report_fd).decode(errors="replace")
+        except BlockingIOError:
+            return ""
+        finally:
+            os.close(self.report_fd)
+            self.report_fd = -1
+
     def _reap(self, status_path: str, exec_error: str) -> None:
         _, wstatus = os.waitpid(self.pid, 0)
         os.close(self.pidfd)
@@ -575,6 +606,9 @@ class Forwarder:
         record: dict[str, Any] = {"pid": self.pid}
         if exec_error:
             record["error"] = exec_error
+        failure = self._hook_report()
+        if failure:
+            record["failure"] = failure
         if os.WIFSIGNALED(wstatus):
             record["signal"] = os.WTERMSIG(wstatus)
             record["core_dumped"] = os.WCOREDUMP(wstatus)
@@ -605,7 +639,7 @@ class Forwarder:
         in the spool (the agent journals it once journald is back and says so in the task's
         outcome), rather than keep the task running for as long as journald is gone. Output
         that could not be spooled is kept in memory: the shim waits on."""
-        if self.ended_at is None or time.monotonic() - self.ended_at < JOURNAL_GRACE:
+        if self.ended_at is None or time.monotonic() - self.ended_at < self.journal_grace:
             return False
         now = time.monotonic()
         held = [s.journal for s in self.streams if s.journal.pending or s.journal.unresolved]
@@ -649,7 +683,7 @@ class Forwarder:
                     poller.register(j.sock.fileno(), select.POLLOUT if j.wants_out() else 0)
                     journals[j.sock.fileno()] = j
             if self.ended_at is not None and self._journal_pending():
-                left = max(0.0, self.ended_at + JOURNAL_GRACE - now)
+                left = max(0.0, self.ended_at + self.journal_grace - now)
                 timeout = left if timeout is None else min(timeout, left)
             events = poller.poll(None if timeout is None else int(timeout * 1000) + 1)
             for fd, event in events:
@@ -739,12 +773,13 @@ def main() -> int:
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
     exec_r, exec_w = os.pipe()  # close-on-exec: EOF without data means exec succeeded
+    report_r, report_w = os.pipe()
     pid = os.fork()
     if pid == 0:
-        for fd in (out_r, err_r, exec_r, sock.fileno()):
+        for fd in (out_r, err_r, exec_r, report_r, sock.fileno()):
             os.close(fd)
-        _exec_job(spec, out_w, err_w, exec_w)
-    for fd in (out_w, err_w, exec_w):
+        _exec_job(spec, out_w, err_w, exec_w, report_w)
+    for fd in (out_w, err_w, exec_w, report_w):
         os.close(fd)
     exec_error = _read_all(exec_r).decode(errors="replace")
     os.close(exec_r)
@@ -758,7 +793,9 @@ def main() -> int:
     for fd in (out_r, err_r):
         os.set_blocking(fd, False)
     fwd = Forwarder(sock, [Stream(link.STDOUT, out_r, journals[0]),
-                           Stream(link.STDERR, err_r, journals[1])], pid)
+                           Stream(link.STDERR, err_r, journals[1])], pid,
+                    float(spec.get("journal_grace", JOURNAL_GRACE)))
+    fwd.report_fd = report_r
     fwd.run(status_path, exec_error)
     record = fwd.exit_record or {}
     if "signal" in record:

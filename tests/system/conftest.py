@@ -9,6 +9,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -97,3 +98,16 @@ def agent_ready(ct: Container, not_pid: int = 0) -> None:
         ct.run(["systemctl", "reset-failed", "farmnode.service"], check=False)
     log = ct.run(["journalctl", "-u", "farmnode.service", "-n", "40", "--no-pager"]).stdout
     raise AssertionError(f"the agent did not come back:\n{log}")
+
+
+@contextmanager
+def agent_config(ct: Container, yaml_text: str) -> Iterator[None]:
+    """A conf.d drop-in for the duration of a test (the agent is restarted around it)."""
+    path = "/etc/farmnode/conf.d/50-test.yaml"
+    ct.sh(f"cat > {path} <<'EOF'\n{yaml_text}\nEOF")
+    ct.run(["systemctl", "restart", "farmnode.service"])
+    try:
+        yield
+    finally:
+        ct.run(["rm", "-f", path])
+        ct.run(["systemctl", "restart", "farmnode.service"])

@@ -24,7 +24,7 @@ import pytest
 import requests
 from container import Container
 
-from tests.system.conftest import agent_pid, assignment, farmnode
+from tests.system.conftest import agent_pid, assign_wait, assignment, farmnode
 
 USER, PASSWORD, TOKEN = "master", "pa$$ word:with colon", "tok-" + uuid.uuid4().hex
 CONFD = "/etc/farmnode/conf.d/50-api-test.yaml"
@@ -331,6 +331,29 @@ def test_config_patch(api: Api) -> None:
                     headers={"Content-Type": "application/merge-patch+json"})
     assert r.status_code == 200 and r.json()["farm_name"] is None
     assert "\n  " in api.get("/api/v1/status").text
+
+
+def test_path_mapping_set_at_runtime_reaches_the_next_task(api: Api) -> None:
+    rules = ["Z:\\bin => /bin", "//filer/proj => /srv/proj"]
+    r = api.request("PATCH", "/api/v1/config", json={"jobtype_path_map": rules})
+    assert r.status_code == 200, r.text
+    try:
+        # The command job type maps its program (map_path); the job data's other path is
+        # mapped before the job type sees it.
+        a = assignment("command", {"command": ["Z:\\bin\\echo", "//FILER/proj/shots/010"]},
+                       [1])
+        tid = a["tasks"][0]["id"]
+        done = assign_wait(api.ct, a)
+        assert [t["state"] for t in done["tasks"]] == ["done"], done
+        out = farmnode(api.ct, "logs", str(tid)).stdout
+        assert "/srv/proj/shots/010" in out, out
+        r = api.request("PATCH", "/api/v1/config", json={"jobtype_path_map": ["Y: -> /y"]})
+        assert r.status_code == 400 and "jobtype_path_map" in r.json()["error"], r.text
+        assert "SOURCE => TARGET" in r.json()["error"], r.text
+    finally:
+        r = api.request("PATCH", "/api/v1/config", json={"jobtype_path_map": None},
+                        headers={"Content-Type": "application/merge-patch+json"})
+        assert r.status_code == 200, r.text
 
 
 def test_signal_task(api: Api) -> None:

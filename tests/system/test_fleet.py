@@ -66,19 +66,21 @@ def inotify_instances(wanted: int) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def network(n: int) -> Iterator[list[str]]:
-    """A bridge with the master's address and n namespaces, each on a veth with its own IP."""
-    sh("ip", "link", "add", BRIDGE, "type", "bridge")
-    names = [f"fnfleet{i}" for i in range(n)]
+def network(n: int, bridge: str = BRIDGE, subnet: str = SUBNET,
+            host_ip: str = MASTER_IP) -> Iterator[list[str]]:
+    """A bridge with the master's address and n namespaces, each on a veth with its own IP
+    (subnet.10, .11, …); another test's fleet takes its own bridge and subnet."""
+    sh("ip", "link", "add", bridge, "type", "bridge")
+    names = [f"{bridge.removesuffix('0')}{i}" for i in range(n)]
     try:
-        sh("ip", "addr", "add", f"{MASTER_IP}/24", "dev", BRIDGE)
-        sh("ip", "link", "set", BRIDGE, "up")
+        sh("ip", "addr", "add", f"{host_ip}/24", "dev", bridge)
+        sh("ip", "link", "set", bridge, "up")
         for i, ns in enumerate(names):
             sh("ip", "netns", "add", ns)
             sh("ip", "link", "add", f"{ns}h", "type", "veth", "peer", "name", "eth0",
                "netns", ns)
-            sh("ip", "link", "set", f"{ns}h", "master", BRIDGE, "up")
-            sh("ip", "-n", ns, "addr", "add", f"{SUBNET}.{10 + i}/24", "dev", "eth0")
+            sh("ip", "link", "set", f"{ns}h", "master", bridge, "up")
+            sh("ip", "-n", ns, "addr", "add", f"{subnet}.{10 + i}/24", "dev", "eth0")
             sh("ip", "-n", ns, "link", "set", "eth0", "up")
             sh("ip", "-n", ns, "link", "set", "lo", "up")
         yield names
@@ -86,7 +88,7 @@ def network(n: int) -> Iterator[list[str]]:
         for ns in names:
             subprocess.run(["ip", "link", "del", f"{ns}h"], capture_output=True)
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-        subprocess.run(["ip", "link", "del", BRIDGE], capture_output=True)
+        subprocess.run(["ip", "link", "del", bridge], capture_output=True)
 
 
 def boot_in_netns(name: str, ns: str, tree: Path, wheels: Path, machine_id: Path,

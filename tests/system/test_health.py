@@ -117,7 +117,7 @@ def test_failing_dropin_disables_with_its_output_and_its_fix_brings_the_node_bac
     until(ct, lambda s: reason in (s["state_reason"] or ""), "the check fails again")
     ct.run(["touch", "/run/fn-mounts-ok"])
     st = until(ct, lambda s: all(c["ok"] for c in s["health"]["checks"]), "the check passes")
-    assert (st["state"], st["state_reason"]) == ("disabled", "disabled by an admin (SetState)")
+    assert st["state"] == "disabled" and not st["state_reason"]  # the admin's own
     out = farmnode(ct, "state", "online").stdout
     assert out.strip() == "agent online"
     ct.run(["rm", f"{HEALTH_D}/mounts"])

@@ -9,9 +9,9 @@ from collections.abc import Callable, Iterator
 import pytest
 from container import Container
 
-from tests.system.conftest import assignment, farmnode, journal
+from tests.system.conftest import agent_config, assignment, farmnode, journal
 
-LINES = 30000
+LINES = 20000
 JOURNALD_UNITS = ["systemd-journald.socket", "systemd-journald-dev-log.socket",
                   "systemd-journald.service"]
 
@@ -40,8 +40,9 @@ def _journaled_up_to(ct: Container, task_id: int, line: int, timeout: float = 60
     raise AssertionError(f"task {task_id}: line {line} not journaled in {timeout} s")
 
 
-def test_journald_stopped_30s_mid_task_loses_no_line(ct: Container) -> None:
-    # About 1,000 lines a second, so lines are in flight in journald's stream the moment
+def test_journald_stopped_15s_mid_task_loses_no_line(ct: Container) -> None:
+    # Three times as long as the shim once held output before it dropped it. About 1,000
+    # lines a second, so lines are in flight in journald's stream the moment
     # it is stopped, and the job goes on printing all the while it is away.
     script = (
         f'i=1; while [ $i -le {LINES} ]; do echo "line $i"; '
@@ -59,7 +60,7 @@ def test_journald_stopped_30s_mid_task_loses_no_line(ct: Container) -> None:
         task = next(t for t in json.loads(farmnode(ct, "--json", "tasks").stdout)
                     if t["id"] == task_id)
         assert task["state"] == "running", task
-        time.sleep(max(0.0, 30 - (time.monotonic() - stopped)))
+        time.sleep(max(0.0, 15 - (time.monotonic() - stopped)))
     finally:
         started = ct.run(["systemctl", "start", *JOURNALD_UNITS], check=False)
         if started.returncode != 0:
@@ -175,8 +176,13 @@ def test_spool_of_a_cancelled_task_is_journaled_by_the_next_agent(ct: Container)
 
 
 def test_shim_gives_up_on_journald_and_the_task_concludes(ct: Container) -> None:
-    # journald stays away past the shim's grace (60 s after the job's end): the shim leaves
-    # its output in the spool, the task is concluded meanwhile, not left running.
+    # journald stays away past the shim's grace (task_journal_grace after the job's end): the
+    # shim leaves its output in the spool, the task is concluded meanwhile, not left running.
+    with agent_config(ct, "task_journal_grace: 3"):
+        _give_up_and_conclude(ct)
+
+
+def _give_up_and_conclude(ct: Container) -> None:
     lines = 500
     script = f'i=1; while [ $i -le {lines} ]; do echo "line $i"; i=$((i+1)); done'
     go = "/tmp/jgrace-go"

@@ -7,12 +7,11 @@ cgroup v1 controllers); enforcement is tested in the VM tier (tests/vm).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 from container import Container
 
 from tests.system.conftest import (
+    agent_config,
     agent_pid,
     agent_ready,
     assign_wait,
@@ -22,19 +21,6 @@ from tests.system.conftest import (
 )
 
 BUSCTL = ["busctl", "call", "org.farmnode.Agent1", "/org/farmnode/Agent1", "org.farmnode.Agent1"]
-
-
-@contextmanager
-def agent_config(ct: Container, yaml_text: str) -> Iterator[None]:
-    """A conf.d drop-in for the duration of a test (the agent is restarted around it)."""
-    path = "/etc/farmnode/conf.d/50-test.yaml"
-    ct.sh(f"cat > {path} <<'EOF'\n{yaml_text}\nEOF")
-    ct.run(["systemctl", "restart", "farmnode.service"])
-    try:
-        yield
-    finally:
-        ct.run(["rm", "-f", path])
-        ct.run(["systemctl", "restart", "farmnode.service"])
 
 
 def test_slice_caps_all_tasks_with_a_reserve(ct: Container) -> None:

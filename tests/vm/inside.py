@@ -263,8 +263,97 @@ def gpu_devices() -> dict[str, Any]:
         agent_config("")
 
 
+def until_frozen(unit: str, want: bool, *cmd: str) -> float:
+    """Run `cmd`, then wait (poll() on cgroup.events, woken by the kernel at each change)
+    until the scope's frozen state is `want`; the seconds from before `cmd`."""
+    import os
+    import select
+    events = f"/sys/fs/cgroup/farmnode.slice/{unit}/cgroup.events"
+    fd = os.open(events, os.O_RDONLY)
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLPRI | select.POLLERR)
+        os.read(fd, 4096)
+        t0 = time.monotonic()
+        if cmd:
+            sh(*cmd)
+        while ("frozen 1" in cgroup(unit, "cgroup.events").splitlines()) != want:
+            if time.monotonic() - t0 > 120:
+                raise RuntimeError(f"{unit} never frozen={want}")
+            poller.poll(1000)
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.read(fd, 4096)
+        return time.monotonic() - t0
+    finally:
+        os.close(fd)
+
+
+# Counts until told to stop: progress a freeze must stop. No braces (job type placeholders).
+COUNTER = """
+import os, sys, time
+n = 0
+while not os.path.exists(sys.argv[2]):
+    n += 1
+    with open(sys.argv[1] + ".tmp", "w") as f:
+        f.write(str(n))
+    os.rename(sys.argv[1] + ".tmp", sys.argv[1])
+    time.sleep(0.05)
+"""
+
+
+def workstation() -> dict[str, Any]:
+    """systemd's own freezer (pure cgroup v2) under a real PAM session's idle hint."""
+    import os
+    idle_time = 2.0
+    agent_config(f"workstation_mode: true\nworkstation_idle_time: {idle_time}\n")
+    count, release = "/tmp/farmnode-vm-count", "/tmp/farmnode-vm-release"
+    a = job("command", {"command": ["/usr/bin/python3", "-c", COUNTER, count, release]})
+    aid = assign(a)
+    sh("farmnode", "wait", aid, "--until", "running")
+    unit = f"farmnode-task-{a['tasks'][0]['id']}.scope"
+    logind = ("org.freedesktop.login1", "/org/freedesktop/login1",
+              "org.freedesktop.login1.Manager")
+    try:
+        login_s = until_frozen(unit, True, "systemd-run", "--unit=farmnode-vm-artist",
+                               "-p", "PAMName=login", "-p", "User=artist",
+                               "-E", "XDG_SESSION_TYPE=wayland", "sleep", "600")
+        frozen_state = sh("systemctl", "show", "-P", "FreezerState", unit).strip()
+        status = json.loads(sh("farmnode", "--json", "status"))
+        with open(count) as f:
+            before = f.read()
+        time.sleep(1)  # long enough for 20 counts, were it running
+        with open(count) as f:
+            after = f.read()
+        listed = json.loads(sh("busctl", "--json=short", "call", *logind, "ListSessions"))
+        ((sid, path),) = [(x[0], x[4]) for x in listed["data"][0] if x[2] == "artist"]
+        hint = ("setpriv", "--reuid=artist", "--regid=artist", "--init-groups", "busctl",
+                "call", "org.freedesktop.login1", path, "org.freedesktop.login1.Session",
+                "SetIdleHint", "b")
+        resume_s = until_frozen(unit, False, *hint, "true")
+        thawed_state = sh("systemctl", "show", "-P", "FreezerState", unit).strip()
+        refreeze_s = until_frozen(unit, True, *hint, "false")
+        logout_s = until_frozen(unit, False, "busctl", "call", *logind, "TerminateSession", "s",
+                                sid)
+        with open(count) as f:
+            resumed = f.read()
+        with open(release, "w"):
+            pass
+        return {"frozen_state": frozen_state, "thawed_state": thawed_state,
+                "status_state": status["state"], "state_reason": status["state_reason"],
+                "counts": [before, after, resumed], "task": wait(aid),
+                "login_to_frozen_s": login_s, "idle_to_thawed_s": resume_s,
+                "idle_time": idle_time, "active_to_frozen_s": refreeze_s,
+                "logout_to_thawed_s": logout_s}
+    finally:
+        sh("systemctl", "stop", "farmnode-vm-artist.service", check=False)
+        if not os.path.exists(release):
+            with open(release, "w"):
+                pass
+        agent_config("")
+
+
 SCENARIOS: list[Callable[[], dict[str, Any]]] = [gpu_devices, slice_reserve, oom_kill, cpu_half,
-                                                 fork_bomb]
+                                                 fork_bomb, workstation]
 
 
 def main() -> int:

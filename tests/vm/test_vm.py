@@ -105,3 +105,20 @@ def test_gpus_bound_per_task_by_the_kernel(results: dict[str, Any]) -> None:
     assert code != 0 and "Not enough gpus: agent_gpus=0 requires_gpus=1" in text, text
     code, text = rec["never_refusal"]
     assert code != 0 and "job.data.gpus: asks for 3 GPUs; this node has 2" in text, text
+
+
+def test_a_user_at_the_node_freezes_tasks_with_systemds_freezer(results: dict[str, Any]) -> None:
+    rec = scenario(results, "workstation")
+    # pure cgroup v2: systemd's own freezer did it, and its unit state says so
+    assert rec["frozen_state"] == "frozen" and rec["thawed_state"] == "running", rec
+    assert rec["status_state"] == "disabled", rec
+    assert rec["state_reason"].startswith("a user is at the node: artist's session"), rec
+    before, after, resumed = (int(n) for n in rec["counts"])
+    assert before == after < resumed, rec["counts"]  # no progress while frozen
+    assert rec["task"]["state"] == "done" and rec["task"]["exit_code"] == 0, rec["task"]
+    assert rec["idle_to_thawed_s"] >= rec["idle_time"]
+    print(f"workstation latencies (VM, TCG, systemd's FreezeUnit): login to frozen "
+          f"{rec['login_to_frozen_s']:.3f} s, SetIdleHint(false) to frozen "
+          f"{rec['active_to_frozen_s']:.3f} s, SetIdleHint(true) to thawed "
+          f"{rec['idle_to_thawed_s']:.3f} s (idle time {rec['idle_time']:g} s), logout to "
+          f"thawed {rec['logout_to_thawed_s']:.3f} s")

@@ -10,8 +10,9 @@ the host bound (`bind`): the host turns them into records for the agent.
 Differences from PyFarm, each because of where this code runs (inside the task's scope, as the
 job's user, never in the agent): the process runs as the job's user, so ``CommandData.user``
 and ``group`` may only name that user and their groups; a `start` override must still run its
-process through ``super().start()``; `prepare_for_job`, `cleanup_after_job` and
-`spawn_persistent_process` are not implemented (neither were they in PyFarm 0.8).
+process through ``super().start()``. `prepare_for_job`, `cleanup_after_job` and
+`spawn_persistent_process`, documented but never implemented in PyFarm 0.8, work in the job's
+warm process (farmnode.jobtypes.pyfarm.warm), where a job type that names them runs.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ from typing import Any, Protocol
 from farmnode.jobtypes.pyfarm.agent.config import config
 from farmnode.jobtypes.pyfarm.jobtypes.core.internals import Cache, Process, System, TypeChecks
 from farmnode.jobtypes.pyfarm.jobtypes.core.process import LineSplitter, ProcessProtocol, pump
+from farmnode.pathmap import PathRule
+from farmnode.pathmap import map_path as apply_path_map
 
 PRIORITY_INFO = 6
 PRIORITY_WARNING = 4
@@ -71,6 +74,8 @@ class _Discard:
 
 _sink: Sink = _Discard()
 _node: dict[str, Any] = {}
+# The node's path-mapping rules (jobtype_path_map), set by the host before the job type runs.
+path_map: tuple[PathRule, ...] = ()
 
 
 def bind(sink: Sink, node: Mapping[str, Any] | None = None) -> None:
@@ -184,7 +189,10 @@ class JobType(Cache, System, Process, TypeChecks):
         self.uuid = uuidlib.uuid4()
         self.finished_tasks: set[int] = set()
         self.failed_tasks: set[int] = set()
-        self.persistent_job_data: Any = None
+        # What prepare_for_job made for this job (in the job's warm process; see
+        # farmnode.jobtypes.pyfarm.warm), as PyFarm documents PERSISTENT_JOB_DATA.
+        self.persistent_job_data: Any = self.PERSISTENT_JOB_DATA.get(
+            assignment.get("job", {}).get("id"))
         self.processes: dict[uuidlib.UUID, ProcessProtocol] = {}
         self.ran_process = False
         self.stopped_reason: ExitReason | None = None
@@ -215,8 +223,13 @@ class JobType(Cache, System, Process, TypeChecks):
 
     @classmethod
     def spawn_persistent_process(cls, job: int, command_data: CommandData) -> Any:
-        raise NotImplementedError("persistent processes are not supported (nor were they in "
-                                  "PyFarm 0.8)")
+        """The job's one persistent process on this node (a Popen, stdin a pipe), started
+        once and kept until the job's warm process leaves."""
+        from farmnode.jobtypes.pyfarm import warm
+
+        command_data.validate()
+        argv = [str(command_data.command), *map(str, command_data.arguments)]
+        return warm.spawn(int(job), argv, command_data.env, command_data.cwd)
 
     # -- facts -------------------------------------------------------------------------------
     def node(self) -> dict[str, Any]:
@@ -310,8 +323,8 @@ class JobType(Cache, System, Process, TypeChecks):
         return _VAR_RE.sub(replace, value)
 
     def map_path(self, path: str) -> str:
-        """The path for this node: variables expanded, then ``~``."""
-        path = self.expandvars(path)
+        """The path for this node: variables expanded, the site's path-mapping rules, ``~``."""
+        path = apply_path_map(self.expandvars(path), path_map)
         if path == "~" or path.startswith("~/"):
             home = self.get_environment().get("HOME")
             if home:
