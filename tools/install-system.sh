@@ -7,7 +7,7 @@ set -eu
 src=$1; root=${2:-/}
 install -d "$root/etc/systemd/system" "$root/etc/dbus-1/system.d" \
     "$root/usr/share/dbus-1/system-services" "$root/usr/share/dbus-1/interfaces" \
-    "$root/etc/farmnode/conf.d" "$root/usr/bin"
+    "$root/etc/farmnode/conf.d" "$root/etc/farmnode/health.d" "$root/usr/bin"
 for u in "$src"/units/*; do install -m 0644 "$u" "$root/etc/systemd/system/"; done
 install -m 0644 "$src/dbus/org.farmnode.Agent1.conf" "$root/etc/dbus-1/system.d/"
 install -m 0644 "$src/dbus/org.farmnode.Agent1.service" "$root/usr/share/dbus-1/system-services/"

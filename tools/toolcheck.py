@@ -110,6 +110,7 @@ TREE_BASE: Mapping[str, str] = {
     "/opt/farmnode/bin/python3": "the tree's venv (container.VENV), or the package's",
     "/opt/farmnode/bin/pip": "the tree's venv (container.VENV)",
     "/opt/farmnode/bin/farmnode": "the package under test",
+    "/opt/farmnode/bin/farmnode-health": "the package under test (farmnode-health@.service)",
     "/usr/local/bin/fn-probe": "bench/run.py builds it (gcc, from bench/probe.c) and installs it",
 }
 # Program -> the Debian package of the tree's recipe (container.PACKAGES).

@@ -114,6 +114,12 @@ class StatusSource(Protocol):
     def assign_refusal(self) -> str | None: ...
 
 
+class HealthSource(Protocol):
+    """What the core needs of farmnode.health.watch.HealthWatch: the checks, for the status."""
+
+    def status(self) -> dict[str, Any] | None: ...
+
+
 @dataclass(frozen=True)
 class TaskChange:
     assignment_id: str
@@ -156,6 +162,8 @@ class Agent:
         self.master_link: StatusSource | None = None
         # Who may call PyFarm's endpoints without credentials (set by the entry point).
         self.trusted_masters: TrustedMasters | None = None
+        # Health checks (set by the entry point; a failing one is a hold, "health").
+        self.health: HealthSource | None = None
         self._shutting_down = False
         self._detached = False
         # Why the node takes no new work besides the admin's own `disabled` ({source: why}):
@@ -606,6 +614,8 @@ class Agent:
                    for rec in self.store.tasks(rid, limit=1)]
         return {
             "state": str(self.state),
+            # The health checks: each one's last verdict and output.
+            "health": self.health.status() if self.health else None,
             "agent_id": self.agent_id,
             "agent_hostname": self.hostname,
             "version": __version__,

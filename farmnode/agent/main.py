@@ -92,6 +92,17 @@ async def serve(config: Config) -> None:
     job_files = JobFiles(agent, JobStore(state_dir / "jobs.db"), config.master_api)
     service.job_files = job_files
     job_files.start()
+    # Health checks gate work from the first moment: the node is disabled until every check
+    # has passed once since boot; READY waits for their first verdicts (at most START_WAIT).
+    from farmnode.health.watch import HealthWatch
+
+    runtime_dir = Path(os.environ.get("RUNTIME_DIRECTORY", config.agent_runtime_dir).split(":")[0])
+    health = HealthWatch(bus, config.health_interval,
+                         lambda reason: agent.set_hold("health", reason),
+                         passed_marker=runtime_dir / "health-passed")
+    agent.health = health
+    await health.start()
+    await health.settled()
     # The name last: a caller that bus-activated us (dbus-daemon holds its call until the
     # name appears) gets its answer from an agent that is ready, its HTTP API included.
     if await api:
@@ -128,6 +139,7 @@ async def serve(config: Config) -> None:
     accounting.cancel()
     if agent.workstation is not None:
         await agent.workstation.stop()
+    await health.stop()
     if job in RESTART_JOBS:
         # restart, upgrade (try-restart): the tasks run on; the next agent re-adopts them
         _notify(f"STOPPING=1\nSTATUS=restarting, {len(agent.runs)} task scope(s) keep running")

@@ -236,6 +236,21 @@ OPERATIONS: dict[str, dict[str, dict[str, Any]]] = {
             "type": "object", "required": ["state", "agent_id", "free_ram"],
             "properties": {"state": {"type": "string"}, "agent_id": {"type": "string"},
                            "free_ram": {"type": "integer"},
+                           "health": {"type": ["object", "null"], "description": (
+                               "The health checks (farmnode-health.target): each one's last "
+                               "verdict and output; null where none are installed."),
+                               "properties": {
+                                   "passed_once": {"type": "boolean"},
+                                   "interval": {"type": "number"},
+                                   "checks": {"type": "array", "items": {
+                                       "type": "object", "properties": {
+                                           "name": {"type": "string"},
+                                           "unit": {"type": "string"},
+                                           "ok": {"type": ["boolean", "null"]},
+                                           "detail": {"type": "string"},
+                                           "output": {"type": "array",
+                                                      "items": {"type": "string"}},
+                                           "at": {"type": ["number", "null"]}}}}}},
                            "gpus": {"type": "array", "description": (
                                "The GPUs tasks may get and the assignment holding each."),
                                "items": {"type": "object", "properties": {
@@ -246,7 +261,8 @@ OPERATIONS: dict[str, dict[str, dict[str, Any]]] = {
                                    "assignment": {"type": ["string", "null"]}}}},
                            "state_reason": {"type": ["string", "null"], "description": (
                                "Why the node is disabled when the admin did not disable it "
-                               "(workstation mode: a user at the node, the schedule).")},
+                               "(workstation mode: a user at the node, the schedule; a failing "
+                               "health check).")},
                            "workstation": {"type": ["object", "null"], "description": (
                                "Workstation mode: the verdict, logind's sessions, the "
                                "paused task scopes; null when it is off.")}}})}}},

@@ -195,7 +195,15 @@ async def _wait(args: argparse.Namespace, proxy: Any, changes: TaskChanges,
     while not reached():
         path, changed = await changes.get()
         if (path, changed) == RESYNC:
-            for v in await task_views(proxy):
+            from sdbus.dbus_exceptions import DbusDisconnectedError, DbusNoReplyError
+
+            try:
+                views = await task_views(proxy)
+            except (DbusNoReplyError, DbusDisconnectedError):
+                # That agent went while answering (killed as it was asked): its successor's
+                # NameOwnerChanged brings another resync.
+                continue
+            for v in views:
                 if v.id in tasks and v.assignment_id == assignment_id:
                     show(v)
             continue
@@ -243,9 +251,14 @@ async def _client(args: argparse.Namespace) -> int:
         return await _wait(args, proxy, changes, args.assignment, args.until)
     if args.command == "status":
         st = json.loads(await proxy.get_status())
-        human = "\n".join(f"{k}: {v}" for k, v in st.items() if k not in ("gpus", "workstation"))
+        human = "\n".join(f"{k}: {v}" for k, v in st.items()
+                           if k not in ("gpus", "workstation", "health"))
         if st.get("workstation"):
             human += _workstation_lines(st["workstation"])
+        for c in (st.get("health") or {}).get("checks", []):
+            verdict = {True: "ok", False: "FAILING", None: "not run yet"}[c["ok"]]
+            human += f"\nhealth {c['name']}: {verdict}" + (
+                f" ({c['detail']}): {' | '.join(c['output'])}" if c["output"] else "")
         for g in st.get("gpus") or []:
             human += f"\ngpu {g['id']} ({g['name']}, {g['pci_slot']}): " + (
                 f"assignment {g['assignment']}" if g["assignment"] else "free")
@@ -262,7 +275,11 @@ async def _client(args: argparse.Namespace) -> int:
         return EXIT_OK if stopped else EXIT_FAIL
     elif args.command == "state":
         await proxy.set_state(args.state)
-        _print(args, {"state": args.state}, f"agent {args.state}")
+        # The state the node is in now: a failing health check keeps it disabled.
+        st = json.loads(await proxy.get_status())
+        _print(args, {"state": st["state"], "state_reason": st.get("state_reason")},
+               f"agent {st['state']}" + (f" ({st['state_reason']})"
+                                         if st.get("state_reason") else ""))
     elif args.command == "logs":
         await proxy.get_task(args.task)  # a clear error for an unknown task
         return _logs(args)

@@ -367,6 +367,12 @@ class Config:
     # outside them it takes no work and pauses its tasks as for a user. null: always.
     render_schedule: str | None = _setting(None, canonical_schedule)
 
+    # Health checks (farmnode-health@.service units; farmnode(8), HEALTH CHECKS): a round
+    # every health_interval s; the scratch check wants this many MB free where tasks write.
+    health_interval: float = _setting(60.0, _positive)
+    health_scratch_path: str = _setting("/var/tmp", _absolute_path)
+    health_scratch_min_free: int = _setting(1024, _non_negative)
+
 
 SECRET_KEYS: frozenset[str] = frozenset(
     f.name for f in dataclasses.fields(Config) if f.metadata.get("secret")

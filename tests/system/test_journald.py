@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
+import pytest
 from container import Container
 
 from tests.system.conftest import agent_config, assignment, farmnode, journal
@@ -13,6 +14,18 @@ from tests.system.conftest import agent_config, assignment, farmnode, journal
 LINES = 20000
 JOURNALD_UNITS = ["systemd-journald.socket", "systemd-journald-dev-log.socket",
                   "systemd-journald.service"]
+
+
+@pytest.fixture(autouse=True)
+def _node_back_after(ct: Container) -> Iterator[None]:
+    # journald away fails the journald health check, which disables the node until the
+    # check's next run; the next test needs it taking work again: run it now.
+    yield
+    ct.run(["systemctl", "start", "farmnode-health@journald.service"], check=False)
+    deadline = time.monotonic() + 60
+    while json.loads(farmnode(ct, "--json", "status").stdout)["state"] == "disabled":
+        assert time.monotonic() < deadline, farmnode(ct, "status").stdout
+        time.sleep(0.2)
 
 
 def _journaled_up_to(ct: Container, task_id: int, line: int, timeout: float = 60) -> None:
