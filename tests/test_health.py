@@ -233,9 +233,16 @@ def test_network_route_carrier_address(netns: str) -> None:
     # no route to a master elsewhere (and no default route)
     ok, message = network_check(netns, "10.77.0.1")
     assert not ok and message.startswith("no route to the master 10.77.0.1 (10.77.0.1)")
-    # standalone: the default route is what must work
+    # standalone on a LAN without a gateway: a link with carrier and an address will do
     ok, message = network_check(netns, None)
-    assert not ok and message == "no default route (and no master configured)"
+    assert ok and message.startswith("no master configured and no default route: "), message
+    assert "has carrier and" in message, message
+    _ip(netns, "link", "set", "peer0", "down")  # no link has carrier now
+    ok, message = network_check(netns, None)
+    assert not ok and message == ("no master configured, no default route, and no link "
+                                  "with carrier and an address"), message
+    _ip(netns, "link", "set", "peer0", "up")
+    # standalone with a gateway: the default route is what must work
     _ip(netns, "route", "add", "default", "via", "10.9.9.2")
     ok, message = network_check(netns, None)
     assert ok and message.startswith("the default route via 10.9.9.2 on up0"), message

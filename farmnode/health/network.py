@@ -48,6 +48,20 @@ def _uplink(ipr: IPRoute, route: object) -> Uplink:
                   addrs, route.get("RTA_GATEWAY"))  # type: ignore[attr-defined]
 
 
+def _any_link_up(ipr: IPRoute) -> CheckResult:
+    for link in ipr.get_links():
+        if link["flags"] & IFF_LOOPBACK or not link.get("IFLA_CARRIER"):
+            continue
+        addrs = [f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}"
+                 for a in ipr.get_addr(index=link["index"])]
+        if addrs:
+            return CheckResult(True, f"no master configured and no default route: "
+                                     f"{link.get('IFLA_IFNAME')} has carrier and "
+                                     f"{', '.join(addrs)}")
+    return CheckResult(False, "no master configured, no default route, and no link with "
+                              "carrier and an address")
+
+
 def check(master: str | None) -> CheckResult:
     host = master_host(master)
     with IPRoute() as ipr:
@@ -55,7 +69,9 @@ def check(master: str | None) -> CheckResult:
             routes = [*ipr.get_default_routes(family=socket.AF_INET),
                       *ipr.get_default_routes(family=socket.AF_INET6)]
             if not routes:
-                return CheckResult(False, "no default route (and no master configured)")
+                # A node with no master (its own job files) on a LAN without a gateway needs
+                # no route anywhere: a link that is up with an address is all it can ask.
+                return _any_link_up(ipr)
             route, target = routes[0], "the default route"
         else:
             try:

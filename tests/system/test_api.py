@@ -405,8 +405,10 @@ def _routes_with_auth(api: Api) -> list[tuple[str, str]]:
 def test_auth_on_every_mutating_route(api: Api) -> None:
     routes = _routes_with_auth(api)
     assert {m for m, _ in routes} == {"POST", "PATCH", "DELETE", "GET"} and len(routes) >= 9
-    # the reads that need credentials by default: task output and the event stream
-    assert {p for m, p in routes if m == "GET"} == {"/api/v1/task_logs/1", "/api/v1/events"}
+    # the reads that need credentials by default: task output, the event stream and the
+    # status page that shows both
+    assert {p for m, p in routes if m == "GET"} == {"/api/v1/task_logs/1", "/api/v1/events",
+                                                   "/"}
     before = (agent_pid(api.ct), api.get("/api/v1/config").text,
               api.get("/api/v1/tasks/").text)
     wrong = {"wrong basic": "Basic " + base64.b64encode(f"{USER}:nope".encode()).decode(),
