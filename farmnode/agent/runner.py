@@ -45,6 +45,7 @@ from farmnode.systemd.journal import (
     legacy_write_line,
     remove_unit_settings,
 )
+from farmnode.systemd.pidwait import wait_pid
 from farmnode.systemd.scope import ScopeError, ScopeLimits, ScopeManager, scope_properties
 from farmnode.tasks import tasklog
 from farmnode.tasks.model import Assignment, StateChange, TaskState
@@ -368,7 +369,7 @@ class AssignmentRun:
                          "output itself, waiting for it to end", self.assignment.id, pid)
                 timer = self._arm_timeout(asyncio.get_running_loop())
                 with contextlib.suppress(ProcessLookupError):
-                    await _wait_pid(pid)
+                    await wait_pid(pid)
                 if timer is not None:
                     timer.cancel()
             await self._journal_spool()
@@ -778,24 +779,7 @@ def _journal_sync() -> None:
 
 
 async def _wait_process(proc: subprocess.Popen[bytes]) -> None:
-    await _wait_pid(proc.pid)
+    await wait_pid(proc.pid)
     proc.wait()
 
 
-async def _wait_pid(pid: int) -> None:
-    # pidfd: the event loop is told when the process exits, with no thread per task (and it
-    # works for a shim a previous agent started, which is no child of ours).
-    loop = asyncio.get_running_loop()
-    pidfd = os.pidfd_open(pid)
-    done: asyncio.Future[None] = loop.create_future()
-
-    def exited() -> None:
-        if not done.done():
-            done.set_result(None)
-
-    loop.add_reader(pidfd, exited)
-    try:
-        await done
-    finally:
-        loop.remove_reader(pidfd)
-        os.close(pidfd)

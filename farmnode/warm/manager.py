@@ -25,6 +25,7 @@ from typing import Any
 from farmnode.agent.accounts import Account
 from farmnode.config import Config
 from farmnode.systemd.journal import TaskLogFields, export_unit_settings, remove_unit_settings
+from farmnode.systemd.pidwait import wait_pid
 from farmnode.systemd.scope import ScopeError, ScopeLimits, ScopeManager, scope_properties
 from farmnode.tasks.model import Assignment
 from farmnode.warm import wire
@@ -196,20 +197,9 @@ def _reap_later(proc: subprocess.Popen[bytes], unit: str) -> None:
     """The host is our child until it ends (or we do): no zombie, and its journald settings
     go with it."""
     loop = asyncio.get_running_loop()
-    pidfd = os.pidfd_open(proc.pid)
-    done: asyncio.Future[None] = loop.create_future()
-
-    def exited() -> None:
-        if not done.done():
-            done.set_result(None)
 
     async def reap() -> None:
-        loop.add_reader(pidfd, exited)
-        try:
-            await done
-        finally:
-            loop.remove_reader(pidfd)
-            os.close(pidfd)
+        await wait_pid(proc.pid)
         proc.wait()
         remove_unit_settings(unit)
 
