@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -16,22 +18,34 @@ from farmnode.sysinfo import collect, gpu, host, identity, net
 from farmnode.sysinfo.timeoffset import NTP_EPOCH_OFFSET, offset_from_timesyncd, sntp_offset
 
 
-def test_app_specific_uuid_matches_systemd(tmp_path: Path) -> None:
-    # `systemd-id128 machine-id --app-specific=585c1b918cfc4fe2829a54f1b81f1728` on a host
-    # whose machine-id is 3d1219c7c4c5404aaa1f6d2a48adfda4 (systemd 252).
-    mid = tmp_path / "machine-id"
-    mid.write_text("3d1219c7c4c5404aaa1f6d2a48adfda4\n")
-    assert identity.node_uuid(mid) == uuid.UUID("51f59675-8269-45a8-beaf-4af8d20c1c5e")
-    assert identity.node_uuid(mid).version == 4
+def test_node_uuid_is_systemds_app_specific_id() -> None:
+    # The same ID as systemd's own tool derives for farmnode's application ID on this host.
+    out = subprocess.run(["systemd-id128", "machine-id", "--uuid",
+                          f"--app-specific={identity.APP_ID}"],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    assert identity.node_uuid() == uuid.UUID(out)
+    assert identity.node_uuid().version == 4
+    assert identity.node_uuid() != identity.APP_ID
 
 
-def test_uuid_without_machine_id_is_random(tmp_path: Path) -> None:
-    mid = tmp_path / "machine-id"
-    mid.write_text("uninitialized\n")
-    with pytest.raises(identity.NoMachineId):
-        identity.read_machine_id(mid)
-    assert identity.node_uuid(mid) != identity.node_uuid(mid)
-    assert identity.node_uuid(tmp_path / "absent").version == 4
+@pytest.mark.parametrize("content", ["uninitialized\n", ""])
+def test_uuid_without_machine_id_is_random(tmp_path: Path, content: str) -> None:
+    # A first-boot machine-id, seen through a private mount namespace so the host's is
+    # untouched; each process asks sd-id128 afresh.
+    fake = tmp_path / "machine-id"
+    fake.write_text(content)
+    probe = "from farmnode.sysinfo import identity; print(identity.node_uuid())"
+    script = (f"mount --bind {fake} /etc/machine-id && "
+              f"{sys.executable} -c '{probe}' && {sys.executable} -c '{probe}'")
+    res = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                         capture_output=True, text=True)
+    if res.returncode != 0 and "unshare" in res.stderr:
+        pytest.skip(f"no private mount namespace here: {res.stderr.strip()}")
+    assert res.returncode == 0, res.stderr
+    first, second = (uuid.UUID(line) for line in res.stdout.split())
+    assert first != second
+    assert first.version == 4
+    assert identity.node_uuid() not in (first, second)
 
 
 def test_host_facts_on_this_host() -> None:
