@@ -300,3 +300,53 @@ def test_the_master_sees_the_node_disabled_with_its_frozen_tasks_running(
             await link.stop()
 
         asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+def test_a_paused_runs_clock_stops_and_the_store_keeps_it_for_a_restart(
+        tmp_path: Path) -> None:
+    agent = agent_on(tmp_path, task_max_runtime=3600.0)
+    aid, _ = agent.assign(job(11))
+    run = agent.runs[aid]
+    run.started_at = NOW - 100
+    now = [NOW]
+    current = [[session()]]
+
+    async def sessions() -> list[Session]:
+        return current[0]
+
+    async def scenario() -> None:
+        ws = Workstation(cfg(), agent, Recorder(), sessions, clock=lambda: now[0])  # type: ignore[arg-type]
+        await ws.start()
+        assert run.paused_since is not None
+        assert agent.store.paused_of(aid) == (0.0, run.paused_since)
+        current[0] = [session(IdleHint=True, IdleSinceHint=int((NOW - 3600) * 1e6))]
+        await ws.evaluate()
+        assert run.paused_since is None and run.paused_for > 0
+        assert agent.store.paused_of(aid) == (run.paused_for, None)
+        await ws.stop()
+
+    asyncio.run(scenario())
+    # the clock counts from the start, less the pause
+    assert run.ran_for(NOW + 50) == pytest.approx(150 - run.paused_for)
+
+
+def test_a_store_of_an_older_farmnode_gains_the_pause_columns(tmp_path: Path) -> None:
+    import sqlite3
+
+    from farmnode.tasks import store as store_module
+    from farmnode.tasks.schema import parse_assignment
+
+    gpus = "    gpus TEXT,  -- JSON: the GPUs (UUID, else PCI address) the assignment holds\n"
+    older = store_module.SCHEMA.replace(gpus, "gpus TEXT\n")
+    older = "\n".join(line for line in older.splitlines() if "paused_" not in line)
+    assert "paused" not in older and "gpus TEXT\n);" in older
+    db = tmp_path / "db"
+    con = sqlite3.connect(db)
+    con.executescript(older)
+    con.close()
+    store = Store(db)
+    a = parse_assignment(job(12))
+    store.add_assignment(a, "farmnode-task-12.scope")
+    assert store.paused_of(a.id) == (0.0, None)
+    store.set_paused(a.id, 5.0, NOW)
+    assert store.paused_of(a.id) == (5.0, NOW)

@@ -452,6 +452,19 @@ class Agent:
     def running_units(self) -> list[str]:
         return [run.unit for run in self.runs.values()]
 
+    def note_paused(self, unit: str, paused: bool) -> None:
+        """Workstation mode paused (or resumed) a run's scope: its task_max_runtime clock
+        stops (or goes on), and the store keeps where it stands for a restarted agent."""
+        now = time.time()
+        for run in self.runs.values():
+            if run.unit != unit:
+                continue
+            if paused:
+                run.pause_clock(now)
+            else:
+                run.resume_clock(now)
+            self.store.set_paused(run.assignment.id, run.paused_for, run.paused_since)
+
     def _set_state(self, state: AgentState) -> None:
         if state is self.state:
             return
@@ -682,6 +695,11 @@ class Agent:
                 os.close(extra)
             starts = [rec.started for rec in records if rec.started]
             run.started_at = min(starts) if starts else None
+            run.paused_for, run.paused_since = self.store.paused_of(a.id)
+            if run.paused_since is not None and not (self.config.workstation_mode
+                                                     or self.config.render_schedule):
+                # nothing will resume it: its clock runs from now on
+                run.resume_clock(time.time())
             run.started = any(rec.state is TaskState.RUNNING for rec in records)
             if fds:
                 log.info("re-adopting assignment %s (%s)", a.id, run.unit)

@@ -195,6 +195,10 @@ class AssignmentRun:
     jobtype: JobType | None = None
     started: bool = False
     started_at: float | None = None  # wall clock, for task_max_runtime across restarts
+    # Time workstation mode held the run paused, which task_max_runtime does not count: the
+    # seconds of pauses that ended, and when the current one began (wall clock; None: none).
+    paused_for: float = 0.0
+    paused_since: float | None = None
     adopting: bool = False  # taken over from a previous agent process
     link_version: int = link.VERSION  # of the shim's protocol (an adopted one may be older)
     # Refreshes the on-disk cache of a job type the master serves ([4]); None: standalone.
@@ -210,6 +214,8 @@ class AssignmentRun:
     _log_fields: TaskLogFields | None = None
     _proc: subprocess.Popen[bytes] | None = None
     _stopping: asyncio.Task[bool] | None = None
+    _timer: asyncio.TimerHandle | None = None
+    _timing: bool = False  # task_max_runtime is watched (the timer may wait for a resume)
     # What became of output journald could not take in time (added to the outcome's reason).
     _output_note: str | None = None
     _spool_retry: asyncio.Task[None] | None = None
@@ -367,11 +373,10 @@ class AssignmentRun:
             if pid is not None:
                 log.info("assignment %s: no link survived; its shim (pid %d) journals the "
                          "output itself, waiting for it to end", self.assignment.id, pid)
-                timer = self._arm_timeout(asyncio.get_running_loop())
+                self._arm_timeout()
                 with contextlib.suppress(ProcessLookupError):
                     await wait_pid(pid)
-                if timer is not None:
-                    timer.cancel()
+                self._disarm_timeout()
             await self._journal_spool()
             record = self.recorded_exit()
             if record is not None:
@@ -531,7 +536,7 @@ class AssignmentRun:
                     link.RESUME, st.index,
                     st.journaled if self.link_version == 1 else nonce))
         self.attached.set()
-        timer = self._arm_timeout(loop)
+        self._arm_timeout()
         record: dict[str, Any] | None = None
         while record is None:
             try:
@@ -569,8 +574,7 @@ class AssignmentRun:
                     # been dropped as stale here. The shim says EXIT again after the resend.
                     continue
                 record = json.loads(payload)
-        if timer is not None:
-            timer.cancel()
+        self._disarm_timeout()
         if record is not None:
             with contextlib.suppress(OSError):
                 for st in streams:
@@ -600,19 +604,63 @@ class AssignmentRun:
                                          self.jobtype, bool(self.cancelled_reason))
         return never_started
 
-    def _arm_timeout(self, loop: asyncio.AbstractEventLoop) -> asyncio.TimerHandle | None:
+    def ran_for(self, now: float) -> float:
+        """Seconds the run has had to run, as task_max_runtime counts them: since its start,
+        less the time it was paused (a user at a workstation is not the task's doing)."""
+        paused = self.paused_for
+        if self.paused_since is not None:
+            paused += max(0.0, now - self.paused_since)
+        return max(0.0, now - (self.started_at or now) - paused)
+
+    def pause_clock(self, now: float) -> None:
+        """Workstation mode paused the run's scope: its runtime stops counting."""
+        if self.paused_since is None:
+            self.paused_since = now
+
+    def resume_clock(self, now: float) -> None:
+        """The scope runs again: the runtime counts on, and the limit is looked at again."""
+        if self.paused_since is None:
+            return
+        self.paused_for += max(0.0, now - self.paused_since)
+        self.paused_since = None
+        if self._timing:
+            self._arm_timeout()
+
+    def _arm_timeout(self) -> None:
         limit = self.config.task_max_runtime
         if limit is None:
-            return None
-        started = self.started_at or time.time()
-        self.started_at = started
+            return
+        if self.started_at is None:
+            self.started_at = time.time()
+        self._disarm_timeout()
+        self._timing = True
+        left = limit - self.ran_for(time.time())
+        self._timer = asyncio.get_running_loop().call_later(max(0.0, left), self._expire)
 
-        def expire() -> None:
-            self.timed_out = f"timeout: ran longer than task_max_runtime ({limit:g} s)"
-            log.warning("assignment %s: %s", self.assignment.id, self.timed_out)
-            self._stopping = loop.create_task(self.scopes.stop_scope(self.unit))
+    def _disarm_timeout(self) -> None:
+        self._timing = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
-        return loop.call_at(loop.time() + max(0.0, started + limit - time.time()), expire)
+    def _expire(self) -> None:
+        limit = self.config.task_max_runtime
+        assert limit is not None
+        self._timer = None
+        left = limit - self.ran_for(time.time())
+        if self.paused_since is not None:
+            # resume_clock arms the timer again for what is left
+            log.info("assignment %s: its task_max_runtime (%g s) would have ended while it "
+                     "is paused; the pause does not count: %.1f s left",
+                     self.assignment.id, limit, left)
+            return
+        if left > 0.01:  # paused meanwhile, or the wall clock was set back
+            self._timer = asyncio.get_running_loop().call_later(left, self._expire)
+            return
+        self.timed_out = f"timeout: ran longer than task_max_runtime ({limit:g} s)"
+        log.warning("assignment %s: %s", self.assignment.id, self.timed_out)
+        self._stopping = asyncio.get_running_loop().create_task(
+            self.scopes.stop_scope(self.unit))
 
     def _log_started(self, payload: bytes) -> None:
         if self.report_log is None or self.started:

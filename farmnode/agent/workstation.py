@@ -99,6 +99,8 @@ class AgentSide(Protocol):
 
     def running_units(self) -> list[str]: ...
 
+    def note_paused(self, unit: str, paused: bool) -> None: ...
+
     @property
     def task_listeners(self) -> list[Callable[[Any], None]]: ...
 
@@ -222,6 +224,7 @@ class Workstation:
         try:
             if await self.freezer.pause(unit, self.how):
                 self.figures.paused_units.add(unit)
+                self.agent.note_paused(unit, True)
                 self.figures.errors.pop(unit, None)
         except PauseFailed as exc:
             # The task runs on, which is what the user would see; status says why.
@@ -233,6 +236,7 @@ class Workstation:
         try:
             await self.freezer.resume(unit, self.how)
             self.figures.paused_units.discard(unit)
+            self.agent.note_paused(unit, False)
             self.figures.errors.pop(unit, None)
         except PauseFailed as exc:
             log.error("workstation: %s", exc)

@@ -29,7 +29,9 @@ CREATE TABLE IF NOT EXISTS assignments (
     created REAL NOT NULL,
     jobtype TEXT,  -- the job type's name, so reading a task never parses the payload
     accounting TEXT,  -- JSON: the scope's cgroup figures, last sampled or final
-    gpus TEXT  -- JSON: the GPUs (UUID, else PCI address) the assignment holds
+    gpus TEXT,  -- JSON: the GPUs (UUID, else PCI address) the assignment holds
+    paused_for REAL,  -- s workstation mode held it paused (pauses that ended)
+    paused_since REAL  -- wall clock: when the current pause began; NULL: not paused
 );
 CREATE TABLE IF NOT EXISTS tasks (
     assignment_id TEXT NOT NULL REFERENCES assignments(id),
@@ -142,6 +144,11 @@ class Store:
             with self.db:
                 self.db.execute("BEGIN IMMEDIATE")
                 self.db.execute("ALTER TABLE assignments ADD COLUMN gpus TEXT")
+        if "paused_for" not in columns:
+            with self.db:
+                self.db.execute("BEGIN IMMEDIATE")
+                self.db.execute("ALTER TABLE assignments ADD COLUMN paused_for REAL")
+                self.db.execute("ALTER TABLE assignments ADD COLUMN paused_since REAL")
 
     def close(self) -> None:
         self.db.close()
@@ -182,6 +189,20 @@ class Store:
         row = self.db.execute("SELECT gpus FROM assignments WHERE id=?",
                               (assignment_id,)).fetchone()
         return () if row is None else tuple(json.loads(row["gpus"] or "[]"))
+
+    def paused_of(self, assignment_id: str) -> tuple[float, float | None]:
+        """The time an assignment was paused (s) and when its current pause began."""
+        row = self.db.execute("SELECT paused_for, paused_since FROM assignments WHERE id=?",
+                              (assignment_id,)).fetchone()
+        if row is None:
+            return 0.0, None
+        return float(row["paused_for"] or 0.0), row["paused_since"]
+
+    def set_paused(self, assignment_id: str, paused_for: float,
+                   paused_since: float | None) -> None:
+        with self.db:
+            self.db.execute("UPDATE assignments SET paused_for=?, paused_since=? WHERE id=?",
+                            (paused_for, paused_since, assignment_id))
 
     def unit_of(self, assignment_id: str) -> str | None:
         row = self.db.execute("SELECT unit FROM assignments WHERE id=?",

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import pytest
 from container import Container
 
-from tests.system.conftest import agent_pid, agent_ready, assignment, farmnode
+from tests.system.conftest import agent_config, agent_pid, agent_ready, assignment, farmnode
 
 PY = "/opt/farmnode/bin/python"
 IDLE_TIME = 2.0
@@ -98,6 +98,26 @@ def until(ct: Container, events: str, state: str, *cmd: str, user: str | None = 
 def status(ct: Container) -> dict[str, object]:
     out: dict[str, object] = json.loads(farmnode(ct, "--json", "status").stdout)
     return out
+
+
+# Waits for the agent's journal to carry a message with the text (since a wall-clock time),
+# by the journal's own wakeups; prints the message.
+WAIT_LOG = """
+import sys, time
+from systemd import journal
+since, text = float(sys.argv[1]), sys.argv[2]
+r = journal.Reader()
+r.add_match(_SYSTEMD_UNIT="farmnode.service")
+r.seek_realtime(since)
+deadline = time.monotonic() + 60
+while time.monotonic() < deadline:
+    for e in r:
+        if text in e.get("MESSAGE", ""):
+            print(e["MESSAGE"])
+            sys.exit(0)
+    r.wait(1)
+sys.exit("the agent never logged: " + text)
+"""
 
 
 def counter(ct: Container, path: str) -> int:
@@ -270,3 +290,35 @@ def test_a_frozen_task_that_is_cancelled_gets_its_sigterm(ct: Container,
     (t,) = [x for x in json.loads(farmnode(ct, "--json", "tasks").stdout)
             if x["id"] == a["tasks"][0]["id"]]
     assert t["state"] == "cancelled" and t["signal"] == 15, t
+
+
+def test_the_time_a_task_is_frozen_does_not_count_to_task_max_runtime(
+        ct: Container, workstation: None) -> None:
+    """Frozen past its limit, the task is not killed; once thawed it runs on until it has run
+    for the limit, and then it is (the pause gave the limit nothing, and took nothing)."""
+    limit, counter_file = 8, "/tmp/farmnode-ws-counter4"
+    with agent_config(ct, f"task_max_runtime: {limit}"):
+        a = assignment("command", {"command": ["/usr/bin/python3", "-c", COUNTER, counter_file,
+                                               "/nonexistent"]}, [1], user="jobuser")
+        aid = farmnode(ct, "assign", "-", input=json.dumps(a)).stdout.strip()
+        farmnode(ct, "wait", aid, "--until", "running")
+        unit = f"farmnode-task-{a['tasks'][0]['id']}.scope"
+        events = f"/sys/fs/cgroup/unified/farmnode.slice/{unit}/cgroup.events"
+        since = ct.run(["date", "+%s.%N"]).stdout.strip()
+        try:
+            until(ct, events, "frozen", "systemd-run", f"--unit={SESSION_UNIT}",
+                  "-p", "PAMName=login", "-p", "User=artist",
+                  "-E", "XDG_SESSION_TYPE=wayland", "sleep", "600")
+            said = ct.run([PY, "-c", WAIT_LOG, since,
+                           f"assignment {aid}: its task_max_runtime"], timeout=90).stdout
+            assert "the pause does not count" in said, said
+            tasks = json.loads(farmnode(ct, "--json", "tasks", "--active").stdout)
+            assert [t["state"] for t in tasks if t["id"] == a["tasks"][0]["id"]] == ["running"]
+            frozen_at = counter(ct, counter_file)
+        finally:
+            ct.run(["systemctl", "stop", SESSION_UNIT], check=False)
+        until(ct, events, "thawed")
+        rec = json.loads(farmnode(ct, "--json", "wait", aid, check=False).stdout)["tasks"][0]
+        assert rec["state"] == "failed", rec
+        assert rec["reason"] == f"timeout: ran longer than task_max_runtime ({limit} s)", rec
+        assert counter(ct, counter_file) > frozen_at  # it ran again before the limit ended it
