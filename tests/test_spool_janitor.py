@@ -6,6 +6,8 @@ import asyncio
 import json
 from pathlib import Path
 
+import pytest
+
 from farmnode.agent.core import Agent
 from farmnode.config import Config
 from farmnode.systemd import spool
@@ -81,3 +83,49 @@ def test_replay_when_back_stops_once_the_spools_are_gone(tmp_path: Path) -> None
     done = asyncio.run(spool.replay_when_back(status, TaskLogFields("u", 1, "a1", (1,)),
                                               first_delay=0.0))
     assert done is None
+
+
+def test_one_janitor_probes_once_per_round_and_waits_out_a_live_shim(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from farmnode.agent import core
+    from farmnode.agent.janitor import SpoolJanitor
+
+    runtime = tmp_path / "run"
+    tasks = runtime / "tasks"
+    tasks.mkdir(parents=True)
+    store = Store(tmp_path / "db")
+    agent = Agent(Config(agent_runtime_dir=str(runtime)), store,
+                  scopes=None)  # type: ignore[arg-type]
+    gone, live = _assignment("a-gone", 51), _assignment("a-live", 52)
+    for a in (gone, live):
+        store.add_assignment(a, f"farmnode-task-{a.tasks[0].id}.scope")
+        _leave_spool(tasks, a.id)
+    # the shim of a-live outlived its run: it holds its spool for the first rounds
+    shim_left_after = 3
+    monkeypatch.setattr(core, "cgroup_path_dir", lambda path: path)
+    monkeypatch.setattr(core, "shim_pid", lambda d: 1234 if "task-52" in d and
+                        janitor.rounds < shim_left_after else None)
+    away = [2]  # journald answers from the third probe on
+    tries: list[tuple[int, str]] = []
+
+    def replay(path: str, f: TaskLogFields) -> spool.Replayed:
+        tries.append((janitor.rounds, f.assignment_id))
+        if away[0] > 0:
+            away[0] -= 1
+            raise OSError("journalctl --sync: journald is away")
+        spool._remove(f"{path}.farmnode-stdout.spool")
+        return spool.Replayed(lines=1, bytes=4)
+
+    janitor = SpoolJanitor(agent.spools_left, replay, max_delay=0.01)
+    agent.spool_janitor = janitor
+
+    async def scenario() -> None:
+        janitor.start()
+        await asyncio.wait_for(janitor.wait(), 30)
+
+    asyncio.run(scenario())
+    # one probe per round while journald was away, then a-gone; a-live once its shim left
+    assert tries[:3] == [(1, "a-gone"), (2, "a-gone"), (3, "a-gone")], tries
+    assert [aid for _, aid in tries].count("a-live") == 1, tries
+    assert next(r for r, aid in tries if aid == "a-live") >= shim_left_after
+    assert spool.waiting(str(tasks)) == {}

@@ -28,6 +28,7 @@ from farmnode import __version__
 from farmnode.agent import accounts
 from farmnode.agent.gpus import FIELD as GPUS_FIELD
 from farmnode.agent.gpus import GpuPool, GpuRequestError, requested
+from farmnode.agent.janitor import Left, SpoolJanitor
 from farmnode.agent.runner import AssignmentRun, scope_unit_name, task_user_rules
 from farmnode.agent.workstation import Workstation
 from farmnode.config import Config
@@ -142,7 +143,8 @@ class Agent:
         self.runs: dict[str, AssignmentRun] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         # Journals the spools of runs concluded by an earlier agent process.
-        self._spool_janitor: list[asyncio.Task[None]] = []
+        self.spool_janitor = SpoolJanitor(self.spools_left)
+        self._unowned_spools: set[str] = set()  # told once in the log
         self._open: dict[str, int] = {}  # unfinished tasks per running assignment
         # Outcomes the store could not take yet (disk full): kept here, in order, and written
         # again until it takes them, so no outcome is lost and no task is stuck running.
@@ -734,40 +736,35 @@ class Agent:
                     sock.setblocking(False)
                     sock.send(link.pack(link.EXIT_ACK))
             fdstore.remove(name)
-        self._adopt_spools()
+        self.spool_janitor.start()
 
     def orphan_spools(self) -> dict[str, TaskLogFields]:
-        """Spools no run of this agent will journal: their run concluded in an earlier agent
-        process (whose retry went with it) and their shim is gone. {status path: fields}"""
+        """Spools no run of this agent will journal and no shim still writes."""
+        return self.spools_left().orphans
+
+    def spools_left(self) -> Left:
+        """Spools no run of this agent will journal: their run concluded (in an earlier
+        agent process, whose retry went with it). Those whose shim still writes them (it
+        outlived its run) are counted, to be journaled once it has gone."""
         found: dict[str, TaskLogFields] = {}
+        held = 0
         tasks_dir = os.path.join(self.config.agent_runtime_dir, "tasks")
         for status_path, aid in spool.waiting(tasks_dir).items():
             if aid in self.runs:
                 continue  # its own run journals it when it concludes
             a = self.store.assignment(aid)
             if a is None:
-                log.warning("the spool of %s belongs to no assignment the agent knows; "
-                            "left in place", status_path)
+                if status_path not in self._unowned_spools:
+                    self._unowned_spools.add(status_path)
+                    log.warning("the spool of %s belongs to no assignment the agent knows; "
+                                "left in place", status_path)
                 continue
             unit = scope_unit_name(a)
             if shim_pid(cgroup_path_dir(unit_cgroup_path(unit, self.config.task_slice))):
-                continue  # the shim still writes it
+                held += 1
+                continue
             found[status_path] = TaskLogFields(unit, a.job.id, a.id, a.task_ids, a.jobtype.name)
-        return found
-
-    def _adopt_spools(self) -> None:
-        for status_path, fields in self.orphan_spools().items():
-            log.warning("assignment %s: output held while journald was away waits in "
-                        "%s.*.spool; journaling it once journald answers",
-                        fields.assignment_id, status_path)
-            self._spool_janitor.append(asyncio.get_running_loop().create_task(
-                self._journal_orphan(status_path, fields)))
-
-    async def _journal_orphan(self, status_path: str, fields: TaskLogFields) -> None:
-        done = await spool.replay_when_back(status_path, fields, first_delay=0.0)
-        if done is not None:
-            log.warning("assignment %s: %s", fields.assignment_id,
-                        done.describe() or "its spool held nothing journald lacked")
+        return Left(found, held)
 
     def sample_accounting(self) -> None:
         for run in list(self.runs.values()):
@@ -791,8 +788,9 @@ class Agent:
         """Leave for a restart: tasks keep running, their links stay in the fd store."""
         self._shutting_down = True
         self._detached = True
-        for task in [*self._tasks.values(), *self._spool_janitor]:
+        for task in self._tasks.values():
             task.cancel()
+        self.spool_janitor.stop()
         self.flush_progress()
 
     def flush_progress(self) -> None:
@@ -816,8 +814,7 @@ class Agent:
         from farmnode.warm import manager as warm_manager
 
         await warm_manager.stop_all(self.scopes, self.config)
-        for task in self._spool_janitor:
-            task.cancel()  # the next agent picks the spools up again
+        self.spool_janitor.stop()  # the next agent picks the spools up again
         self.flush_progress()
         self._set_state(AgentState.OFFLINE)
 
