@@ -12,7 +12,7 @@ from farmnode.agent.core import Agent
 from farmnode.config import Config
 from farmnode.systemd import spool
 from farmnode.systemd.journal import TaskLogFields
-from farmnode.tasks.model import Assignment, Job, JobTypeRef, Task
+from farmnode.tasks.model import Assignment, Job, JobTypeRef, Task, TaskState
 from farmnode.tasks.store import Store
 
 
@@ -59,32 +59,6 @@ def test_orphans_are_spools_of_concluded_runs_whose_shim_is_gone(tmp_path: Path)
                                                   "command")}
 
 
-def test_replay_when_back_retries_until_journald_answers(tmp_path: Path) -> None:
-    _leave_spool(tmp_path, "a1")
-    status = str(tmp_path / "a1.json")
-    fields = TaskLogFields("farmnode-task-1.scope", 7, "a1", (1,))
-    tries: list[str] = []
-
-    def replay(path: str, f: TaskLogFields) -> spool.Replayed:
-        tries.append(path)
-        if len(tries) < 3:
-            raise OSError("journalctl --sync: journald is away")
-        spool._remove(f"{path}.farmnode-stdout.spool")
-        return spool.Replayed(lines=1, bytes=4)
-
-    done = asyncio.run(spool.replay_when_back(status, fields, first_delay=0.0, max_delay=0.0,
-                                              replay_fn=replay))
-    assert done == spool.Replayed(lines=1, bytes=4) and tries == [status] * 3
-    assert spool.spools(status) == []
-
-
-def test_replay_when_back_stops_once_the_spools_are_gone(tmp_path: Path) -> None:
-    status = str(tmp_path / "a1.json")
-    done = asyncio.run(spool.replay_when_back(status, TaskLogFields("u", 1, "a1", (1,)),
-                                              first_delay=0.0))
-    assert done is None
-
-
 def test_one_janitor_probes_once_per_round_and_waits_out_a_live_shim(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from farmnode.agent import core
@@ -100,6 +74,9 @@ def test_one_janitor_probes_once_per_round_and_waits_out_a_live_shim(
     for a in (gone, live):
         store.add_assignment(a, f"farmnode-task-{a.tasks[0].id}.scope")
         _leave_spool(tasks, a.id)
+    # the run that concluded a-gone said its output waited
+    waiting = spool.pending_note(str(tasks / "a-gone.json"))
+    store.set_task_state("a-gone", 51, TaskState.DONE, f"exit code 0; {waiting}")
     # the shim of a-live outlived its run: it holds its spool for the first rounds
     shim_left_after = 3
     monkeypatch.setattr(core, "cgroup_path_dir", lambda path: path)
@@ -116,7 +93,8 @@ def test_one_janitor_probes_once_per_round_and_waits_out_a_live_shim(
         spool._remove(f"{path}.farmnode-stdout.spool")
         return spool.Replayed(lines=1, bytes=4)
 
-    janitor = SpoolJanitor(agent.spools_left, replay, max_delay=0.01)
+    janitor = SpoolJanitor(agent.spools_left, replay, max_delay=0.01,
+                           journaled=agent._journaled_late)
     agent.spool_janitor = janitor
 
     async def scenario() -> None:
@@ -129,3 +107,8 @@ def test_one_janitor_probes_once_per_round_and_waits_out_a_live_shim(
     assert [aid for _, aid in tries].count("a-live") == 1, tries
     assert next(r for r, aid in tries if aid == "a-live") >= shim_left_after
     assert spool.waiting(str(tasks)) == {}
+    # what the reason said was waiting is now what came of it
+    rec = store.task(51)
+    assert rec is not None and rec.reason == (
+        "exit code 0; 1 output lines (4 bytes) were held while journald was away and "
+        "journaled late from the shim's spool"), rec.reason

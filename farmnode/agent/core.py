@@ -143,7 +143,7 @@ class Agent:
         self.runs: dict[str, AssignmentRun] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         # Journals the spools of runs concluded by an earlier agent process.
-        self.spool_janitor = SpoolJanitor(self.spools_left)
+        self.spool_janitor = SpoolJanitor(self.spools_left, journaled=self._journaled_late)
         self._unowned_spools: set[str] = set()  # told once in the log
         self._open: dict[str, int] = {}  # unfinished tasks per running assignment
         # Outcomes the store could not take yet (disk full): kept here, in order, and written
@@ -383,6 +383,8 @@ class Agent:
                 self._open.pop(aid, None)
                 self._update_running_state()
                 self._note_idle()
+                if run.spool_waits:
+                    self.spool_janitor.start()
             self._store_in_order(f"end of assignment {aid}", finish)
 
     def _update_running_state(self) -> None:
@@ -765,6 +767,16 @@ class Agent:
                 continue
             found[status_path] = TaskLogFields(unit, a.job.id, a.id, a.task_ids, a.jobtype.name)
         return Left(found, held)
+
+    def _journaled_late(self, status_path: str, fields: TaskLogFields,
+                        done: spool.Replayed) -> None:
+        """The output an outcome said was waiting is in the journal: its tasks' reasons say
+        what came of it instead (`farmnode tasks`, the task objects)."""
+        note = done.describe() or "output held while journald was away: all in the journal"
+        try:
+            self.store.replace_note(fields.assignment_id, spool.pending_note(status_path), note)
+        except sqlite3.Error as exc:
+            log.warning("assignment %s: %s (not stored: %s)", fields.assignment_id, note, exc)
 
     def sample_accounting(self) -> None:
         for run in list(self.runs.values()):

@@ -37,6 +37,8 @@ class Left:
 class SpoolJanitor:
     find: Callable[[], Left]
     replay: Callable[[str, TaskLogFields], spool.Replayed] = spool.replay
+    # Told what became of a spool: (its status path, its fields, what was journaled).
+    journaled: Callable[[str, TaskLogFields, spool.Replayed], None] | None = None
     max_delay: float = JANITOR_MAX_DELAY
     rounds: int = 0  # rounds done, for tests and the log
     _told: set[str] = field(default_factory=set)
@@ -79,6 +81,8 @@ class SpoolJanitor:
                     break
                 log.warning("assignment %s: %s", fields.assignment_id,
                             done.describe() or "its spool held nothing journald lacked")
+                if self.journaled is not None:
+                    self.journaled(status_path, fields, done)
                 cleared += not spool.spools(status_path)
             if left.orphans and cleared == len(left.orphans) and not left.held:
                 delay = 0.0  # all journaled: one more look at once, which should find none

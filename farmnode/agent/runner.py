@@ -218,7 +218,7 @@ class AssignmentRun:
     _timing: bool = False  # task_max_runtime is watched (the timer may wait for a resume)
     # What became of output journald could not take in time (added to the outcome's reason).
     _output_note: str | None = None
-    _spool_retry: asyncio.Task[None] | None = None
+    spool_waits: bool = False  # concluded with output still in the shim's spool
     # Set once the run reads its link (an adopted one: after RESUME went out), so that the
     # agent says READY only when every task it inherited is attached again.
     attached: asyncio.Event = field(default_factory=asyncio.Event)
@@ -258,7 +258,7 @@ class AssignmentRun:
     async def _journal_spool(self) -> None:
         """Journal the output the shim left in its spool (journald was away when the scope
         was stopped or the shim gave up waiting), and say so in the outcome. While journald
-        is still away the spool stays and a retry runs until it is back."""
+        is still away the spool stays, for the agent's spool janitor."""
         fields = self._log_fields
         if fields is None or not spool.spools(str(self.status_path())):
             return
@@ -269,19 +269,10 @@ class AssignmentRun:
         except OSError as exc:
             log.warning("assignment %s: output held while journald was away waits in its "
                         "spool: %s", self.assignment.id, exc)
-            self._output_note = ("output held while journald was away waits in "
-                                 f"{self.status_path()}.*.spool and is journaled once "
-                                 "journald is back")
-            self._spool_retry = loop.create_task(self._retry_spool())
+            self._output_note = spool.pending_note(str(self.status_path()))
+            self.spool_waits = True  # the agent's spool janitor journals it once it can
             return
         self._output_note = done.describe()
-
-    async def _retry_spool(self) -> None:
-        fields = self._log_fields
-        assert fields is not None
-        done = await spool.replay_when_back(str(self.status_path()), fields)
-        if done is not None:
-            log.warning("assignment %s: %s", self.assignment.id, done.describe())
 
     def status_path(self) -> Path:
         return Path(self.config.agent_runtime_dir) / "tasks" / f"{self.assignment.id}.json"

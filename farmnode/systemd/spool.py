@@ -11,7 +11,6 @@ add_matches_for_unit), and says in the task's outcome how many lines came late.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import glob
 import json
@@ -42,6 +41,12 @@ class Replayed:
         return "; ".join(parts) or None
 
 
+def pending_note(status_path: str) -> str:
+    """An outcome's note while its output waits in the spools (replaced once journaled)."""
+    return (f"output held while journald was away waits in {status_path}.*.spool and is "
+            "journaled once journald is back")
+
+
 def spools(status_path: str) -> list[str]:
     """The spool data files a task's shim left (one per stream)."""
     return sorted(p for p in glob.glob(f"{glob.escape(status_path)}.*.spool")
@@ -62,25 +67,6 @@ def waiting(tasks_dir: str) -> dict[str, str]:
         status_name = name[:name.index(".json.") + len(".json")]
         found[os.path.join(tasks_dir, status_name)] = status_name[:-len(".json")]
     return dict(sorted(found.items()))
-
-
-async def replay_when_back(status_path: str, fields: TaskLogFields, first_delay: float = 1.0,
-                           max_delay: float = 30.0,
-                           replay_fn: Callable[[str, TaskLogFields], Replayed] | None = None,
-                           ) -> Replayed | None:
-    """Retry replay, backing off, until journald answers; None: the spools went meanwhile
-    (another replay took them)."""
-    loop = asyncio.get_running_loop()
-    do = replay_fn or replay
-    delay, backoff = first_delay, 1.0
-    while spools(status_path):
-        await asyncio.sleep(delay)
-        delay, backoff = backoff, min(backoff * 2, max_delay)
-        try:
-            return await loop.run_in_executor(None, do, status_path, fields)
-        except OSError:
-            continue
-    return None
 
 
 def _count_entries(journalctl: str, pid: int, identifier: str, since: float) -> int:

@@ -204,6 +204,14 @@ class Store:
             self.db.execute("UPDATE assignments SET paused_for=?, paused_since=? WHERE id=?",
                             (paused_for, paused_since, assignment_id))
 
+    def replace_note(self, assignment_id: str, old: str, new: str) -> int:
+        """Replace a note in the reasons of an assignment's tasks (the output a reason said
+        was waiting has been journaled); returns how many tasks had it."""
+        with self.db:
+            return self.db.execute("UPDATE tasks SET reason=replace(reason, ?, ?) "
+                                   "WHERE assignment_id=? AND instr(reason, ?) > 0",
+                                   (old, new, assignment_id, old)).rowcount
+
     def unit_of(self, assignment_id: str) -> str | None:
         row = self.db.execute("SELECT unit FROM assignments WHERE id=?",
                               (assignment_id,)).fetchone()

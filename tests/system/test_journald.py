@@ -150,6 +150,13 @@ def test_task_cancelled_while_journald_is_away_loses_no_line(ct: Container) -> N
     assert any("journaled late from the shim's spool" in n for n in notes), notes
     assert _no_spool_left(ct)
 
+    # ... and the task's reason no longer says the output waits: it says it came late
+    def reason() -> str:
+        return str(next(t for t in json.loads(farmnode(ct, "--json", "tasks").stdout)
+                        if t["id"] == task_id)["reason"])
+    _poll("the reason says what came of the output", lambda: "waits in" not in reason())
+    assert "output lines" in reason() and "journaled late" in reason(), reason()
+
 
 def test_spool_of_a_cancelled_task_is_journaled_by_the_next_agent(ct: Container) -> None:
     # The agent that concluded the task goes while journald is still away: its retry goes
