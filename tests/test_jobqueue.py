@@ -211,3 +211,37 @@ def test_a_file_is_stored_whole_or_not_at_all(tmp_path: Path) -> None:
     store.db.execute("DROP TRIGGER boom")
     store.add_file(jf)
     assert [j["name"] for j in listing(store)] == ["sim", "render", "comp"]
+
+
+def test_a_submission_stored_once_is_not_stored_again_by_its_retry(tmp_path: Path) -> None:
+    store = JobStore(tmp_path / "jobs.db")
+    jf = load(FILE, "f.yaml", jobtypes=["command"])
+    first = store.add_file(jf, submission="token-1")
+    assert store.add_file(jf, submission="token-1") == first  # the retry after a lost reply
+    assert store.submitted("token-1") == first and store.submitted("token-2") is None
+    assert [j["name"] for j in listing(store)] == ["sim", "render", "comp"]
+    # no token, or another one: a new submission of the same file, as asked
+    store.add_file(jf)
+    store.add_file(jf, submission="token-2")
+    assert len(listing(store)) == 9
+    # a restart keeps the tokens
+    store.close()
+    assert JobStore(tmp_path / "jobs.db").submitted("token-1") == first
+
+
+def test_a_jobs_db_of_an_older_farmnode_gains_the_submission_column(tmp_path: Path) -> None:
+    import sqlite3
+
+    from farmnode.jobfile import queue
+
+    older = queue.SCHEMA.replace(
+        "    submitted REAL NOT NULL,\n"
+        "    submission TEXT  -- the caller's token: a retry of the same submission stores "
+        "nothing\n", "    submitted REAL NOT NULL\n")
+    assert "submission" not in older
+    con = sqlite3.connect(tmp_path / "jobs.db")
+    con.executescript(older)
+    con.close()
+    store = JobStore(tmp_path / "jobs.db")
+    ids = store.add_file(load(FILE, "f.yaml", jobtypes=["command"]), submission="t")
+    assert store.submitted("t") == ids

@@ -154,12 +154,15 @@ class Agent1Interface(DbusObjectManagerInterfaceAsync, interface_name=INTERFACE)
         raise NotImplementedError
 
     # ---- job files (farmnode.jobfile) ---------------------------------------------------
-    @dbus_method_async(input_signature="ssai", result_signature="s", flags=OPEN,
-                       input_args_names=("name", "yaml", "source_lines"),
+    @dbus_method_async(input_signature="ssais", result_signature="s", flags=OPEN,
+                       input_args_names=("name", "yaml", "source_lines", "submission"),
                        result_args_names=("jobs_json",))
-    async def submit_jobs(self, name: str, yaml: str, source_lines: list[int]) -> str:
+    async def submit_jobs(self, name: str, yaml: str, source_lines: list[int],
+                          submission: str) -> str:
         """A rendered job file (Jinja already applied by the caller) and, per line, its
-        line in the source: queued here, or created on the master when one is configured."""
+        line in the source: queued here, or created on the master when one is configured.
+        `submission` (the caller's token, "" for none) makes a call again after a lost reply
+        answer with the jobs the first one stored instead of storing them twice."""
         raise NotImplementedError
 
     @dbus_method_async(result_signature="s", flags=OPEN, result_args_names=("jobs_json",))

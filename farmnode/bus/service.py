@@ -177,9 +177,11 @@ class Agent1Service(Agent1Interface):
         return self.job_files
 
     @dbus_method_async_override()
-    async def submit_jobs(self, name: str, yaml: str, source_lines: list[int]) -> str:
+    async def submit_jobs(self, name: str, yaml: str, source_lines: list[int],
+                          submission: str) -> str:
         async def call() -> str:
-            return _dumps(await self._job_files().submit(name, yaml, source_lines))
+            return _dumps(await self._job_files().submit(name, yaml, source_lines,
+                                                         submission))
 
         return await _translated(call)
 

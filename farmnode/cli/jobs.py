@@ -12,11 +12,17 @@ import asyncio
 import contextlib
 import json
 import sys
+import time
+import uuid
 from typing import Any
 
 from farmnode.cli import progress
 
 REFRESH = 1.0  # s: at the latest, the tree is read again (a job's state can change alone)
+# An agent that went while a submission was in flight (restart, crash) is asked again for
+# this long; its systemd restarts it well within (RestartSec= plus the agent's start).
+SUBMIT_RETRY_FOR = 120.0
+SUBMIT_RETRY_PAUSE = 0.5
 
 
 def add_parsers(sub: Any) -> None:
@@ -61,8 +67,8 @@ async def submit(args: argparse.Namespace) -> int:
         raise CliError(str(exc), EXIT_USAGE) from None
     bus, proxy = await _proxy()
     changes = await _changes(bus) if args.wait else None
-    jobs = json.loads(await proxy.submit_jobs(name, rendered.text,
-                                              list(rendered.source_lines)))
+    jobs = json.loads(await _submit_once(proxy, name, rendered.text,
+                                         list(rendered.source_lines)))
     if not args.wait:
         _print(args, jobs, "\n".join(_job_line(j) for j in jobs))
         return EXIT_OK
@@ -73,6 +79,32 @@ async def submit(args: argparse.Namespace) -> int:
         return EXIT_OK  # the master's farm runs them; its UI follows them
     final = await follow(args, proxy, changes, ids)
     return EXIT_OK if all(j["state"] == "done" for j in final) else EXIT_FAIL
+
+
+async def _submit_once(proxy: Any, name: str, text: str, lines: list[int]) -> str:
+    """SubmitJobs, called again with the same token when the agent went before it answered
+    (killed, restarted): the agent stores what one token brings once, so a retry whose
+    first call was stored answers with those jobs instead of queueing them twice."""
+    from sdbus.dbus_exceptions import DbusDisconnectedError, DbusNoReplyError
+
+    token = str(uuid.uuid4())
+    deadline = time.monotonic() + SUBMIT_RETRY_FOR
+    while True:
+        try:
+            return str(await proxy.submit_jobs(name, text, lines, token))
+        except (DbusNoReplyError, DbusDisconnectedError) as exc:
+            if time.monotonic() > deadline:
+                raise
+            print(f"farmnode: the agent went before it answered ({exc}); asking its "
+                  "successor (submission " + token + ")", file=sys.stderr)
+        except Exception as exc:
+            # While the agent restarts its name has no owner: the successor is awaited.
+            error = str(getattr(exc, "dbus_error_name", ""))
+            name_gone = error.endswith(("ServiceUnknown", "NameHasNoOwner")) \
+                or ".Spawn." in error
+            if not name_gone or time.monotonic() > deadline:
+                raise
+        await asyncio.sleep(SUBMIT_RETRY_PAUSE)
 
 
 def _job_line(j: dict[str, Any]) -> str:

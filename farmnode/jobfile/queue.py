@@ -46,7 +46,8 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     name TEXT NOT NULL,
-    submitted REAL NOT NULL
+    submitted REAL NOT NULL,
+    submission TEXT  -- the caller's token: a retry of the same submission stores nothing
 );
 CREATE TABLE IF NOT EXISTS jobs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,  -- the assignments' job id
@@ -94,6 +95,21 @@ class JobStore:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(SCHEMA)
+        columns = {r["name"] for r in self.db.execute("PRAGMA table_info(files)")}
+        if "submission" not in columns:  # a jobs.db of an older farmnode
+            with self._tx() as db:
+                db.execute("ALTER TABLE files ADD COLUMN submission TEXT")
+        self.db.execute("CREATE UNIQUE INDEX IF NOT EXISTS files_submission ON files "
+                        "(submission) WHERE submission IS NOT NULL")
+
+    def submitted(self, submission: str) -> list[int] | None:
+        """The jobs stored for a submission token (None: no such submission)."""
+        row = self.db.execute("SELECT id FROM files WHERE submission=?",
+                              (submission,)).fetchone()
+        if row is None:
+            return None
+        return [r[0] for r in self.db.execute("SELECT id FROM jobs WHERE file_id=? ORDER BY id",
+                                              (row["id"],))]
 
     def close(self) -> None:
         self.db.close()
@@ -108,13 +124,21 @@ class JobStore:
             raise
         self.db.execute("COMMIT")
 
-    def add_file(self, jobfile: JobFile, master_ids: dict[str, int] | None = None
-                 ) -> list[int]:
+    def add_file(self, jobfile: JobFile, master_ids: dict[str, int] | None = None,
+                 submission: str = "") -> list[int]:
         """Store every job of the file (queued, or submitted when `master_ids` says where
-        the master keeps each); returns their ids, in the file's dependency order."""
+        the master keeps each); returns their ids, in the file's dependency order. A
+        submission token stored already stores nothing and returns that file's jobs."""
         with self._tx() as db:
-            file_id = db.execute("INSERT INTO files (name, submitted) VALUES (?, ?)",
-                                 (jobfile.name, time.time())).lastrowid
+            if submission:
+                known = db.execute("SELECT id FROM files WHERE submission=?",
+                                   (submission,)).fetchone()
+                if known is not None:
+                    return [r[0] for r in db.execute(
+                        "SELECT id FROM jobs WHERE file_id=? ORDER BY id", (known["id"],))]
+            file_id = db.execute("INSERT INTO files (name, submitted, submission) "
+                                 "VALUES (?, ?, ?)",
+                                 (jobfile.name, time.time(), submission or None)).lastrowid
             row = db.execute("SELECT value FROM meta WHERE key='next_task'").fetchone()
             next_task = int(row["value"]) if row else TASK_ID_BASE + 1
             ids: dict[str, int] = {}
@@ -213,8 +237,8 @@ class JobQueue:
         if self._retry is not None:
             self._retry.cancel()
 
-    def submit(self, jobfile: JobFile) -> list[int]:
-        ids = self.store.add_file(jobfile)
+    def submit(self, jobfile: JobFile, submission: str = "") -> list[int]:
+        ids = self.store.add_file(jobfile, submission=submission)
         log.info("job file %s: %d job(s) queued (%s)", jobfile.name, len(ids),
                  ", ".join(j.id for j in jobfile.jobs))
         self.tick()

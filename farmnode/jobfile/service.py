@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 MAX_TEXT = 16 * 1024 * 1024
 MAX_NAME = 4096
+MAX_SUBMISSION = 128
 
 
 class JobFiles:
@@ -44,16 +45,24 @@ class JobFiles:
             self.queue.stop()
         self.store.close()
 
-    async def submit(self, name: str, text: str, source_lines: Sequence[int]
-                     ) -> list[dict[str, Any]]:
+    async def submit(self, name: str, text: str, source_lines: Sequence[int],
+                     submission: str = "") -> list[dict[str, Any]]:
         """Validate and queue (or send to the master) a rendered job file; returns the jobs
-        as `farmnode jobs` lists them. Raises JobFileError, MasterRefused, ValueError."""
+        as `farmnode jobs` lists them. A submission token already stored returns its jobs
+        and stores nothing. Raises JobFileError, MasterRefused, ValueError."""
         from farmnode.agent.core import InvalidArgument, NotAccepting
         from farmnode.jobtypes.registry import available_jobtypes
 
         if len(name) > MAX_NAME or not name.isprintable():
             raise InvalidArgument("job file name: must be printable, at most "
                                   f"{MAX_NAME} characters")
+        if len(submission) > MAX_SUBMISSION or not submission.isprintable():
+            raise InvalidArgument("submission token: must be printable, at most "
+                                  f"{MAX_SUBMISSION} characters")
+        if submission and (known := self.store.submitted(submission)) is not None:
+            log.info("job file %s: submission %s is stored already (a retry); its %d job(s) "
+                     "are not stored again", name, submission, len(known))
+            return [j for j in self.listing() if j["id"] in known]
         if len(text) > MAX_TEXT:
             raise InvalidArgument(f"{name}: more than {MAX_TEXT} characters")
         lines = tuple(source_lines)
@@ -65,17 +74,17 @@ class JobFiles:
             if self.master_api is None:
                 jobfile = await asyncio.to_thread(parse_rendered, rendered, name,
                                                   available_jobtypes())
-                ids = self.queue.submit(jobfile) if self.queue else []
+                ids = self.queue.submit(jobfile, submission) if self.queue else []
             else:  # the master says which job types it has
                 jobfile = await asyncio.to_thread(parse_rendered, rendered, name)
-                ids = await self._to_master(jobfile)
+                ids = await self._to_master(jobfile, submission)
         except JobFileError as exc:
             raise InvalidArgument(str(exc)) from None
         except MasterRefused as exc:
             raise NotAccepting(str(exc)) from None
         return [j for j in self.listing() if j["id"] in ids]
 
-    async def _to_master(self, jobfile: JobFile) -> list[int]:
+    async def _to_master(self, jobfile: JobFile, submission: str) -> list[int]:
         from farmnode.master.http import MasterHTTP
 
         assert self.master_api is not None
@@ -87,14 +96,14 @@ class JobFiles:
             if exc.created:  # what the master holds now is on record here too
                 partial = JobFile(jobfile.name, tuple(
                     j for j in jobfile.jobs if j.id in exc.created))
-                self.store.add_file(partial, exc.created)
+                self.store.add_file(partial, exc.created, submission)
                 raise MasterRefused(f"{exc}; created before that: " + ", ".join(
                     f"{k} (master job {v})" for k, v in exc.created.items()),
                     exc.created) from None
             raise
         finally:
             http.close()
-        return self.store.add_file(jobfile, done.created)
+        return self.store.add_file(jobfile, done.created, submission)
 
     def listing(self) -> list[dict[str, Any]]:
         return listing(self.store)

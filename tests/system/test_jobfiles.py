@@ -11,7 +11,7 @@ from typing import Any
 
 from container import Container
 
-from tests.system.conftest import farmnode, journal
+from tests.system.conftest import agent_pid, agent_ready, farmnode, journal
 
 FILE = """\
 {% macro step(name, seconds, deps=[]) %}
@@ -105,3 +105,45 @@ def test_three_jobs_run_in_order_and_survive_an_agent_restart(ct: Container) -> 
     assert {e["FARMNODE_JOBTYPE"] for e in entries} == {"command"}
     assert {e["FARMNODE_JOB"] for e in entries} == {str(jobs["render"]["id"])}
     print(f"\n3-job file with an agent restart: {time.monotonic() - t0:.1f} s")
+
+
+ONE = "jobs:\n  - {id: once, jobtype: command, start: 1, end: 1, data: {command: [/bin/true]}}\n"
+BUS, AGENT = "org.farmnode.Agent1", "/org/farmnode/Agent1"
+
+
+def test_a_submission_is_stored_once_whatever_becomes_of_the_reply(ct: Container) -> None:
+    from tests.system.test_dbus_api import Monitor
+
+    ct.run(["tee", "/tmp/once.yaml"], input=ONE)
+    before = len(_jobs_list(ct))
+    # A caller's retry after a lost reply: the same token twice, one file stored.
+    call = ["busctl", "--json=short", "call", BUS, AGENT, BUS, "SubmitJobs", "ssais",
+            "once.yaml", ONE, "0", "token-of-a-retry"]
+    first, again = (json.loads(json.loads(ct.run(call).stdout)["data"][0]) for _ in "12")
+    assert [j["id"] for j in first] == [j["id"] for j in again] and len(first) == 1
+    assert len(_jobs_list(ct)) == before + 1
+    # The CLI's own retry: the agent holds the call unread (stopped), then dies; the CLI
+    # asks the agent systemd starts next, with the same token.
+    monitor = Monitor(ct)
+    pid = agent_pid(ct)
+    ct.run(["kill", "-STOP", str(pid)])
+    try:
+        submit = ct.popen(["farmnode", "--json", "submit", "/tmp/once.yaml"])
+        deadline = time.monotonic() + 60
+        while json.loads(monitor.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+                         ).get("member") != "SubmitJobs":
+            pass
+    finally:
+        ct.run(["kill", "-KILL", str(pid)])
+    out, err = submit.communicate(timeout=180)
+    monitor.proc.kill()
+    assert submit.returncode == 0, err
+    assert "went before it answered" in err and "asking its successor" in err, err
+    assert [j["name"] for j in json.loads(out)] == ["once"]
+    assert len(_jobs_list(ct)) == before + 2
+    agent_ready(ct, not_pid=pid)
+
+
+def _jobs_list(ct: Container) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = json.loads(farmnode(ct, "--json", "jobs").stdout)
+    return out
