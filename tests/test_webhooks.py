@@ -499,3 +499,30 @@ def test_catch_up_sends_no_history_and_forgets_ended_assignments(tmp_path: Path)
     assert hooks.catch_up(tasks()) == 0
     assert hooks.queue.marks() == {}
     hooks.queue.close()
+
+
+def test_no_log_line_carries_a_urls_credentials_or_query(
+        tmp_path: Path, receiver: Receiver, caplog: pytest.LogCaptureFixture) -> None:
+    receiver.statuses = [503, 400]
+    url = receiver.url.replace("http://", "http://hook-user:pw-s3cret@").replace(
+        "token=t", "token=tok-s3cret")
+    config = Config(webhooks=(Webhook(url),), **FAST)  # type: ignore[arg-type]
+    old = DeliveryQueue(tmp_path / QUEUE_FILE, limit=10)
+    old.put("http://old-user:pw-s3cret@old.example/x?token=tok-s3cret", "task.done", "i", b"x")
+    old.close()
+    agent, a = _agent(tmp_path, config)
+
+    async def scenario() -> list[Post]:
+        hooks = _hooks(tmp_path, agent, config)
+        agent._report_state(a.id, 40, TaskState.RUNNING, None, None, None)
+        posts = [await receiver.next() for _ in range(2)]  # failed, then refused
+        await asyncio.wait_for(hooks.senders[0].idle.wait(), WAIT)  # the refusal logged
+        await hooks.stop()
+        return posts
+
+    with caplog.at_level(logging.DEBUG):
+        posts = asyncio.run(scenario())
+    assert posts[0].path == "/hook?token=tok-s3cret"  # the receiver still gets its token
+    text = caplog.text
+    assert "HTTP 503" in text and "with HTTP 400" in text and "no longer configured" in text
+    assert "s3cret" not in text and "-user" not in text, text
