@@ -235,7 +235,12 @@ class Webhooks:
         """Take the agent's events from now on, after queuing the changes its store holds
         that no event was queued for. Before the agent's recovery, which reports what ended
         while no agent ran."""
-        self.catch_up(agent.store.tasks(active_only=True))
+        try:
+            self.catch_up(agent.store.tasks(active_only=True))
+        except (sqlite3.Error, OSError) as exc:
+            # Not a reason to keep the node from rendering: a later start compares again.
+            log.error("webhooks: cannot compare the queue with the task store (%s): task "
+                      "changes an earlier agent did not queue are not queued now", exc)
         events.attach(agent, self.publish)
 
     def catch_up(self, tasks: Iterable[TaskRecord]) -> int:
@@ -284,8 +289,8 @@ class Webhooks:
                                          payload, event.supersedes, event.mark)
         except (sqlite3.Error, OSError) as exc:
             # The state directory is full or failing: the event is lost for the webhooks
-            # (a task's latest change is queued at the next agent start), said once per
-            # spell; tasks and their state are not touched.
+            # (unless its assignment is still active at the next agent start, which queues
+            # each task's latest change), said once per spell; tasks are not touched.
             if self._store_error is None:
                 log.error("webhooks: cannot queue events (%s): they are lost until the "
                           "state directory takes writes again", exc)
