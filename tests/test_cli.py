@@ -104,3 +104,16 @@ def test_wait_reads_the_tasks_again_when_the_agent_changes(tmp_path: Path) -> No
 
     with private_bus(tmp_path):
         assert asyncio.run(scenario()) == 0
+
+
+@pytest.mark.parametrize("value", ["[{url: 'https://h.example/x?token=s3cret'}]", "[]",
+                                   "https://h.example/x?token=s3cret"])
+def test_run_refuses_set_webhooks_and_names_the_dropin_directory(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], value: str) -> None:
+    conf = tmp_path / "farmnode.yaml"
+    assert main(["run", "--config", str(conf), "--set", "webhook_timeout=5",
+                 "--set", f" webhooks ={value}"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err == (f"farmnode: --set webhooks: a list of entries cannot be set on the command "
+                   f"line; write it in a drop-in file under {tmp_path}/conf.d/ (e.g. "
+                   f"{tmp_path}/conf.d/50-webhooks.yaml; farmnode.yaml(5))\n")

@@ -10,9 +10,13 @@ import hmac
 import http.server
 import json
 import logging
+import os
 import queue
 import random
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Iterator
@@ -22,6 +26,7 @@ from typing import Any
 
 import pytest
 
+import farmnode
 from farmnode.agent.core import Agent, AgentState
 from farmnode.config import Config
 from farmnode.config.webhooks import Webhook
@@ -194,7 +199,7 @@ def _agent(tmp_path: Path, config: Config) -> tuple[Agent, Assignment]:
 
 def _hooks(tmp_path: Path, agent: Agent, config: Config) -> Webhooks:
     hooks = Webhooks(config, tmp_path, lambda: agent.agent_id, lambda: "node1.example")
-    events.attach(agent, hooks.publish)
+    hooks.attach(agent)  # as the agent's entry point does
     hooks.start()
     return hooks
 
@@ -402,3 +407,122 @@ def test_a_stop_with_a_drain_posts_what_is_queued_first(tmp_path: Path, receiver
     assert asyncio.run(scenario()) == (0, 2)
     assert [receiver.posts.get_nowait().json["event"] for _ in range(2)] == [
         "task.cancelled"] * 2
+
+
+# --- a kill -9 between the store's commit and the queue's -----------------------------------
+
+# The first agent: queues task 40's `running` (its receiver is not posted to: no sender
+# runs), then is killed with SIGKILL inside the queue's insert of task 40's `done`, after
+# the state store committed it: the window in which an event had no durable home.
+_KILLED_AGENT = """
+import os, signal, sys
+from pathlib import Path
+from farmnode.agent.core import Agent
+from farmnode.config import Config
+from farmnode.config.webhooks import Webhook
+from farmnode.tasks.model import TaskState
+from farmnode.tasks.store import Store
+from farmnode.webhooks.queue import DeliveryQueue
+from farmnode.webhooks.sender import Webhooks
+
+state_dir, url, assignment_id = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+config = Config(webhooks=(Webhook(url),))
+agent = Agent(config, Store(state_dir / "farmnode.db"), scopes=None)
+hooks = Webhooks(config, state_dir, lambda: agent.agent_id, str)
+hooks.attach(agent)
+agent._report_state(assignment_id, 40, TaskState.RUNNING, None, None, None)
+
+def killed(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+DeliveryQueue.put_all = killed
+agent._report_state(assignment_id, 40, TaskState.DONE, None, 0, None)
+print("not killed")
+"""
+
+
+def test_a_kill_9_after_the_stores_commit_loses_no_event_and_repeats_none(
+        tmp_path: Path, receiver: Receiver, caplog: pytest.LogCaptureFixture) -> None:
+    config = Config(webhooks=(Webhook(receiver.url),))
+    agent, a = _agent(tmp_path, config)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(Path(farmnode.__file__).parent.parent), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, "-c", _KILLED_AGENT, str(tmp_path), receiver.url, a.id],
+                       capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    assert agent.store.task_in(a.id, 40).state is TaskState.DONE  # type: ignore[union-attr]
+    assert DeliveryQueue(tmp_path / QUEUE_FILE, 10).pending(receiver.url) == 1  # running only
+
+    async def restart() -> list[Post]:
+        hooks = _hooks(tmp_path, agent, config)  # a fresh agent's start, on the same files
+        posts = [await receiver.next() for _ in range(2)]
+        while hooks.queue.pending(receiver.url):
+            await asyncio.sleep(0.01)
+        await hooks.stop()
+        return posts
+
+    with caplog.at_level(logging.INFO, "farmnode.webhooks"):
+        posts = asyncio.run(restart())
+    assert [(p.json["event"], p.json["data"]["task_id"]) for p in posts] == [
+        ("task.running", 40), ("task.done", 40)]
+    assert posts[1].json["data"]["progress"] == 1.0
+    assert "queued 1 task change(s) the store holds and no event was queued for" in caplog.text
+    assert receiver.posts.empty()  # 41 did not change; nothing went out twice
+
+    # Another start finds every change queued: nothing is sent again.
+    hooks = Webhooks(config, tmp_path, lambda: agent.agent_id, str)
+    assert hooks.catch_up(agent.store.tasks(active_only=True)) == 0
+    assert hooks.queue.pending(receiver.url) == 0
+    hooks.queue.close()
+
+
+def test_catch_up_sends_no_history_and_forgets_ended_assignments(tmp_path: Path) -> None:
+    config = Config(webhooks=(Webhook("http://127.0.0.1:9/failed", ("task.failed",)),))
+    agent, a = _agent(tmp_path, config)
+    agent._report_state(a.id, 40, TaskState.RUNNING, None, None, None)  # no webhooks yet
+    tasks = lambda: agent.store.tasks(active_only=True)  # noqa: E731
+    hooks = Webhooks(config, tmp_path, lambda: agent.agent_id, str)
+    # A queue that never knew these tasks: their past is not news.
+    assert hooks.catch_up(tasks()) == 0
+    assert hooks.queue.pending(config.webhooks[0].url) == 0
+    assert set(hooks.queue.marks() or {}) == {(a.id, 40), (a.id, 41)}
+    # A change the webhook does not want is marked, not queued, and not looked at again.
+    agent.store.set_task_state(a.id, 41, TaskState.RUNNING)
+    assert hooks.catch_up(tasks()) == 0
+    assert (hooks.queue.marks() or {})[(a.id, 41)].state == "running"
+    # One it wants is queued once.
+    agent.store.set_task_state(a.id, 41, TaskState.FAILED, "exit code 1", 1)
+    assert [hooks.catch_up(tasks()), hooks.catch_up(tasks())] == [1, 0]
+    assert hooks.queue.pending(config.webhooks[0].url) == 1
+    # An ended assignment's tasks change no more: their marks go.
+    agent.store.finish_assignment(a.id)
+    assert hooks.catch_up(tasks()) == 0
+    assert hooks.queue.marks() == {}
+    hooks.queue.close()
+
+
+def test_no_log_line_carries_a_urls_credentials_or_query(
+        tmp_path: Path, receiver: Receiver, caplog: pytest.LogCaptureFixture) -> None:
+    receiver.statuses = [503, 400]
+    url = receiver.url.replace("http://", "http://hook-user:pw-s3cret@").replace(
+        "token=t", "token=tok-s3cret")
+    config = Config(webhooks=(Webhook(url),), **FAST)  # type: ignore[arg-type]
+    old = DeliveryQueue(tmp_path / QUEUE_FILE, limit=10)
+    old.put("http://old-user:pw-s3cret@old.example/x?token=tok-s3cret", "task.done", "i", b"x")
+    old.close()
+    agent, a = _agent(tmp_path, config)
+
+    async def scenario() -> list[Post]:
+        hooks = _hooks(tmp_path, agent, config)
+        agent._report_state(a.id, 40, TaskState.RUNNING, None, None, None)
+        posts = [await receiver.next() for _ in range(2)]  # failed, then refused
+        await asyncio.wait_for(hooks.senders[0].idle.wait(), WAIT)  # the refusal logged
+        await hooks.stop()
+        return posts
+
+    with caplog.at_level(logging.DEBUG):
+        posts = asyncio.run(scenario())
+    assert posts[0].path == "/hook?token=tok-s3cret"  # the receiver still gets its token
+    text = caplog.text
+    assert "HTTP 503" in text and "with HTTP 400" in text and "no longer configured" in text
+    assert "s3cret" not in text and "-user" not in text, text

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from farmnode.config import ConfigError, load_config, redacted
+from farmnode.config import Config, ConfigError, load_config, redacted
 from farmnode.config.webhooks import Webhook
 
 
@@ -119,3 +119,35 @@ def test_secret_file_is_checked_when_the_agent_loads(etc: Path) -> None:
     secret.unlink()
     message = error(etc, text, private_secrets=True)
     assert f"secret_file {secret}: cannot read: No such file or directory" in message
+
+
+def test_repr_and_str_of_a_config_hide_a_urls_credentials_and_query() -> None:
+    # The loader refuses credentials in a URL; a Config built in code may still carry them.
+    config = Config(webhooks=(
+        Webhook("https://hook-user:pw-s3cret@hooks.example/path?token=tok-s3cret#frag"),
+        Webhook("http://[::1]:8080/all", ("task.*",), "/etc/farmnode/hook.secret")))
+    for text in (repr(config), str(config), repr(config.webhooks), str(config.webhooks[0])):
+        assert "s3cret" not in text and "hook-user" not in text, text
+    assert repr(config.webhooks[0]) == (
+        "Webhook(url='https://***@hooks.example/path?***#***', events=('*',), "
+        "secret_file=None)")
+    assert repr(config.webhooks[1]) == (
+        "Webhook(url='http://[::1]:8080/all', events=('task.*',), "
+        "secret_file='/etc/farmnode/hook.secret')")
+    # still the whole URL where it is used
+    assert config.webhooks[0].url.endswith("token=tok-s3cret#frag")
+
+
+@pytest.mark.parametrize("text", [
+    "webhooks: https://h.example/x?token=tok-s3cret\n",
+    "webhooks:\n  - https://h.example/x?token=tok-s3cret\n",
+    "webhooks: [{url: 'ftp://h.example/x?token=tok-s3cret'}]\n",
+    "webhooks: [{url: 'http://h.example/x y?token=tok-s3cret'}]\n",
+    "webhooks: [{url: 'http://h.example:99999/?token=tok-s3cret'}]\n",
+    "webhooks: [{url: 'http://pw-s3cret@h.example/'}]\n",
+])
+def test_a_config_error_does_not_repeat_a_urls_query_or_credentials(etc: Path,
+                                                                   text: str) -> None:
+    message = error(etc, text)
+    assert "s3cret" not in message, message
+    assert "h.example" in message, message  # still says which URL

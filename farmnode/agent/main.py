@@ -79,10 +79,9 @@ async def serve(config: Config) -> None:
     # Webhooks: listening before recovery, which reports what ended while no agent ran.
     webhooks = None
     if config.webhooks:
-        from farmnode.webhooks import events as webhook_events
         from farmnode.webhooks.sender import Webhooks
         webhooks = Webhooks(config, state_dir, lambda: agent.agent_id, lambda: agent.hostname)
-        webhook_events.attach(agent, webhooks.publish)
+        webhooks.attach(agent)
         webhooks.start()
     await agent.recover()
     # Judged before the name is taken: an agent that starts while a user is at the node

@@ -8,6 +8,7 @@ import json
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
@@ -340,14 +341,22 @@ def _logs(args: argparse.Namespace) -> int:
 
 def _run_agent(args: argparse.Namespace) -> int:
     from farmnode.agent.main import run
-    from farmnode.config import ConfigError, load_config
+    from farmnode.config import SETTINGS, ConfigError, load_config
 
     overrides: dict[str, str] = {}
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:
             raise CliError(f"--set {item!r}: expected KEY=VALUE", EXIT_USAGE)
-        overrides[key.strip()] = value
+        key = key.strip()
+        if key in SETTINGS and SETTINGS[key].base is tuple:
+            # A list of entries (webhooks) has no one-line form that reads better than its
+            # YAML; and the value is not repeated here: a webhook's URL may carry a token.
+            dropins = Path(args.config).parent / "conf.d"
+            raise CliError(f"--set {key}: a list of entries cannot be set on the command "
+                           f"line; write it in a drop-in file under {dropins}/ (e.g. "
+                           f"{dropins}/50-{key}.yaml; farmnode.yaml(5))", EXIT_USAGE)
+        overrides[key] = value
     if args.master is not None:
         overrides["master"] = args.master
     if args.port is not None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from farmnode.config.schedule import canonical as canonical_schedule
-from farmnode.config.webhooks import Webhook, parse_webhooks
+from farmnode.config.webhooks import Webhook, masked_url, parse_webhooks
 from farmnode.pathmap import parse_rules
 
 # A check takes an already type-correct value and returns it (possibly normalised) or raises
@@ -478,7 +478,9 @@ class Setting:
                 return ", ".join(value)
             if raw is not None and not isinstance(value, Mapping | list):
                 return raw
-        got = describe(value)
+        # A URL written where the webhooks' list belongs: its query or userinfo may be a
+        # credential, and the error is logged.
+        got = describe(masked_url(value) if base is tuple and isinstance(value, str) else value)
         if isinstance(value, bool) and raw is not None and raw.lower() not in ("true", "false"):
             # YAML 1.1 reads yes/no/on/off as booleans; say so rather than echo "true".
             got = f"{raw!r} (YAML reads it as {got})"

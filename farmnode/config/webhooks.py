@@ -20,11 +20,38 @@ EVENT_KINDS = ("task", "agent")
 _KEYS = ("url", "events", "secret_file")
 
 
-@dataclass(frozen=True)
+MASK = "***"
+
+
+def masked_url(url: str) -> str:
+    """The URL with its userinfo, query and fragment each replaced by `***`
+    (`https://***@hooks.example/path?***`): for repr, log lines and error messages, which
+    must not carry a receiver's credentials. Plain string work, so a URL too broken to
+    parse is masked as well."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    cut = [i for i in (rest.find(c) for c in "/?#") if i >= 0]
+    end = min(cut, default=len(rest))
+    authority, tail = rest[:end], rest[end:]
+    if "@" in authority:
+        authority = f"{MASK}@{authority.rsplit('@', 1)[1]}"
+    tail, hashed, _ = tail.partition("#")
+    path, queried, _ = tail.partition("?")
+    return (f"{scheme}{sep}{authority}{path}" + (f"?{MASK}" if queried else "")
+            + (f"#{MASK}" if hashed else ""))
+
+
+@dataclass(frozen=True, repr=False)
 class Webhook:
     url: str
     events: tuple[str, ...] = ("*",)
     secret_file: str | None = None
+
+    def __repr__(self) -> str:
+        # A Config's repr ends up in log lines and tracebacks.
+        return (f"Webhook(url={masked_url(self.url)!r}, events={self.events!r}, "
+                f"secret_file={self.secret_file!r})")
 
     def wants(self, event: str) -> bool:
         return any(fnmatch.fnmatchcase(event, p) for p in self.events)
@@ -58,20 +85,21 @@ def _url(value: object) -> str:
         raise ValueError(f"url must be a non-empty string, got {_what(value)}")
     if any(c.isspace() or not c.isprintable() for c in value):
         raise ValueError(f"url must not contain whitespace or control characters, got "
-                         f"{value!r}")
+                         f"{masked_url(value)!r}")
     if not value.isascii():
         # It goes into the request line and Host header as it is.
         raise ValueError(f"url must be ASCII (a host as punycode, xn--…; a path "
-                         f"percent-encoded), got {value!r}")
+                         f"percent-encoded), got {masked_url(value)!r}")
     try:
         u = urllib.parse.urlsplit(value)
         u.port  # noqa: B018 - raises ValueError for a port out of range or not a number
     except ValueError as exc:
-        raise ValueError(f"url {value!r} is not a valid URL: {exc}") from None
+        raise ValueError(f"url {masked_url(value)!r} is not a valid URL: {exc}") from None
     if u.scheme not in ("http", "https"):
-        raise ValueError(f"url must be an http:// or https:// URL, got {value!r}")
+        raise ValueError(f"url must be an http:// or https:// URL, got "
+                         f"{masked_url(value)!r}")
     if not u.hostname:
-        raise ValueError(f"url {value!r} names no host")
+        raise ValueError(f"url {masked_url(value)!r} names no host")
     if u.username is not None or u.password is not None:
         raise ValueError(f"url {u.scheme}://…@{u.hostname} must not carry credentials: "
                          "use secret_file to sign the body instead")
@@ -112,6 +140,8 @@ def _what(value: object) -> str:
         return "a mapping"
     if isinstance(value, list):
         return "a list"
+    if isinstance(value, str):  # a URL written where an entry or the list belongs
+        return repr(masked_url(value))
     return repr(value)
 
 

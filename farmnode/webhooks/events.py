@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from farmnode import __version__
+from farmnode.webhooks.queue import TaskMark
 
 if TYPE_CHECKING:
     from farmnode.agent.core import Agent
@@ -34,6 +35,7 @@ class Event:
     # While queued, an event is superseded by a later one with the same key: a running
     # task's progress counts only in its latest value.
     supersedes: str | None = None
+    mark: TaskMark | None = None  # a task's change: marked in the queue with its event
 
 
 def task_event(assignment_id: str, task_id: int, state: str, reason: str,
@@ -41,7 +43,8 @@ def task_event(assignment_id: str, task_id: int, state: str, reason: str,
     return Event(f"task.{state}",
                  {"assignment_id": assignment_id, "task_id": task_id, "state": state,
                   "reason": reason or None, "progress": progress},
-                 supersedes=f"task:{assignment_id}:{task_id}:{state}")
+                 supersedes=f"task:{assignment_id}:{task_id}:{state}",
+                 mark=TaskMark(assignment_id, task_id, state, progress))
 
 
 def agent_event(state: str) -> Event:

@@ -11,17 +11,26 @@ is now, which is what a receiver that comes back needs), and the sender says how
 
 Its own file, not the state store: a receiver that is away for days fills this one, never
 the database that holds the tasks, and it is written with synchronous=NORMAL (WAL: a
-process crash loses nothing, only a power cut may lose the last events) so queuing an event
-on the agent's loop costs no fsync.
+process crash loses nothing, only a power cut may lose the last events, and of those the
+marks below bring back each task's latest change) so queuing an event on the agent's loop
+costs no fsync.
+
+Its own file also means no transaction spans a task's change in the state store and its
+event here (SQLite's WAL mode makes a transaction over ATTACHed files atomic per file only).
+So the queue marks, per task, the last change it queued (in the transaction that queues
+it), and the agent's next start queues each change the store holds and the marks lack: a
+`kill -9` between the two commits delays that event and never loses it, and a change whose
+event is queued is never queued twice.
 """
 
 from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS deliveries (
@@ -36,7 +45,26 @@ CREATE TABLE IF NOT EXISTS deliveries (
 );
 CREATE INDEX IF NOT EXISTS deliveries_by_hook ON deliveries(hook, seq);
 CREATE INDEX IF NOT EXISTS deliveries_superseded ON deliveries(hook, supersedes);
+-- Per task, the last change queued for the webhooks (whichever wanted it).
+CREATE TABLE IF NOT EXISTS task_marks (
+    assignment_id TEXT NOT NULL,
+    task_id INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    progress REAL NOT NULL,
+    PRIMARY KEY (assignment_id, task_id)
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+
+
+class TaskMark(NamedTuple):
+    """A task's change as its event describes it: what the store is compared with."""
+
+    assignment_id: str
+    task_id: int
+    state: str
+    progress: float
+
 
 
 @dataclass(frozen=True)
@@ -67,21 +95,65 @@ class DeliveryQueue:
     def put(self, hook: str, event: str, event_id: str, body: bytes,
             supersedes: str | None = None, now: float | None = None) -> int:
         """Queue one event for one webhook; returns how many old events made room for it."""
+        return self.put_all([hook], event, event_id, body, supersedes, now=now)[0]
+
+    def put_all(self, hooks: Sequence[str], event: str, event_id: str, body: bytes,
+                supersedes: str | None = None, mark: TaskMark | None = None,
+                now: float | None = None) -> list[int]:
+        """Queue one event for each of `hooks`, and mark the task's change, in one
+        transaction: a crash leaves either all of it or none (then the next start queues
+        it). Returns, per webhook, how many old events made room for it."""
+        created = time.time() if now is None else now
+        dropped: list[int] = []
         with self.db:
             self.db.execute("BEGIN IMMEDIATE")
-            if supersedes is not None:
-                self.db.execute("DELETE FROM deliveries WHERE hook=? AND supersedes=?",
-                                (hook, supersedes))
-            self.db.execute(
-                "INSERT INTO deliveries (hook, event, event_id, supersedes, body, created)"
-                " VALUES (?,?,?,?,?,?)",
-                (hook, event, event_id, supersedes, body, time.time() if now is None else now))
-            over = self.pending(hook) - self.limit
-            if over > 0:
+            for hook in hooks:
+                if supersedes is not None:
+                    self.db.execute("DELETE FROM deliveries WHERE hook=? AND supersedes=?",
+                                    (hook, supersedes))
                 self.db.execute(
-                    "DELETE FROM deliveries WHERE seq IN (SELECT seq FROM deliveries"
-                    " WHERE hook=? ORDER BY seq LIMIT ?)", (hook, over))
-            return max(over, 0)
+                    "INSERT INTO deliveries (hook, event, event_id, supersedes, body, created)"
+                    " VALUES (?,?,?,?,?,?)", (hook, event, event_id, supersedes, body, created))
+                over = self.pending(hook) - self.limit
+                if over > 0:
+                    self.db.execute(
+                        "DELETE FROM deliveries WHERE seq IN (SELECT seq FROM deliveries"
+                        " WHERE hook=? ORDER BY seq LIMIT ?)", (hook, over))
+                dropped.append(max(over, 0))
+            if mark is not None:
+                self._mark(mark)
+        return dropped
+
+    def _mark(self, mark: TaskMark) -> None:
+        self.db.execute(
+            "INSERT INTO task_marks (assignment_id, task_id, state, progress) VALUES (?,?,?,?)"
+            " ON CONFLICT(assignment_id, task_id) DO UPDATE SET state=excluded.state,"
+            " progress=excluded.progress", mark)
+
+    def marks(self) -> dict[tuple[str, int], TaskMark] | None:
+        """Every task's marked change; None while this file has never been compared with
+        the store (a new file, or one an older farmnode wrote): it knows nothing yet."""
+        if self.db.execute("SELECT 1 FROM meta WHERE key='marks'").fetchone() is None:
+            return None
+        return {(r[0], r[1]): TaskMark(r[0], r[1], r[2], r[3]) for r in self.db.execute(
+            "SELECT assignment_id, task_id, state, progress FROM task_marks")}
+
+    def settle_marks(self, marks: Iterable[TaskMark],
+                     keep: Iterable[tuple[str, int]]) -> None:
+        """Mark these changes (none of their events was wanted, or the file starts tracking
+        here) and forget the marks of tasks not in `keep` (their assignments ended: their
+        tasks change no more, and the store is not compared with them again)."""
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.execute("CREATE TEMP TABLE IF NOT EXISTS kept"
+                            " (assignment_id TEXT NOT NULL, task_id INTEGER NOT NULL)")
+            self.db.execute("DELETE FROM kept")
+            self.db.executemany("INSERT INTO kept VALUES (?,?)", keep)
+            self.db.execute("DELETE FROM task_marks WHERE (assignment_id, task_id)"
+                            " NOT IN (SELECT assignment_id, task_id FROM kept)")
+            for m in marks:
+                self._mark(m)
+            self.db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('marks', '1')")
 
     def head(self, hook: str) -> Delivery | None:
         """The oldest event the webhook has not taken yet."""

@@ -25,15 +25,20 @@ import socket
 import sqlite3
 import ssl
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from farmnode.config import Config
 from farmnode.config.webhooks import Webhook
 from farmnode.master.protocol import backoff
 from farmnode.webhooks import events
-from farmnode.webhooks.queue import Delivery, DeliveryQueue
+from farmnode.webhooks.queue import Delivery, DeliveryQueue, TaskMark
+
+if TYPE_CHECKING:
+    from farmnode.agent.core import Agent
+    from farmnode.tasks.store import TaskRecord
 
 log = logging.getLogger(__name__)
 
@@ -226,29 +231,78 @@ class Webhooks:
         self._tasks.clear()
         self.queue.close()
 
+    def attach(self, agent: Agent) -> None:
+        """Take the agent's events from now on, after queuing the changes its store holds
+        that no event was queued for. Before the agent's recovery, which reports what ended
+        while no agent ran."""
+        try:
+            self.catch_up(agent.store.tasks(active_only=True))
+        except (sqlite3.Error, OSError) as exc:
+            # Not a reason to keep the node from rendering: a later start compares again.
+            log.error("webhooks: cannot compare the queue with the task store (%s): task "
+                      "changes an earlier agent did not queue are not queued now", exc)
+        events.attach(agent, self.publish)
+
+    def catch_up(self, tasks: Iterable[TaskRecord]) -> int:
+        """Queue an event for each task whose stored state or progress is not the last one
+        queued: the change an agent committed to the store and then ended (`kill -9`, a
+        crash) before queuing its event. `tasks`: those of the active assignments, the only
+        ones that change (an assignment ends after its tasks' events are queued). Returns
+        how many events were queued."""
+        tasks = list(tasks)
+        marks = self.queue.marks()
+        current = [TaskMark(t.assignment_id, t.id, str(t.state), t.progress) for t in tasks]
+        keep = [(m.assignment_id, m.task_id) for m in current]
+        if marks is None:
+            # This file never knew the tasks: what they did before is not news to send now.
+            self.queue.settle_marks(current, keep)
+            return 0
+        unwanted: list[TaskMark] = []
+        queued = 0
+        for t, mark in zip(tasks, current, strict=True):
+            if marks.get((mark.assignment_id, mark.task_id)) == mark:
+                continue
+            event = events.task_event(t.assignment_id, t.id, mark.state, t.reason or "",
+                                      t.progress)
+            if self._queue(event):
+                queued += 1
+            else:
+                unwanted.append(mark)
+        self.queue.settle_marks(unwanted, keep)
+        if queued:
+            log.info("webhooks: queued %d task change(s) the store holds and no event "
+                     "was queued for (the previous agent ended in between)", queued)
+        return queued
+
     def publish(self, event: events.Event) -> None:
+        self._queue(event)
+
+    def _queue(self, event: events.Event) -> bool:
+        """Queue the event for the webhooks that want it; False if none does."""
         wanting = [s for s in self.senders if s.hook.wants(event.name)]
         if not wanting:
-            return
+            return False
         event_id = events.new_id()
         payload = events.body(event, event_id, self._agent_id(), self._hostname())
-        for s in wanting:
-            try:
-                dropped = self.queue.put(s.hook.url, event.name, event_id, payload,
-                                         event.supersedes)
-            except (sqlite3.Error, OSError) as exc:
-                # The state directory is full or failing: the event is lost for the
-                # webhooks, said once per spell; tasks and their state are not touched.
-                if self._store_error is None:
-                    log.error("webhooks: cannot queue events (%s): they are lost until the "
-                              "state directory takes writes again", exc)
-                self._store_error = str(exc)
-                return
-            if self._store_error is not None:
-                log.warning("webhooks: events are queued again")
-                self._store_error = None
-            s.note_dropped(dropped)
+        try:
+            dropped = self.queue.put_all([s.hook.url for s in wanting], event.name, event_id,
+                                         payload, event.supersedes, event.mark)
+        except (sqlite3.Error, OSError) as exc:
+            # The state directory is full or failing: the event is lost for the webhooks
+            # (unless its assignment is still active at the next agent start, which queues
+            # each task's latest change), said once per spell; tasks are not touched.
+            if self._store_error is None:
+                log.error("webhooks: cannot queue events (%s): they are lost until the "
+                          "state directory takes writes again", exc)
+            self._store_error = str(exc)
+            return True
+        if self._store_error is not None:
+            log.warning("webhooks: events are queued again")
+            self._store_error = None
+        for s, count in zip(wanting, dropped, strict=True):
+            s.note_dropped(count)
             s.wake()
+        return True
 
 
 def _secret(hook: Webhook) -> bytes | None:
