@@ -103,7 +103,7 @@ class InvalidArgument(AgentError):
 
 
 class StatusSource(Protocol):
-    """[4] master sync: what the core needs of farmnode.master.link.MasterLink."""
+    """What the core needs of farmnode.master.link.MasterLink: the core must not import it."""
 
     def status(self) -> dict[str, Any]: ...
 
@@ -147,7 +147,6 @@ class Agent:
         # Outcomes the store could not take yet (disk full): kept here, in order, and written
         # again until it takes them, so no outcome is lost and no task is stuck running.
         self._unstored: collections.deque[tuple[str, Callable[[], None]]] = collections.deque()
-        self._storage_retry: asyncio.TimerHandle | None = None
         self.storage_error: str | None = None
         self.state = AgentState.ONLINE
         self.started = time.time()
@@ -158,7 +157,7 @@ class Agent:
         self.accounting_listeners: list[Callable[[str, dict[str, int]], None]] = []
         self.runs_listeners: list[Callable[[], None]] = []
         self.agent_id = self._load_agent_id()
-        # [4] master sync: set by serve() when a master is configured; GetStatus shows it.
+        # Set by serve() when a master is configured; GetStatus shows it.
         self.master_link: StatusSource | None = None
         # Who may call PyFarm's endpoints without credentials (set by the entry point).
         self.trusted_masters: TrustedMasters | None = None
@@ -507,7 +506,6 @@ class Agent:
         self._write_unstored()
 
     def _write_unstored(self) -> None:
-        self._storage_retry = None
         while self._unstored:
             what, write = self._unstored[0]
             try:
@@ -515,8 +513,7 @@ class Agent:
             except STORAGE_ERRORS as exc:
                 self._storage_failed(exc, what)
                 with contextlib.suppress(RuntimeError):  # no loop: the next write retries
-                    self._storage_retry = asyncio.get_running_loop().call_later(
-                        STORAGE_RETRY, self._write_unstored)
+                    asyncio.get_running_loop().call_later(STORAGE_RETRY, self._write_unstored)
                 return
             self._unstored.popleft()
         if self.storage_error is not None:
@@ -642,7 +639,7 @@ class Agent:
             # PyFarm's 0.8.6 master has no column for disks (it refuses an announce that
             # carries them): they are ours to show only.
             "disks": [d.to_json() for d in host.disks()],
-            # [4] master sync: last contact, queued reports, last error (None: standalone)
+            # The master link's last contact, queued reports, last error (None: standalone)
             **(self.master_link.status() if self.master_link else {"master_link": None}),
         }
 
@@ -803,7 +800,7 @@ class Agent:
         self.flush_progress()
         self._set_state(AgentState.OFFLINE)
 
-    # ---- control for the HTTP API ([3]) ------------------------------------------------
+    # ---- control for the HTTP API ------------------------------------------------------
     # Reached over D-Bus (SignalTask, Stop, Restart, Update, GetConfig, PatchConfig, TaskLog);
     # the work is in farmnode.agent.control, imported here so this section stays self-contained.
     async def signal_task(self, task_id: int, signum: int) -> bool:
@@ -835,7 +832,8 @@ class Agent:
 
     async def restart_agent(self, immediately: bool) -> bool:
         """Restart now. PyFarm waited for running work unless `immediately`; here running
-        tasks survive the agent's restart ([2]), so there is nothing to wait for."""
+        tasks survive the agent's restart (their scopes are not the agent's), so there is
+        nothing to wait for."""
         log.info("restart of the agent requested over D-Bus (immediately=%s; tasks keep "
                  "running)", immediately)
         self._queue_own_unit_job("restart")
@@ -849,7 +847,7 @@ class Agent:
         except control.ControlError as exc:
             raise InvalidArgument(str(exc)) from None
         self.store.set_meta("update_requested", version)
-        # Honest about what happens: the agent does not download code; packages ([5]) do.
+        # Honest about what happens: the agent does not update itself; the package manager does.
         log.warning("update to farmnode %s requested by the master; this agent does not "
                     "update itself: install the package with the system's package manager "
                     "(running %s)", version, __version__)

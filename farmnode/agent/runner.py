@@ -197,7 +197,7 @@ class AssignmentRun:
     started_at: float | None = None  # wall clock, for task_max_runtime across restarts
     adopting: bool = False  # taken over from a previous agent process
     link_version: int = link.VERSION  # of the shim's protocol (an adopted one may be older)
-    # Refreshes the on-disk cache of a job type the master serves ([4]); None: standalone.
+    # Refreshes the on-disk cache of a job type the master serves; None: standalone.
     # Returns why nothing was cached (None: cached).
     fetch_jobtype: Callable[[str, int], Awaitable[str | None]] | None = None
     # What a downloaded job type is told of this node; None: nothing.

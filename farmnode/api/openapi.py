@@ -1,6 +1,6 @@
 """The OpenAPI 3 document of the HTTP API, served at GET /api/v1/openapi.json.
 
-Paths and methods must be exactly the app's routes (tests/test_api_openapi.py checks), and
+Paths and methods must be exactly the app's routes (tests/test_api_pure.py checks), and
 constraints are only those the code enforces: a fuzzer sending data that breaks one must get a
 4xx, and data that keeps them all must never get a 5xx.
 """

@@ -112,7 +112,7 @@ class Agent1Interface(DbusObjectManagerInterfaceAsync, interface_name=INTERFACE)
         """The HTTP API saw a request from the master (PyFarm's User-Agent)."""
         raise NotImplementedError
 
-    # ---- control for the HTTP API ([3]) ----------------------------------------------
+    # ---- control for the HTTP API ----------------------------------------------------
     @dbus_method_async(input_signature="xi", result_signature="b", flags=OPEN,
                        input_args_names=("task_id", "signal"), result_args_names=("sent",))
     async def signal_task(self, task_id: int, signal: int) -> bool:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import yaml
@@ -72,14 +71,6 @@ def _describe(value: object) -> str:
     if isinstance(value, str):
         return repr(value if len(value) <= 60 else value[:57] + "...")
     return repr(value)
-
-
-@dataclass
-class _Node:
-    """A YAML value with the source line of its key (or of itself)."""
-
-    value: Any
-    line: int | None
 
 
 class _Reader:
