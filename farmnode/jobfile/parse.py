@@ -26,6 +26,7 @@ from typing import Any
 
 import yaml
 
+from farmnode.describe import describe
 from farmnode.jobfile.model import FrameRange, JobFile, JobSpec
 from farmnode.jobfile.render import Rendered, RenderError, render
 from farmnode.tasks.schema import AssignmentError, parse_assignment
@@ -60,17 +61,7 @@ class JobFileError(ValueError):
 
 
 def _describe(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if value is None:
-        return "null"
-    if isinstance(value, dict):
-        return "an object"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, str):
-        return repr(value if len(value) <= 60 else value[:57] + "...")
-    return repr(value)
+    return describe(value, "an object")  # as the assignment schema says it
 
 
 class _Reader:
