@@ -19,9 +19,8 @@ from typing import Any
 import yaml
 from sdbus import SdBus
 
-from farmnode.bus.interface import PATCHABLE_CONFIG_KEYS
 from farmnode.config import ConfigError, load_config
-from farmnode.config.model import SETTINGS, Config
+from farmnode.config.model import PATCHABLE_CONFIG_KEYS, SETTINGS, Config
 from farmnode.systemd.journal import output_lines
 from farmnode.systemd.scope import ScopeManager
 from farmnode.tasks import tasklog

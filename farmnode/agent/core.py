@@ -33,7 +33,6 @@ from farmnode.agent.workstation import Workstation
 from farmnode.config import Config
 from farmnode.config.model import jobtype_counts
 from farmnode.jobtypes.remote import RemoteJobTypeError, cache_store
-from farmnode.master.trust import TrustedMasters
 from farmnode.sysinfo import gpu, host
 from farmnode.systemd import fdstore, link, spool
 from farmnode.systemd.cgroup import cgroup_path_dir, read_accounting, shim_pid, unit_cgroup_path
@@ -114,6 +113,12 @@ class StatusSource(Protocol):
     def assign_refusal(self) -> str | None: ...
 
 
+class TrustSource(Protocol):
+    """What the core needs of farmnode.master.trust.TrustedMasters, for the same reason."""
+
+    def as_strings(self) -> list[str]: ...
+
+
 class HealthSource(Protocol):
     """What the core needs of farmnode.health.watch.HealthWatch: the checks, for the status."""
 
@@ -160,7 +165,7 @@ class Agent:
         # Set by serve() when a master is configured; GetStatus shows it.
         self.master_link: StatusSource | None = None
         # Who may call PyFarm's endpoints without credentials (set by the entry point).
-        self.trusted_masters: TrustedMasters | None = None
+        self.trusted_masters: TrustSource | None = None
         # Health checks (set by the entry point; a failing one is a hold, "health").
         self.health: HealthSource | None = None
         self._shutting_down = False

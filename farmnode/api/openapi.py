@@ -11,7 +11,7 @@ import copy
 from typing import Any
 
 from farmnode import __version__
-from farmnode.bus.interface import PATCHABLE_CONFIG_KEYS as EDITABLE_KEYS
+from farmnode.config.model import PATCHABLE_CONFIG_KEYS as EDITABLE_KEYS
 
 INT64 = {"type": "integer", "minimum": 0, "maximum": 2**63 - 1}
 NULLABLE_STR = {"type": ["string", "null"]}

@@ -519,3 +519,22 @@ def _build_settings() -> dict[str, Setting]:
 
 
 SETTINGS: Mapping[str, Setting] = types.MappingProxyType(_build_settings())
+
+
+# Config keys PatchConfig (org.farmnode.Agent1) may change: those that make sense to change at
+# runtime. Everything else changes units, users, paths or credentials and belongs to the
+# admin's files. Here, not in the bus interface: the core checks patches against it too.
+PATCHABLE_CONFIG_KEYS: tuple[str, ...] = (
+    "agent_pretty_json",
+    "agent_api_read_requires_auth",
+    "agent_api_output_requires_auth",
+    "farm_name",
+    "agent_log_level",
+    "agent_master_reannounce",
+    "agent_ram_check_interval",
+    "agent_ram_report_delta",
+    "agent_ram_max_report_frequency",
+    "task_stop_grace",
+    "task_journal_grace",
+    "jobtype_path_map",
+)
