@@ -215,6 +215,7 @@ def test_wrong_type(etc: Path) -> None:
         ("task_swap_max: auto", "expected an integer, got 'auto'"),
         ("task_allow_root: 1", "expected a boolean (true or false), got 1"),
         ("agent_hostname: {a: 1}", "expected a string, got a mapping"),
+        ("agent_api_port: 2024-01-01", "expected an integer, got a date"),
         ("agent_state_dir: null", "expected a string, got null"),
         ("agent_state_dir: ~", "expected a string, got null (YAML reads a bare ~ as null"),
         ("agent_log_level: verbose", "expected one of 'debug', 'info', 'warning', 'error', got"),

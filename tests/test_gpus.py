@@ -332,9 +332,10 @@ def test_store_of_an_older_build_gains_the_gpus_column(tmp_path: Path) -> None:
     # the schema as builds before GPUs wrote it
     old = store_mod.SCHEMA.replace(
         "accounting TEXT,  -- JSON: the scope's cgroup figures, last sampled or final\n"
-        "    gpus TEXT  -- JSON: the GPUs (UUID, else PCI address) the assignment holds\n",
+        "    gpus TEXT,  -- JSON: the GPUs (UUID, else PCI address) the assignment holds\n",
         "accounting TEXT\n")
-    assert "gpus" not in old
+    old = "\n".join(line for line in old.splitlines() if "paused_" not in line)
+    assert "gpus" not in old and "accounting TEXT\n);" in old
     db = sqlite3.connect(tmp_path / "db")
     db.executescript(old)
     db.execute("INSERT INTO assignments (id, job_id, payload, unit, created) VALUES"

@@ -134,6 +134,7 @@ def test_unknown_job_type_names_line_and_field() -> None:
     ("end", "0", "jobs[0].end: must be at least start (1)"),
     ("end", "1000000", "jobs[0].end: more than 100000 frames"),
     ("environment", "{A: 1}", "jobs[0].environment.A: expected a string, got 1"),
+    ("environment", "{A: 2024-01-01}", "jobs[0].environment.A: expected a string, got a date"),
     ("environment", "{'A=B': x}", "jobs[0].environment: invalid variable name 'A=B'"),
     ("user", "'../root'", "jobs[0].user: must be a user name"),
     ("id", "'a b'", "jobs[0].id: must be a name of letters"),

@@ -1,4 +1,4 @@
-"""The agent's side of the HTTP API's control calls ([3]): own-unit stop/restart, signals,
+"""The agent's side of the HTTP API's control calls: own-unit stop/restart, signals,
 config patches, task logs. Kept out of core.py so the Agent class only delegates here.
 """
 
@@ -19,9 +19,8 @@ from typing import Any
 import yaml
 from sdbus import SdBus
 
-from farmnode.bus.interface import PATCHABLE_CONFIG_KEYS
 from farmnode.config import ConfigError, load_config
-from farmnode.config.model import SETTINGS, Config
+from farmnode.config.model import PATCHABLE_CONFIG_KEYS, SETTINGS, Config
 from farmnode.systemd.journal import output_lines
 from farmnode.systemd.scope import ScopeManager
 from farmnode.tasks import tasklog
@@ -131,7 +130,8 @@ _VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+~:_-]{0,63}")
 
 
 def check_version(version: str) -> str:
-    # It ends up in the journal and, with packaging ([5]), maybe in a package manager's argv.
+    # It ends up in the journal and maybe in a package manager's argv: nothing that could be
+    # read as an option or a path.
     if not _VERSION.fullmatch(version):
         raise ControlError(f"version must look like a package version (e.g. 1.2.3), got "
                            f"{version[:70]!r}")

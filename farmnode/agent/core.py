@@ -34,7 +34,6 @@ from farmnode.agent.workstation import Workstation
 from farmnode.config import Config
 from farmnode.config.model import jobtype_counts
 from farmnode.jobtypes.remote import RemoteJobTypeError, cache_store
-from farmnode.master.trust import TrustedMasters
 from farmnode.sysinfo import gpu, host
 from farmnode.systemd import fdstore, link, spool
 from farmnode.systemd.cgroup import cgroup_path_dir, read_accounting, shim_pid, unit_cgroup_path
@@ -104,7 +103,7 @@ class InvalidArgument(AgentError):
 
 
 class StatusSource(Protocol):
-    """[4] master sync: what the core needs of farmnode.master.link.MasterLink."""
+    """What the core needs of farmnode.master.link.MasterLink: the core must not import it."""
 
     def status(self) -> dict[str, Any]: ...
 
@@ -113,6 +112,12 @@ class StatusSource(Protocol):
     async def fetch_jobtype(self, name: str, version: int) -> dict[str, Any] | str: ...
 
     def assign_refusal(self) -> str | None: ...
+
+
+class TrustSource(Protocol):
+    """What the core needs of farmnode.master.trust.TrustedMasters, for the same reason."""
+
+    def as_strings(self) -> list[str]: ...
 
 
 class HealthSource(Protocol):
@@ -149,7 +154,6 @@ class Agent:
         # Outcomes the store could not take yet (disk full): kept here, in order, and written
         # again until it takes them, so no outcome is lost and no task is stuck running.
         self._unstored: collections.deque[tuple[str, Callable[[], None]]] = collections.deque()
-        self._storage_retry: asyncio.TimerHandle | None = None
         self.storage_error: str | None = None
         self.state = AgentState.ONLINE
         self.started = time.time()
@@ -160,10 +164,10 @@ class Agent:
         self.accounting_listeners: list[Callable[[str, dict[str, int]], None]] = []
         self.runs_listeners: list[Callable[[], None]] = []
         self.agent_id = self._load_agent_id()
-        # [4] master sync: set by serve() when a master is configured; GetStatus shows it.
+        # Set by serve() when a master is configured; GetStatus shows it.
         self.master_link: StatusSource | None = None
         # Who may call PyFarm's endpoints without credentials (set by the entry point).
-        self.trusted_masters: TrustedMasters | None = None
+        self.trusted_masters: TrustSource | None = None
         # Health checks (set by the entry point; a failing one is a hold, "health").
         self.health: HealthSource | None = None
         self._shutting_down = False
@@ -524,7 +528,6 @@ class Agent:
         self._write_unstored()
 
     def _write_unstored(self) -> None:
-        self._storage_retry = None
         while self._unstored:
             what, write = self._unstored[0]
             try:
@@ -532,8 +535,7 @@ class Agent:
             except STORAGE_ERRORS as exc:
                 self._storage_failed(exc, what)
                 with contextlib.suppress(RuntimeError):  # no loop: the next write retries
-                    self._storage_retry = asyncio.get_running_loop().call_later(
-                        STORAGE_RETRY, self._write_unstored)
+                    asyncio.get_running_loop().call_later(STORAGE_RETRY, self._write_unstored)
                 return
             self._unstored.popleft()
         if self.storage_error is not None:
@@ -659,7 +661,7 @@ class Agent:
             # PyFarm's 0.8.6 master has no column for disks (it refuses an announce that
             # carries them): they are ours to show only.
             "disks": [d.to_json() for d in host.disks()],
-            # [4] master sync: last contact, queued reports, last error (None: standalone)
+            # The master link's last contact, queued reports, last error (None: standalone)
             **(self.master_link.status() if self.master_link else {"master_link": None}),
         }
 
@@ -830,7 +832,7 @@ class Agent:
         self.flush_progress()
         self._set_state(AgentState.OFFLINE)
 
-    # ---- control for the HTTP API ([3]) ------------------------------------------------
+    # ---- control for the HTTP API ------------------------------------------------------
     # Reached over D-Bus (SignalTask, Stop, Restart, Update, GetConfig, PatchConfig, TaskLog);
     # the work is in farmnode.agent.control, imported here so this section stays self-contained.
     async def signal_task(self, task_id: int, signum: int) -> bool:
@@ -862,7 +864,8 @@ class Agent:
 
     async def restart_agent(self, immediately: bool) -> bool:
         """Restart now. PyFarm waited for running work unless `immediately`; here running
-        tasks survive the agent's restart ([2]), so there is nothing to wait for."""
+        tasks survive the agent's restart (their scopes are not the agent's), so there is
+        nothing to wait for."""
         log.info("restart of the agent requested over D-Bus (immediately=%s; tasks keep "
                  "running)", immediately)
         self._queue_own_unit_job("restart")
@@ -876,7 +879,7 @@ class Agent:
         except control.ControlError as exc:
             raise InvalidArgument(str(exc)) from None
         self.store.set_meta("update_requested", version)
-        # Honest about what happens: the agent does not download code; packages ([5]) do.
+        # Honest about what happens: the agent does not update itself; the package manager does.
         log.warning("update to farmnode %s requested by the master; this agent does not "
                     "update itself: install the package with the system's package manager "
                     "(running %s)", version, __version__)

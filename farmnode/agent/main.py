@@ -12,6 +12,7 @@ from pathlib import Path
 from sdbus import request_default_bus_name_async, sd_bus_open_system, set_default_bus
 from systemd import daemon
 
+from farmnode import __version__
 from farmnode.agent import control, workstation
 from farmnode.agent.control import journal_output
 from farmnode.agent.core import Agent
@@ -51,10 +52,12 @@ async def serve(config: Config) -> None:
     from farmnode.bus.service import Agent1Service
 
     state_dir = Path(os.environ.get("STATE_DIRECTORY", config.agent_state_dir).split(":")[0])
-    # [4] master sync: reports are queued (in the change's own transaction) only for a master
+    # Reports are queued (in the change's own transaction) only when a master is configured:
+    # standalone, nothing would ever take them out of the outbox.
     store = Store(state_dir / "farmnode.db", outbox=bool(config.master_api))
     if store.get_meta("agent_id") is None:
-        # [4] the node's identity: derived from /etc/machine-id (systemd's app-specific way)
+        # The node's identity: derived from /etc/machine-id (systemd's app-specific way): stable
+        # for the installation, and the machine-id itself is not handed to the master
         store.set_meta("agent_id", str(node_uuid()))
     bus = sd_bus_open_system()
     set_default_bus(bus)
@@ -113,14 +116,14 @@ async def serve(config: Config) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     watchdog = asyncio.create_task(_watchdog())
-    log.info("farmnode agent %s ready (id %s)", agent.agent_id, agent.state)
+    log.info("farmnode agent %s ready (id %s), %s", __version__, agent.agent_id, agent.state)
     _notify(f"READY=1\nSTATUS=ready, {agent.state}")
 
     def on_state(state: object) -> None:
         _notify(f"STATUS={state}, {len(agent.runs)} assignment(s)")
 
     agent.state_listeners.append(on_state)
-    # [4] master sync: none configured → standalone, nothing tries to reach a master
+    # No master configured: standalone, nothing tries to reach one.
     link = (MasterLink(config, store, agent, log_output=journal_output)
             if config.master_api else None)
     if link is not None:
@@ -154,7 +157,7 @@ async def serve(config: Config) -> None:
         log.info("stopping: cancelling %d assignment(s)", len(agent.runs))
         await agent.shutdown()
     if link is not None:
-        # [4] deliver what is queued; "offline" only when the tasks stopped too (a restart
+        # Deliver what is queued; "offline" only when the tasks stopped too (a restart
         # leaves them running, and an offline agent's tasks are requeued by the master)
         await link.stop(offline=job not in RESTART_JOBS)
     if job not in RESTART_JOBS:

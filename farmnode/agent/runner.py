@@ -201,7 +201,7 @@ class AssignmentRun:
     paused_since: float | None = None
     adopting: bool = False  # taken over from a previous agent process
     link_version: int = link.VERSION  # of the shim's protocol (an adopted one may be older)
-    # Refreshes the on-disk cache of a job type the master serves ([4]); None: standalone.
+    # Refreshes the on-disk cache of a job type the master serves; None: standalone.
     # Returns why nothing was cached (None: cached).
     fetch_jobtype: Callable[[str, int], Awaitable[str | None]] | None = None
     # What a downloaded job type is told of this node; None: nothing.
@@ -311,15 +311,18 @@ class AssignmentRun:
             log.exception("assignment %s crashed", self.assignment.id)
             self._finish_all(TaskState.FAILED, f"agent error: {exc}", None)
 
+    def _load_jobtype_after_restart(self) -> None:
+        try:
+            self._load_jobtype()
+        except Exception as exc:
+            # The output is still journaled; only the job type's parsing is lost.
+            log.warning("assignment %s: job type unavailable after restart: %s",
+                        self.assignment.id, exc)
+
     async def adopt(self, sock: socket.socket) -> None:
         """Continue a run a previous agent process started; its link came from the fd store."""
         try:
-            try:
-                self._load_jobtype()
-            except Exception as exc:
-                # The output is still journaled; only the job type's parsing is lost.
-                log.warning("assignment %s: job type unavailable after restart: %s",
-                            self.assignment.id, exc)
+            self._load_jobtype_after_restart()
             if await self._serve(sock, resume=True):
                 # The previous agent died before opening the gate: nothing of the job ever
                 # ran, so it simply starts now.
@@ -354,11 +357,7 @@ class AssignmentRun:
         lost; when the job ends it writes the status record. Wait for the shim to go, then
         conclude from that record, as the link's EXIT would have."""
         try:
-            try:
-                self._load_jobtype()
-            except Exception as exc:
-                log.warning("assignment %s: job type unavailable after restart: %s",
-                            self.assignment.id, exc)
+            self._load_jobtype_after_restart()
             pid = self.shim_pid()
             self.attached.set()
             if pid is not None:

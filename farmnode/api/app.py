@@ -2,7 +2,7 @@
 
 gunicorn loads `farmnode.api.app:create_app()` (see farmnode-api.service and
 farmnode.api.gunicorn_conf). ROUTES is the one list of paths: the OpenAPI document must name
-exactly these (tests/test_api_openapi.py).
+exactly these (tests/test_api_pure.py checks).
 """
 
 from __future__ import annotations

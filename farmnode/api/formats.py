@@ -100,7 +100,7 @@ def metrics(status: Mapping[str, Any] | None, tasks: list[Mapping[str, Any]],
     ):
         if isinstance(status.get(key), int | float) and not isinstance(status.get(key), bool):
             m.add(name, "gauge", help_text, float(status[key]))
-    # Per-task figures come from the agent's cgroup accounting ([2]) when it reports them.
+    # Per-task figures come from the agent's cgroup accounting when it reports them.
     for t in active:
         accounting = t.get("accounting")
         figures: Mapping[str, Any] = accounting if isinstance(accounting, Mapping) else {}

@@ -1,6 +1,6 @@
 """The OpenAPI 3 document of the HTTP API, served at GET /api/v1/openapi.json.
 
-Paths and methods must be exactly the app's routes (tests/test_api_openapi.py checks), and
+Paths and methods must be exactly the app's routes (tests/test_api_pure.py checks), and
 constraints are only those the code enforces: a fuzzer sending data that breaks one must get a
 4xx, and data that keeps them all must never get a 5xx.
 """
@@ -11,7 +11,7 @@ import copy
 from typing import Any
 
 from farmnode import __version__
-from farmnode.bus.interface import PATCHABLE_CONFIG_KEYS as EDITABLE_KEYS
+from farmnode.config.model import PATCHABLE_CONFIG_KEYS as EDITABLE_KEYS
 
 INT64 = {"type": "integer", "minimum": 0, "maximum": 2**63 - 1}
 NULLABLE_STR = {"type": ["string", "null"]}

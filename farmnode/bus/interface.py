@@ -55,24 +55,6 @@ class InvalidArgumentError(DbusFailedError):
     dbus_error_name = f"{INTERFACE}.Error.InvalidArgument"
 
 
-# Config keys PatchConfig may change: those that make sense to change at runtime. Everything
-# else changes units, users, paths or credentials and belongs to the admin's files.
-PATCHABLE_CONFIG_KEYS: tuple[str, ...] = (
-    "agent_pretty_json",
-    "agent_api_read_requires_auth",
-    "agent_api_output_requires_auth",
-    "farm_name",
-    "agent_log_level",
-    "agent_master_reannounce",
-    "agent_ram_check_interval",
-    "agent_ram_report_delta",
-    "agent_ram_max_report_frequency",
-    "task_stop_grace",
-    "task_journal_grace",
-    "jobtype_path_map",
-)
-
-
 class Agent1Interface(DbusObjectManagerInterfaceAsync, interface_name=INTERFACE):
     """The agent; its ObjectManager lists the task objects (farmnode.bus.task1)."""
 
@@ -112,7 +94,7 @@ class Agent1Interface(DbusObjectManagerInterfaceAsync, interface_name=INTERFACE)
         """The HTTP API saw a request from the master (PyFarm's User-Agent)."""
         raise NotImplementedError
 
-    # ---- control for the HTTP API ([3]) ----------------------------------------------
+    # ---- control for the HTTP API ----------------------------------------------------
     @dbus_method_async(input_signature="xi", result_signature="b", flags=OPEN,
                        input_args_names=("task_id", "signal"), result_args_names=("sent",))
     async def signal_task(self, task_id: int, signal: int) -> bool:

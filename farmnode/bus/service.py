@@ -125,7 +125,7 @@ class Agent1Service(Agent1Interface):
         trusted = self.agent.trusted_masters
         return trusted.as_strings() if trusted is not None else []
 
-    # ---- control for the HTTP API ([3]) ----------------------------------------------
+    # ---- control for the HTTP API ----------------------------------------------------
     @dbus_method_async_override()
     async def signal_task(self, task_id: int, signal: int) -> bool:
         return await _translated(lambda: self.agent.signal_task(task_id, signal))

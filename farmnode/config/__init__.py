@@ -1,8 +1,9 @@
 """Config: the agent's settings (`Config`), where they come from and how they are checked.
 
 Owns /etc/farmnode/farmnode.yaml, its conf.d drop-ins and `--set key=value` overrides.
-May import: the standard library, PyYAML and farmnode.pathmap (the path-mapping rules' syntax,
-standard library only) only. Every other package may import this one.
+May import: the standard library, PyYAML, farmnode.pathmap (the path-mapping rules' syntax)
+and farmnode.describe (values in error messages), both standard library only, only. Every
+other package may import this one.
 """
 
 from farmnode.config.loader import (

@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from farmnode.config.schedule import canonical as canonical_schedule
 from farmnode.config.webhooks import Webhook, masked_url, parse_webhooks
+from farmnode.describe import describe
 from farmnode.pathmap import parse_rules
 
 # A check takes an already type-correct value and returns it (possibly normalised) or raises
@@ -85,12 +86,19 @@ def _absolute_path(value: str) -> str:
     return value
 
 
-def _host(value: str) -> str:
-    # `master` is host[:port], spliced into master_api; a scheme or path here breaks the URL.
-    _word(value)
-    if "/" in value:
-        raise ValueError(f"must be a host name or host:port (no scheme or path), got {value!r}")
-    return value
+def _word_that(wrong: Callable[[str], bool], must: str) -> Check:
+    """A `_word` check that also refuses what `wrong` is true of: it "must" be something else."""
+    def check(value: str) -> str:
+        _word(value)
+        if wrong(value):
+            raise ValueError(f"must {must}, got {value!r}")
+        return value
+
+    return check
+
+
+# `master` is host[:port], spliced into master_api; a scheme or path here breaks the URL.
+_host = _word_that(lambda v: "/" in v, "be a host name or host:port (no scheme or path)")
 
 
 _HOSTNAME = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?$")
@@ -136,26 +144,11 @@ def _addresses(value: str) -> str:
     return ", ".join(out)
 
 
-def _http_url(value: str) -> str:
-    _word(value)
-    if not value.startswith(("http://", "https://")):
-        raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
-    return value
-
-
-def _api_username(value: str) -> str:
-    _word(value)
-    # RFC 7617: a user-id containing ':' cannot be sent with HTTP Basic auth.
-    if ":" in value:
-        raise ValueError(f"must not contain ':', got {value!r}")
-    return value
-
-
-def _user_name(value: str) -> str:
-    _word(value)
-    if "/" in value or ":" in value or value.startswith("-"):
-        raise ValueError(f"must be a user name, got {value!r}")
-    return value
+_http_url = _word_that(lambda v: not v.startswith(("http://", "https://")),
+                       "be an http:// or https:// URL")
+# RFC 7617: a user-id containing ':' cannot be sent with HTTP Basic auth.
+_api_username = _word_that(lambda v: ":" in v, "not contain ':'")
+_user_name = _word_that(lambda v: "/" in v or ":" in v or v.startswith("-"), "be a user name")
 
 
 def _user_names(value: str) -> str:
@@ -400,23 +393,6 @@ _TYPE_NAMES: dict[type, str] = {
 }
 
 
-def describe(value: object) -> str:
-    """How a value read from YAML is named in an error message."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return repr(value if len(value) <= 60 else value[:57] + "...")
-    if isinstance(value, Mapping):
-        return "a mapping"
-    if isinstance(value, list | tuple | set):
-        return "a list"
-    if isinstance(value, int | float):
-        return repr(value)
-    return f"{type(value).__name__} {value}"
-
-
 @dataclass(frozen=True)
 class Setting:
     """How one key is read: its base type, whether null/"auto" are allowed, its check."""
@@ -545,3 +521,22 @@ def _build_settings() -> dict[str, Setting]:
 
 
 SETTINGS: Mapping[str, Setting] = types.MappingProxyType(_build_settings())
+
+
+# Config keys PatchConfig (org.farmnode.Agent1) may change: those that make sense to change at
+# runtime. Everything else changes units, users, paths or credentials and belongs to the
+# admin's files. Here, not in the bus interface: the core checks patches against it too.
+PATCHABLE_CONFIG_KEYS: tuple[str, ...] = (
+    "agent_pretty_json",
+    "agent_api_read_requires_auth",
+    "agent_api_output_requires_auth",
+    "farm_name",
+    "agent_log_level",
+    "agent_master_reannounce",
+    "agent_ram_check_interval",
+    "agent_ram_report_delta",
+    "agent_ram_max_report_frequency",
+    "task_stop_grace",
+    "task_journal_grace",
+    "jobtype_path_map",
+)

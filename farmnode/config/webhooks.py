@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from farmnode.describe import describe
+
 # The first part of every event name; a pattern must be able to match one of them, so a
 # typo ("tsak.*") is refused instead of silently matching nothing.
 EVENT_KINDS = ("task", "agent")
@@ -82,7 +84,7 @@ class Webhook:
 
 def _url(value: object) -> str:
     if not isinstance(value, str) or not value:
-        raise ValueError(f"url must be a non-empty string, got {_what(value)}")
+        raise ValueError(f"url must be a non-empty string, got {describe(value)}")
     if any(c.isspace() or not c.isprintable() for c in value):
         raise ValueError(f"url must not contain whitespace or control characters, got "
                          f"{masked_url(value)!r}")
@@ -108,7 +110,7 @@ def _url(value: object) -> str:
 
 def _pattern(value: object) -> str:
     if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"each event pattern must be a non-empty string, got {_what(value)}")
+        raise ValueError(f"each event pattern must be a non-empty string, got {describe(value)}")
     kind = value.split(".", 1)[0]
     if not any(fnmatch.fnmatchcase(k, kind) for k in EVENT_KINDS):
         raise ValueError(f"event pattern {value!r} matches no event: events are task.<state> "
@@ -122,27 +124,20 @@ def _events(value: object) -> tuple[str, ...]:
     if isinstance(value, list) and value:
         return tuple(_pattern(v) for v in value)
     raise ValueError(f"events must be a pattern or a non-empty list of patterns, got "
-                     f"{_what(value)}")
+                     f"{describe(value)}")
 
 
 def _secret_file(value: object) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str) or not value.startswith("/"):
-        raise ValueError(f"secret_file must be an absolute path, got {_what(value)}")
+        raise ValueError(f"secret_file must be an absolute path, got {describe(value)}")
     return value
 
 
 def _what(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, Mapping):
-        return "a mapping"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, str):  # a URL written where an entry or the list belongs
-        return repr(masked_url(value))
-    return repr(value)
+    # a URL written where an entry or the list belongs is named without its secrets
+    return describe(masked_url(value) if isinstance(value, str) else value)
 
 
 def parse_webhooks(value: Any) -> tuple[Webhook, ...]:

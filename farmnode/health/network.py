@@ -13,7 +13,6 @@ from pyroute2.netlink.exceptions import NetlinkError
 from farmnode.health.checks import CheckResult
 
 IFF_LOOPBACK = 0x8
-IFF_LOWER_UP = 0x10000
 
 
 @dataclass(frozen=True)

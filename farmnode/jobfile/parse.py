@@ -22,11 +22,11 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import yaml
 
+from farmnode.describe import describe
 from farmnode.jobfile.model import FrameRange, JobFile, JobSpec
 from farmnode.jobfile.render import Rendered, RenderError, render
 from farmnode.tasks.schema import AssignmentError, parse_assignment
@@ -61,25 +61,7 @@ class JobFileError(ValueError):
 
 
 def _describe(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if value is None:
-        return "null"
-    if isinstance(value, dict):
-        return "an object"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, str):
-        return repr(value if len(value) <= 60 else value[:57] + "...")
-    return repr(value)
-
-
-@dataclass
-class _Node:
-    """A YAML value with the source line of its key (or of itself)."""
-
-    value: Any
-    line: int | None
+    return describe(value, "an object")  # as the assignment schema says it
 
 
 class _Reader:

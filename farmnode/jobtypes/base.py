@@ -42,7 +42,6 @@ from farmnode.tasks.model import Assignment, Job, Task, TaskState
 # syslog(3) priorities, as journald's PRIORITY= field wants them.
 PRIORITY_ERR = 3
 PRIORITY_WARNING = 4
-PRIORITY_NOTICE = 5
 PRIORITY_INFO = 6
 
 # Deliberately minimal: the agent runs as root under systemd and its own environment (NOTIFY_SOCKET,

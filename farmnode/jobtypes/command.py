@@ -24,8 +24,6 @@ from typing import Any, ClassVar
 
 from farmnode.jobtypes.base import CommandData, ExitStatus, JobType
 
-PLACEHOLDERS = ("frame", "start", "end", "by", "tile", "job", "assignment")
-
 # Fill/align, sign, zero, width up to 2 digits, precision up to 2 digits, a numeric or string
 # type. Bounded widths keep "{frame:999999999}" from allocating gigabytes in the agent.
 _SPEC_RE = re.compile(r"(?:.?[<>=^])?[+\- ]?0?\d{0,2}(?:\.\d{1,2})?[dfFgGeEs]?", re.ASCII)

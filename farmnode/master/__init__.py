@@ -1,3 +1,3 @@
 """master: keeping the farm's master informed — announce, reannounce, task reports, the
-durable outbox (issue [4]). May import farmnode.config, farmnode.tasks and farmnode.sysinfo.
+durable outbox. May import farmnode.config, farmnode.tasks and farmnode.sysinfo.
 """

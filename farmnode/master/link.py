@@ -109,7 +109,6 @@ class LinkCounters:
     requests: int = 0
     reports_sent: int = 0
     reports_dropped: int = 0
-    announces: int = 0
     reannounces: int = 0
 
 
@@ -284,7 +283,6 @@ class MasterLink:
             current_assignments=assignments, remote_ip=self.config.agent_ip_remote,
             farm_name=self.config.farm_name,
             hostname=None if self.config.agent_hostname == "auto" else self.config.agent_hostname)
-        self.counters.announces += 1
         resp = await self._post_view("/agents/", body)
         if not resp.ok:
             self._error(f"announce refused: {resp.error_text()}")

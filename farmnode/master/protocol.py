@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from farmnode.sysinfo import HostFacts
-from farmnode.sysinfo.host import Disk
 from farmnode.tasks.model import Assignment
 from farmnode.tasks.schema import assignment_to_json
 from farmnode.tasks.store import Report
@@ -67,10 +66,6 @@ def reannounce_body(*, state: str, free_ram: int, current_assignments: dict[str,
 def offline_body(*, free_ram: int, current_assignments: dict[str, Any]) -> dict[str, Any]:
     return {"state": "offline", "free_ram": max(0, min(MAX_RAM, int(free_ram))),
             "current_assignments": current_assignments}
-
-
-def disks_json(disks: list[Disk] | tuple[Disk, ...]) -> list[dict[str, Any]]:
-    return [d.to_json() for d in disks]
 
 
 def assignment_json(a: Assignment, local_states: dict[int, str]) -> dict[str, Any]:

@@ -15,7 +15,6 @@ import contextlib
 import ipaddress
 import logging
 import socket
-import time
 import urllib.parse
 from collections.abc import Iterable
 
@@ -89,7 +88,6 @@ class TrustedMasters:
         self._host = master_host(master_api) if self._auto else None
         self.networks: list[Network] = [] if self._auto or setting is None \
             else parse_networks(setting)
-        self.resolved_at: float | None = None
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -112,7 +110,7 @@ class TrustedMasters:
         if [str(n) for n in found] != self.as_strings():
             log.info("trusting the master's addresses %s (%s)", [str(n) for n in found],
                      self._host)
-        self.networks, self.resolved_at = found, time.time()
+        self.networks = found
         return True
 
     def start(self) -> None:

@@ -1,4 +1,4 @@
-"""sysinfo: facts about this host for the master — CPUs, RAM, disks, NICs, GPUs (issue [4]).
+"""sysinfo: facts about this host for the master — CPUs, RAM, disks, NICs, GPUs.
 May import the standard library and psutil only.
 
 `collect()` gathers everything at once (announce); the sync loop re-reads the cheap,

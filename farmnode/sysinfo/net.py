@@ -1,13 +1,12 @@
 """MAC and IP addresses of this node, for the master: psutil plus /sys/class/net.
 
-Not pyroute2, although DESIGN.md names it for this: a deliberate deviation, for memory
-(issue [6], agent RSS ≤ 40 MB). Importing pyroute2 and using it cost the agent 9-11 MB of
-RSS, which took an agent with a master configured to 43 MB (bench/REPORT.md), all for two
-lists sent at announce. psutil is loaded anyway for the host facts, and
-`psutil.net_if_addrs()` is getifaddrs(3): netlink dumps of links and addresses in the
-caller's network namespace, no subprocess. What it lacks comes from /sys/class/net/<name>/:
-the link type (ARPHRD), the IFF_* flags, the ifindex, and what the link is (`tun_flags` for
-tun/tap, DEVTYPE= in `uevent` for bridge, vxlan, vlan, bond...).
+Not pyroute2, for memory: the agent is to stay at or under 40 MB of RSS. Importing pyroute2
+and using it cost the agent 9-11 MB of RSS, which took an agent with a master configured to
+43 MB (bench/REPORT.md), all for two lists sent at announce. psutil is loaded anyway for the
+host facts, and `psutil.net_if_addrs()` is getifaddrs(3): netlink dumps of links and
+addresses in the caller's network namespace, no subprocess. What it lacks comes from
+/sys/class/net/<name>/: the link type (ARPHRD), the IFF_* flags, the ifindex, and what the
+link is (`tun_flags` for tun/tap, DEVTYPE= in `uevent` for bridge, vxlan, vlan, bond...).
 
 What netlink gave and this does not, and how it is made up for:
 - the link kind (IFLA_INFO_KIND). sysfs names no kind for ifb and dummy links; they are

@@ -39,7 +39,7 @@ STREAM_NAMES = ("stdout", "stderr")
 IDENTIFIERS = ("farmnode-stdout", "farmnode-stderr")
 DEFAULT_PRIORITIES = (6, 4)  # info for stdout, warning for stderr (JobType.line_priority)
 # journald's rate limit for a task's scope, as farmnode.service sets it for itself:
-# LogRateLimitIntervalSec=0 does not lift it on 252 (DESIGN.md), a huge burst per second does.
+# LogRateLimitIntervalSec=0 does not lift it on systemd 252, a huge burst per second does.
 RATELIMIT_INTERVAL_USEC = 1_000_000
 RATELIMIT_BURST = 1_000_000_000
 _FILES = ("log-extra-fields", "log-rate-limit-interval", "log-rate-limit-burst")

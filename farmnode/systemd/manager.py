@@ -1,4 +1,4 @@
-"""Proxy for org.freedesktop.systemd1.Manager and the scope properties we read.
+"""Proxy for org.freedesktop.systemd1.Manager and the unit and job properties we read.
 
 sdbus-systemd covers only part of Manager; the few members we need are declared here.
 """
@@ -48,10 +48,6 @@ class ManagerProxy(DbusInterfaceCommonAsync, interface_name=MANAGER_IFACE):
     async def kill_unit(self, name: str, whom: str, signal: int) -> None:
         raise NotImplementedError
 
-    @dbus_method_async(input_signature="s", result_signature="o")
-    async def get_unit(self, name: str) -> str:
-        raise NotImplementedError
-
     @dbus_method_async()
     async def subscribe(self) -> None:
         raise NotImplementedError
@@ -75,10 +71,6 @@ class UnitProxy(DbusInterfaceCommonAsync, interface_name="org.freedesktop.system
     def active_state(self) -> str:
         raise NotImplementedError
 
-    @dbus_property_async("s")
-    def sub_state(self) -> str:
-        raise NotImplementedError
-
     @dbus_property_async("(uo)")
     def job(self) -> tuple[int, str]:
         raise NotImplementedError
@@ -87,16 +79,6 @@ class UnitProxy(DbusInterfaceCommonAsync, interface_name="org.freedesktop.system
 class JobProxy(DbusInterfaceCommonAsync, interface_name="org.freedesktop.systemd1.Job"):
     @dbus_property_async("s")
     def job_type(self) -> str:
-        raise NotImplementedError
-
-
-class ScopeProxy(DbusInterfaceCommonAsync, interface_name="org.freedesktop.systemd1.Scope"):
-    @dbus_property_async("s")
-    def control_group(self) -> str:
-        raise NotImplementedError
-
-    @dbus_property_async("s")
-    def result(self) -> str:
         raise NotImplementedError
 
 

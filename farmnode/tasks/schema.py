@@ -12,12 +12,13 @@ import difflib
 import json
 import math
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 
+from farmnode.describe import describe
 from farmnode.tasks.model import Assignment, Job, JobTypeRef, Task
 
 T = TypeVar("T")
@@ -59,19 +60,7 @@ _TOP_KEYS = ("job", "jobtype", "tasks")
 
 
 def _describe(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return repr(value if len(value) <= 60 else value[:57] + "...")
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, Mapping):
-        return "an object"
-    if isinstance(value, list | tuple):
-        return "a list"
-    return f"a {type(value).__name__}"
+    return describe(value, "an object")  # an assignment is JSON
 
 
 def _is_int(value: object) -> bool:

@@ -393,14 +393,6 @@ class Store:
             (kind, job_id, task_id, json.dumps(payload), now),
         )
 
-    def enqueue_report(self, kind: str, payload: dict[str, Any], job_id: int | None = None,
-                       task_id: int | None = None) -> None:
-        """A report that is not a task change (e.g. agent_state); no-op without a master."""
-        if self.outbox:
-            with self.db:
-                self.db.execute("BEGIN IMMEDIATE")
-                self._enqueue(kind, job_id, task_id, payload, time.time())
-
     def pending_reports(self, limit: int = 100) -> list[Report]:
         rows = self.db.execute("SELECT * FROM outbox ORDER BY seq LIMIT ?", (limit,)).fetchall()
         return [Report(r["seq"], r["kind"], r["job_id"], r["task_id"], json.loads(r["payload"]),

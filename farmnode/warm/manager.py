@@ -29,7 +29,7 @@ from farmnode.systemd.pidwait import wait_pid
 from farmnode.systemd.scope import ScopeError, ScopeLimits, ScopeManager, scope_properties
 from farmnode.tasks.model import Assignment
 from farmnode.warm import wire
-from farmnode.warm.jobtype import EXECUTOR_PATH, WarmJobType, WarmProcess
+from farmnode.warm.jobtype import WarmJobType, WarmProcess
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +63,6 @@ def unit_name(job_id: int) -> str:
 
 def socket_path(config: Config, job_id: int) -> Path:
     return Path(config.agent_runtime_dir) / "warm" / f"job-{job_id}" / "socket"
-
-
-def executor_argv(interpreter: list[str] | tuple[str, ...]) -> tuple[str, ...]:
-    """A Python interpreter's command line that runs the executor."""
-    return (*interpreter, EXECUTOR_PATH)
 
 
 async def request(path: Path, req: dict[str, Any],
