@@ -27,6 +27,7 @@ import json
 import logging
 import selectors
 import socket
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -57,22 +58,26 @@ def peer_of(address: Any) -> str:
 
 
 class PeerCount:
-    """Connections held per peer address."""
+    """Connections held per peer address (taken on the main loop, given back there or by the
+    thread that answered the connection's last request)."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self._held: Counter[str] = Counter()
+        self._lock = threading.Lock()
 
     def take(self, peer: str) -> bool:
-        if self._held[peer] >= self.limit:
-            return False
-        self._held[peer] += 1
-        return True
+        with self._lock:
+            if self._held[peer] >= self.limit:
+                return False
+            self._held[peer] += 1
+            return True
 
     def give_back(self, peer: str) -> None:
-        self._held[peer] -= 1
-        if self._held[peer] <= 0:
-            del self._held[peer]
+        with self._lock:
+            self._held[peer] -= 1
+            if self._held[peer] <= 0:
+                del self._held[peer]
 
     def held(self, peer: str) -> int:
         return self._held[peer]
@@ -103,6 +108,12 @@ class Conn(TConn):  # type: ignore[misc]
         self.head_deadline = 0.0
         self._release: Callable[[], None] | None = release
 
+    def release(self) -> None:
+        """The connection no longer counts against its peer's limit (once)."""
+        if self._release is not None:
+            release, self._release = self._release, None
+            release()
+
     def close(self, graceful: bool = False) -> None:
         try:
             if graceful:
@@ -120,9 +131,7 @@ class Conn(TConn):  # type: ignore[misc]
             with contextlib.suppress(OSError):
                 self.sock.close()
         finally:
-            if self._release is not None:
-                release, self._release = self._release, None
-                release()
+            self.release()
 
 
 def quiet_timeouts(record: logging.LogRecord) -> bool:
@@ -271,6 +280,16 @@ class Worker(ThreadWorker):  # type: ignore[misc]
         self.keepalived_conns.remove(conn)
         self.read_head(conn)
         self.on_head_readable(conn)
+
+    def handle(self, conn: Conn) -> Any:
+        result = super().handle(conn)
+        if result is False:
+            # Its last response is out and the connection ends: the peer holds it no longer.
+            # The main loop closes it only once it gets to the finished future, under a flood
+            # after the peer's next connects, which would count against the peer's limit
+            # (a client that never held 64 connections was refused for holding them).
+            conn.release()
+        return result
 
     def finish_request(self, conn: Conn, fs: Any) -> None:
         # A request read ahead into the next one (pipelining, a drained body): gthread would
