@@ -72,7 +72,9 @@ def ssh_setup(work: Path, tree: Path) -> tuple[dict[str, str], Path, str]:
     (work / "ssh_config").write_text(
         f"Host *\n  IdentityFile {key}\n  IdentitiesOnly yes\n  BatchMode yes\n"
         f"  StrictHostKeyChecking yes\n  UserKnownHostsFile {work / 'known_hosts'}\n"
-        "  GlobalKnownHostsFile /dev/null\n  ConnectTimeout 10\n  LogLevel ERROR\n")
+        # INFO: ssh says why it ends a connection early ("Connection closed by …" is an
+        # INFO line), which a failure then names
+        "  GlobalKnownHostsFile /dev/null\n  ConnectTimeout 10\n  LogLevel INFO\n")
     bindir = work / "bin"
     bindir.mkdir()
     argv_log = work / "ssh-argv.log"
@@ -205,6 +207,13 @@ def test_a_refused_call_is_reported_for_its_node_and_the_rest_go_on(fleet: Fleet
     # guest is not in group farmnode: the bus policy refuses it SetState
     r = fleet.farmnode("-H", hosts(f"guest@{fleet.ips[0]}", fleet.ips[1]), "state", "disabled",
                        check_rc=1)
+    if f"guest@{fleet.ips[0]}: failed: cannot reach the node" in r.stderr:
+        # Seen once in CI (of some 45 tries here, none): guest's connection ended within
+        # 0.24 s, before any answer, ssh saying nothing at LogLevel ERROR. A transport
+        # failure is not what this test is about: it is named, and the call made again.
+        print(f"\nfleet: guest's first connection failed: {r.stderr.strip()}")
+        r = fleet.farmnode("-H", hosts(f"guest@{fleet.ips[0]}", fleet.ips[1]), "state",
+                           "disabled", check_rc=1)
     assert f"guest@{fleet.ips[0]}: failed: refused: permission denied" in r.stderr, r.stderr
     assert f"{fleet.ips[1]}: agent disabled" in r.stdout
     status = json.loads(fleet.nodes[1].run(["farmnode", "--json", "status"]).stdout)
