@@ -95,6 +95,8 @@ def test_one_janitor_probes_once_per_round_and_waits_out_a_live_shim(
 
     janitor = SpoolJanitor(agent.spools_left, replay, max_delay=0.01,
                            journaled=agent._journaled_late)
+    shown: list[str | None] = []  # what the task objects are given
+    agent.record_listeners.append(lambda rec: shown.append(rec.reason))
     agent.spool_janitor = janitor
 
     async def scenario() -> None:
@@ -112,3 +114,4 @@ def test_one_janitor_probes_once_per_round_and_waits_out_a_live_shim(
     assert rec is not None and rec.reason == (
         "exit code 0; 1 output lines (4 bytes) were held while journald was away and "
         "journaled late from the shim's spool"), rec.reason
+    assert shown == [rec.reason]  # a-live's reason never said its output waited: untouched

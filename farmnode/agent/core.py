@@ -163,6 +163,9 @@ class Agent:
         # (assignment id, its scope's cgroup figures) after each sample is stored
         self.accounting_listeners: list[Callable[[str, dict[str, int]], None]] = []
         self.runs_listeners: list[Callable[[], None]] = []
+        # A task's stored record changed with no change of state (its reason told what
+        # came of its late output): what shows records (the task objects) shows it again.
+        self.record_listeners: list[Callable[[TaskRecord], None]] = []
         self.agent_id = self._load_agent_id()
         # Set by serve() when a master is configured; GetStatus shows it.
         self.master_link: StatusSource | None = None
@@ -776,9 +779,20 @@ class Agent:
         what came of it instead (`farmnode tasks`, the task objects)."""
         note = done.describe() or "output held while journald was away: all in the journal"
         try:
-            self.store.replace_note(fields.assignment_id, spool.pending_note(status_path), note)
+            if not self.store.replace_note(fields.assignment_id,
+                                           spool.pending_note(status_path), note):
+                return
+            records = [r for t in fields.task_ids
+                       if (r := self.store.task_in(fields.assignment_id, t)) is not None]
         except sqlite3.Error as exc:
             log.warning("assignment %s: %s (not stored: %s)", fields.assignment_id, note, exc)
+            return
+        for rec in records:
+            for cb in self.record_listeners:
+                try:
+                    cb(rec)
+                except Exception:
+                    log.exception("record listener failed")
 
     def sample_accounting(self) -> None:
         for run in list(self.runs.values()):

@@ -82,7 +82,11 @@ class SpoolJanitor:
                 log.warning("assignment %s: %s", fields.assignment_id,
                             done.describe() or "its spool held nothing journald lacked")
                 if self.journaled is not None:
-                    self.journaled(status_path, fields, done)
+                    try:
+                        self.journaled(status_path, fields, done)
+                    except Exception:  # what the agent does with the news must not end us
+                        log.exception("assignment %s: recording what came of its spool "
+                                      "failed", fields.assignment_id)
                 cleared += not spool.spools(status_path)
             if left.orphans and cleared == len(left.orphans) and not left.held:
                 delay = 0.0  # all journaled: one more look at once, which should find none

@@ -172,12 +172,33 @@ async def serve(config: Config) -> None:
     store.close()
 
 
+def _stderr_is_journal() -> bool:
+    """Whether stderr is journald's stream (systemd says so in JOURNAL_STREAM)."""
+    want = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        st = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError):
+        return False
+    return want == f"{st.st_dev}:{st.st_ino}"
+
+
+def log_handler() -> logging.Handler:
+    """Under systemd, journald's native protocol: a datagram per line, so the agent's lines
+    reach a journald that was stopped and started again (a stream on stderr is cut for good
+    then, and every later line of the agent was lost), each with its PRIORITY. Elsewhere
+    (a terminal, the tests), stderr."""
+    if _stderr_is_journal():
+        from systemd.journal import JournalHandler
+
+        handler: logging.Handler = JournalHandler(SYSLOG_IDENTIFIER="farmnode")
+        return handler
+    return logging.StreamHandler(sys.stderr)
+
+
 def run(config: Config) -> int:
-    logging.basicConfig(
-        level=config.agent_log_level.upper(),
-        stream=sys.stderr,
-        # journald stamps time and unit itself
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    handler = log_handler()
+    # journald stamps time and unit itself
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=config.agent_log_level.upper(), handlers=[handler])
     asyncio.run(serve(config))
     return 0

@@ -209,6 +209,7 @@ class Agent1Service(Agent1Interface):
         self.agent.state_listeners.append(lambda _state: self.props.changed())
         self.agent.runs_listeners.append(self.props.changed)
         self.agent.accounting_listeners.append(self.task_objects.accounting)
+        self.agent.record_listeners.append(self.task_objects.update)
         return handle
 
     def _emit_agent_properties(self, changed: dict[str, tuple[str, Any]]) -> None:

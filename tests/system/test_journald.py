@@ -154,7 +154,17 @@ def test_task_cancelled_while_journald_is_away_loses_no_line(ct: Container) -> N
     def reason() -> str:
         return str(next(t for t in json.loads(farmnode(ct, "--json", "tasks").stdout)
                         if t["id"] == task_id)["reason"])
-    _poll("the reason says what came of the output", lambda: "waits in" not in reason())
+    try:
+        _poll("the reason says what came of the output", lambda: "waits in" not in reason())
+    except AssertionError:
+        log = ct.run(["sh", "-c", "journalctl _SYSTEMD_UNIT=farmnode.service --no-pager "
+                                  "| grep -v -e farmnode-stdout -e farmnode-stderr | tail -40"]
+                     ).stdout
+        log += ct.run(["/opt/farmnode/bin/python", "-c",
+                       "import sqlite3; c = sqlite3.connect('/var/lib/farmnode/farmnode.db'); "
+                       f"print(c.execute('select reason from tasks where id={task_id}')"
+                       ".fetchall())"], check=False).stdout
+        raise AssertionError(f"the reason still says: {reason()}\n{log}") from None
     assert "output lines" in reason() and "journaled late" in reason(), reason()
 
 
