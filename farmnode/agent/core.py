@@ -163,6 +163,8 @@ class Agent:
         # (assignment id, its scope's cgroup figures) after each sample is stored
         self.accounting_listeners: list[Callable[[str, dict[str, int]], None]] = []
         self.runs_listeners: list[Callable[[], None]] = []
+        # Something the status shows changed that none of the above tells (a hold's reason).
+        self.status_listeners: list[Callable[[], None]] = []
         self.agent_id = self._load_agent_id()
         # Set by serve() when a master is configured; GetStatus shows it.
         self.master_link: StatusSource | None = None
@@ -449,6 +451,8 @@ class Agent:
             self.holds.pop(source, None)
         else:
             self.holds[source] = reason
+        for cb in self.status_listeners:
+            cb()
         if self.state is AgentState.OFFLINE or self._shutting_down:
             return
         if self.holds:
@@ -625,12 +629,23 @@ class Agent:
             raise UnknownTask(f"no task {task_id} on this node")
         return rec
 
-    def status(self) -> dict[str, Any]:
+    def figures(self) -> dict[str, Any]:
+        """What changes all the time: the agent's RSS, the running tasks' RAM and processes
+        (MiB), the disks."""
         me = psutil.Process()
         # Tasks are not the agent's children (they live in their scopes): PyFarm's
         # consumed_ram/child_processes come from the scopes' cgroups instead.
         running = [rec.accounting for rid in self.runs
                    for rec in self.store.tasks(rid, limit=1)]
+        return {
+            "agent_process_ram": me.memory_info().rss // (1024 * 1024),
+            "consumed_ram": sum(acc.get("memory_current", 0) for acc in running) // (1024 * 1024),
+            "child_processes": sum(acc.get("tasks_current", 0) for acc in running),
+            "disks": [d.to_json() for d in host.disks()],
+        }
+
+    def status(self) -> dict[str, Any]:
+        figures = self.figures()
         return {
             "state": str(self.state),
             # The health checks: each one's last verdict and output.
@@ -641,16 +656,16 @@ class Agent:
             "free_ram": self.free_ram_mb(),
             "ram": self.total_ram_mb(),
             "cpus": self.total_cpus(),
-            "agent_process_ram": me.memory_info().rss // (1024 * 1024),
-            "consumed_ram": sum(acc.get("memory_current", 0) for acc in running) // (1024 * 1024),
-            "child_processes": sum(acc.get("tasks_current", 0) for acc in running),
-            "pids": [me.pid],
+            "agent_process_ram": figures["agent_process_ram"],
+            "consumed_ram": figures["consumed_ram"],
+            "child_processes": figures["child_processes"],
+            "pids": [os.getpid()],
             "uptime": time.time() - self.started,
             "jobs": sorted({r.assignment.job.id for r in self.runs.values()}),
             "assignments": sorted(self.runs),
             "running_tasks": sum(len(r.assignment.tasks) for r in self.runs.values()),
             # The node's GPUs tasks may get, and which assignment holds each (null: free).
-            "gpus": self._gpu_status(),
+            "gpus": self.gpu_status(),
             "farm_name": self.config.farm_name,
             # Set while the state directory refuses writes (outcomes held in memory).
             "storage_error": self.storage_error,
@@ -660,12 +675,12 @@ class Agent:
             "workstation": self.workstation.status() if self.workstation else None,
             # PyFarm's 0.8.6 master has no column for disks (it refuses an announce that
             # carries them): they are ours to show only.
-            "disks": [d.to_json() for d in host.disks()],
+            "disks": figures["disks"],
             # The master link's last contact, queued reports, last error (None: standalone)
             **(self.master_link.status() if self.master_link else {"master_link": None}),
         }
 
-    def _gpu_status(self) -> list[dict[str, Any]]:
+    def gpu_status(self) -> list[dict[str, Any]]:
         holder = {i: aid for aid, ids in self.gpus_held().items() for i in ids}
         return [{"id": g.ident, "pci_slot": g.pci_slot, "name": g.fullname,
                  "uuid": g.uuid, "devices": list(g.devices),
