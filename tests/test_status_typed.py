@@ -22,7 +22,7 @@ from sdbus import sd_bus_open_user
 
 from farmnode.agent.core import Agent
 from farmnode.agent.gpus import GpuPool
-from farmnode.agent.workstation import Figures, Workstation, decide
+from farmnode.agent.workstation import Figures, Workstation
 from farmnode.bus.interface import BUS_NAME, OBJECT_PATH
 from farmnode.bus.views import AGENT_PROPERTIES
 from farmnode.cli.main import status_text
@@ -55,6 +55,15 @@ async def cli(address: str, *args: str) -> str:
     out, err = await proc.communicate()
     assert proc.returncode == 0, err.decode()
     return out.decode()
+
+
+def session(sid: str, **props: Any) -> Session:
+    """A session as logind's GetAll of org.freedesktop.login1.Session gives it."""
+    return Session.of(sid, {
+        "Id": sid, "Name": "artist", "User": (1001, "/u"), "Seat": ("seat0", "/s"),
+        "TTY": "", "Type": "wayland", "Class": "user", "Remote": False, "RemoteHost": "",
+        "Active": True, "State": "active", "IdleHint": False,
+        "IdleSinceHint": int(1.8e9 * 1e6), **props})
 
 
 def same_record(got: dict[str, Any], want: dict[str, Any]) -> None:
@@ -126,6 +135,16 @@ def test_cli_and_fleet_status_follow_the_properties_after_a_change(address: str,
             assert (await cli(address, "state", "online")).strip() == (
                 "agent disabled (health check scratch failed)")
 
+            # a second hold on a node already disabled: the reason alone changes
+            agent.set_hold("workstation", "a user is at the node")
+            props = await next_change(mon, "StateReason")
+            assert props == {"StateReason": "health check scratch failed; a user is at the node"}
+            assert json.loads(await cli(address, "--json", "status"))["state_reason"] == (
+                "health check scratch failed; a user is at the node")
+            agent.set_hold("workstation", None)
+            assert (await next_change(mon, "StateReason")) == {
+                "StateReason": "health check scratch failed"}
+
             bus = sd_bus_open_user()
             node = NodeAgent(bus)
             st = await node.status()
@@ -166,14 +185,14 @@ def test_master_health_workstation_and_gpus_come_typed_as_getstatus_shows_them(
                 "farmnode-health@scratch.service", False, "exited with status 1",
                 ("/var/tmp: 3 MB free", "want 9000"), 1.8e9 + 0.25)
             agent.health = health
-            config = Config(workstation_mode=True, render_schedule="19:00-07:00")
-            ws = Workstation(config, agent, None, None)  # type: ignore[arg-type]
-            ws.sessions = [Session.of("3", {
-                "Id": "3", "Name": "artist", "User": (1001, "/u"), "Seat": ("seat0", "/s"),
-                "TTY": "", "Type": "wayland", "Class": "user", "Remote": False,
-                "RemoteHost": "", "Active": True, "State": "active", "IdleHint": True,
-                "IdleSinceHint": int(1.8e9 * 1e6)})]
-            ws.verdict = decide(ws.sessions, config, 1.8e9 + 60, 0)
+            logind = [session("3")]
+
+            async def sessions() -> list[Session]:
+                return logind
+
+            ws = Workstation(Config(workstation_mode=True), agent, None,  # type: ignore[arg-type]
+                             sessions, clock=lambda: 1.8e9 + 60)
+            await ws.evaluate()  # a user at the node: a hold, told on the next turn
             ws.figures = Figures(paused_since=1.8e9 + 1.5, last_pause_s=0.125,
                                  paused_units={"farmnode-task-9.scope"},
                                  errors={"farmnode-task-8.scope": "Unit not loaded"})
@@ -182,8 +201,9 @@ def test_master_health_workstation_and_gpus_come_typed_as_getstatus_shows_them(
                                           24564, uuid="GPU-1234",
                                           devices=("/dev/nvidia0",)),
                                       Gpu("0000:02:00.0", "amd", "W7900", "amdgpu", None)))
-            agent.set_hold("workstation", ws.verdict.reason)
             props = await next_change(mon, "StateReason")
+            assert props["StateReason"] == (
+                "a user is at the node: artist's session 3 (wayland, seat0) is active")
             # each typed, in the same PropertiesChanged
             assert props["HealthChecks"] == [
                 ["scratch", "farmnode-health@scratch.service", True, False,
@@ -205,6 +225,27 @@ def test_master_health_workstation_and_gpus_come_typed_as_getstatus_shows_them(
             bus = sd_bus_open_user()
             st = await NodeAgent(bus).status()
             same_record(st.raw, want)
+
+            # what changes with no hold changing is signalled too: a passing check's output
+            # (the agent's entry point makes the same connection), another user's session
+            health.verdict_listeners.append(agent.status_changed)
+            health.verdicts["site-mounts.service"] = Verdict(
+                "site-mounts.service", True, "passed", ("/shots mounted",), 1.8e9 + 2)
+            health._publish()
+            props = await next_change(mon, "HealthChecks")
+            assert props["HealthChecks"][1] == ["site-mounts.service", "site-mounts.service",
+                                                True, True, "passed", ["/shots mounted"],
+                                                1.8e9 + 2]
+            assert "StateReason" not in props  # the scratch check still holds the node
+            logind.append(session("4", Name="lighter", Remote=True))
+            await ws.evaluate()  # the same verdict: no hold changes
+            props = await next_change(mon, "Sessions")
+            assert "StateReason" not in props
+            assert [(s[0], s[1], s[6]) for s in props["Sessions"]] == [
+                ("3", "artist", False), ("4", "lighter", True)]
+            got = json.loads(await cli(address, "--json", "status"))
+            assert got["health"]["checks"][1]["output"] == ["/shots mounted"]
+            assert [s["user"] for s in got["workstation"]["sessions"]] == ["artist", "lighter"]
             # the ones that move all the time are read, not signalled (systemd's style)
             xml = await busctl(address, "introspect", "--xml-interface", BUS_NAME, OBJECT_PATH)
             for name in ("AgentProcessRAM", "ConsumedRAM", "Disks", "MasterRequests"):

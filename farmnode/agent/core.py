@@ -163,7 +163,7 @@ class Agent:
         # (assignment id, its scope's cgroup figures) after each sample is stored
         self.accounting_listeners: list[Callable[[str, dict[str, int]], None]] = []
         self.runs_listeners: list[Callable[[], None]] = []
-        # Something the status shows changed that none of the above tells (a hold's reason).
+        # Something the status shows changed that none of the above tells (status_changed).
         self.status_listeners: list[Callable[[], None]] = []
         self.agent_id = self._load_agent_id()
         # Set by serve() when a master is configured; GetStatus shows it.
@@ -451,8 +451,7 @@ class Agent:
             self.holds.pop(source, None)
         else:
             self.holds[source] = reason
-        for cb in self.status_listeners:
-            cb()
+        self.status_changed()
         if self.state is AgentState.OFFLINE or self._shutting_down:
             return
         if self.holds:
@@ -460,6 +459,12 @@ class Agent:
         elif self.state is AgentState.DISABLED and not self._admin_disabled:
             busy = any(self._unfinished(run) for run in self.runs.values())
             self._set_state(AgentState.RUNNING if busy else AgentState.ONLINE)
+
+    def status_changed(self) -> None:
+        """Something the status shows changed that no other listener tells: a hold's reason,
+        a health check's output, workstation mode's sessions or paused scopes."""
+        for cb in self.status_listeners:
+            cb()
 
     def running_units(self) -> list[str]:
         return [run.unit for run in self.runs.values()]
