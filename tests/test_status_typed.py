@@ -323,3 +323,26 @@ def test_an_older_agent_is_named_as_such_not_a_crash(address: str) -> None:
     why = asyncio.run(scenario())
     assert why.startswith("the agent has no property "), why
     assert why.endswith(" (it is older than this client): upgrade farmnode on the node")
+
+
+def test_the_resolved_hostname_is_told_on_the_loop(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The FQDN comes from a thread (DNS may take seconds): the loop hears of it, so the
+    AgentHostname property signals it rather than waiting for the next periodic look."""
+    import socket
+
+    from farmnode.systemd.scope import ScopeManager
+    from farmnode.tasks.store import Store
+
+    monkeypatch.setattr(socket, "getfqdn", lambda _name: "node7.farm.example")
+
+    async def scenario() -> tuple[str, bool]:
+        told = asyncio.Event()
+        store = Store(tmp_path / "state.db")
+        agent = Agent(Config(), store, ScopeManager.__new__(ScopeManager))
+        agent.status_listeners.append(told.set)
+        await asyncio.wait_for(told.wait(), 10)
+        store.close()
+        return agent.hostname, agent.hostname_resolved.is_set()
+
+    assert asyncio.run(scenario()) == ("node7.farm.example", True)

@@ -191,10 +191,20 @@ class Agent:
         # The FQDN for GetStatus, resolved once off the event loop: getfqdn() asks DNS, and a
         # lost reply stalled every GetStatus (and the whole loop) for 5 s (bench/REPORT.md).
         self.hostname = socket.gethostname()
-        threading.Thread(target=self._resolve_hostname, name="fqdn", daemon=True).start()
+        self.hostname_resolved = threading.Event()
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:  # the core alone in a test: nobody to tell
+            loop = None
+        threading.Thread(target=self._resolve_hostname, args=(loop,), name="fqdn",
+                         daemon=True).start()
 
-    def _resolve_hostname(self) -> None:
+    def _resolve_hostname(self, loop: asyncio.AbstractEventLoop | None) -> None:
         self.hostname = socket.getfqdn(self.hostname)
+        self.hostname_resolved.set()
+        if loop is not None:  # the status shows it (AgentHostname's PropertiesChanged)
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(self.status_changed)
 
     def _load_agent_id(self) -> str:
         stored = self.store.get_meta("agent_id")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -22,6 +23,7 @@ from farmnode.bus.views import (
     AgentView,
     agent_changes,
     changed_properties,
+    usec,
 )
 
 log = logging.getLogger(__name__)
@@ -112,6 +114,7 @@ def agent_figures(agent: core.Agent) -> AgentFigures:
     fig = agent.figures()
     link = (agent.master_link.status().get("master_link") if agent.master_link else None) or {}
     return AgentFigures(
+        uptime=usec(time.time() - agent.started),
         agent_process_ram=int(fig["agent_process_ram"]), consumed_ram=int(fig["consumed_ram"]),
         child_processes=int(fig["child_processes"]),
         disks=[(str(d["mountpoint"]), int(d["size"]), int(d["free"])) for d in fig["disks"]],

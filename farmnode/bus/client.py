@@ -5,7 +5,6 @@ Used by the CLI and the HTTP API alike, so both read tasks the same way.
 
 from __future__ import annotations
 
-import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -80,10 +79,9 @@ class _Properties(dict[str, Any]):
                               "client): upgrade farmnode on the node")
 
 
-def status_record(props: dict[str, Any], now: float | None = None) -> dict[str, Any]:
+def status_record(props: dict[str, Any]) -> dict[str, Any]:
     """The agent's properties as the record GetStatus has always answered (the same keys in
-    the same order, the same values; uptime as of `now`)."""
-    now = time.time() if now is None else now
+    the same order, the same values)."""
     p = _Properties(props)
     health = None if not p["health_enabled"] else {
         "passed_once": p["health_passed_once"], "interval": p["health_interval"],
@@ -123,7 +121,7 @@ def status_record(props: dict[str, Any], now: float | None = None) -> dict[str, 
         "free_ram": p["free_ram"], "ram": p["total_ram"], "cpus": p["cpus"],
         "agent_process_ram": p["agent_process_ram"], "consumed_ram": p["consumed_ram"],
         "child_processes": p["child_processes"], "pids": [p["main_pid"]],
-        "uptime": now - p["started"] / 1_000_000, "jobs": list(p["jobs"]),
+        "uptime": p["uptime"] / 1_000_000, "jobs": list(p["jobs"]),
         "assignments": list(p["assignments"]), "running_tasks": p["running_tasks"],
         "gpus": [{"id": gid, "pci_slot": slot, "name": name, "uuid": uuid or None,
                   "devices": list(devices), "assignment": holder or None}

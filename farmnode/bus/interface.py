@@ -408,6 +408,12 @@ class Agent1Interface(DbusObjectManagerInterfaceAsync, interface_name=INTERFACE)
         idle since (s since the epoch, 0: never), counted)."""
         return list(self._view().sessions)
 
+    @dbus_property_async("t", flags=0, property_name="UptimeUSec")
+    def uptime(self) -> int:
+        """How long the agent has run, by its own clock (StartedUSec by a client's clock
+        would carry the two clocks' difference)."""
+        return self._figures().uptime
+
     @dbus_property_async("t", flags=0, property_name="AgentProcessRAM")
     def agent_process_ram(self) -> int:
         """MiB, the agent's own RSS."""

@@ -234,6 +234,7 @@ class AgentFigures:
     """The agent's properties that change all the time (no PropertiesChanged: read them, as
     systemd's MemoryCurrent is read)."""
 
+    uptime: int  # usec the agent has run (its own clock: a client's may be off)
     agent_process_ram: int  # MiB, the agent's own RSS
     consumed_ram: int  # MiB, the running tasks' scopes
     child_processes: int  # processes in the running tasks' scopes
