@@ -126,6 +126,8 @@ async def serve(state: Path, **config: Any) -> AsyncIterator[Agent]:
     bus = sd_bus_open_user()
     store = Store(state)
     agent = Agent(Config(**config), store, ScopeManager.__new__(ScopeManager))
+    # The FQDN first: its change would otherwise come in with whatever a test awaits.
+    await asyncio.get_running_loop().run_in_executor(None, agent.hostname_resolved.wait)
     service = Agent1Service(agent)
     service.export_to_dbus(OBJECT_PATH, bus)
     await bus.request_name_async(BUS_NAME, 0)

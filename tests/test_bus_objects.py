@@ -174,7 +174,7 @@ def test_agent_properties_are_typed_and_signal_their_changes(address: str,
             ends = asyncio.Event()
             agent._launch(agent._new_run(a), ends.wait())
             _, changed = props(await mon.signal("PropertiesChanged", OBJECT_PATH))
-            assert changed == {"RunningTasks": 1, "Assignments": [a.id]}
+            assert changed == {"RunningTasks": 1, "Assignments": [a.id], "Jobs": [7]}
             agent._report_states(a.id, [StateChange(301, TaskState.RUNNING, None, None, None)])
             text = await run("gdbus", "introspect", "--address", address, "--dest", BUS_NAME,
                              "--object-path", OBJECT_PATH, "--only-properties")
@@ -193,7 +193,7 @@ def test_agent_properties_are_typed_and_signal_their_changes(address: str,
                 _, changed = props(await mon.signal("PropertiesChanged", OBJECT_PATH))
                 if "Assignments" in changed:
                     break
-            assert changed == {"RunningTasks": 0, "Assignments": []}
+            assert changed == {"RunningTasks": 0, "Assignments": [], "Jobs": []}
 
     asyncio.run(scenario())
 

@@ -166,6 +166,8 @@ class Agent:
         # A task's stored record changed with no change of state (its reason told what
         # came of its late output): what shows records (the task objects) shows it again.
         self.record_listeners: list[Callable[[TaskRecord], None]] = []
+        # Something the status shows changed that none of the above tells (status_changed).
+        self.status_listeners: list[Callable[[], None]] = []
         self.agent_id = self._load_agent_id()
         # Set by serve() when a master is configured; GetStatus shows it.
         self.master_link: StatusSource | None = None
@@ -192,10 +194,20 @@ class Agent:
         # The FQDN for GetStatus, resolved once off the event loop: getfqdn() asks DNS, and a
         # lost reply stalled every GetStatus (and the whole loop) for 5 s (bench/REPORT.md).
         self.hostname = socket.gethostname()
-        threading.Thread(target=self._resolve_hostname, name="fqdn", daemon=True).start()
+        self.hostname_resolved = threading.Event()
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:  # the core alone in a test: nobody to tell
+            loop = None
+        threading.Thread(target=self._resolve_hostname, args=(loop,), name="fqdn",
+                         daemon=True).start()
 
-    def _resolve_hostname(self) -> None:
+    def _resolve_hostname(self, loop: asyncio.AbstractEventLoop | None) -> None:
         self.hostname = socket.getfqdn(self.hostname)
+        self.hostname_resolved.set()
+        if loop is not None:  # the status shows it (AgentHostname's PropertiesChanged)
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(self.status_changed)
 
     def _load_agent_id(self) -> str:
         stored = self.store.get_meta("agent_id")
@@ -452,6 +464,7 @@ class Agent:
             self.holds.pop(source, None)
         else:
             self.holds[source] = reason
+        self.status_changed()
         if self.state is AgentState.OFFLINE or self._shutting_down:
             return
         if self.holds:
@@ -459,6 +472,12 @@ class Agent:
         elif self.state is AgentState.DISABLED and not self._admin_disabled:
             busy = any(self._unfinished(run) for run in self.runs.values())
             self._set_state(AgentState.RUNNING if busy else AgentState.ONLINE)
+
+    def status_changed(self) -> None:
+        """Something the status shows changed that no other listener tells: a hold's reason,
+        a health check's output, workstation mode's sessions or paused scopes."""
+        for cb in self.status_listeners:
+            cb()
 
     def running_units(self) -> list[str]:
         return [run.unit for run in self.runs.values()]
@@ -628,12 +647,23 @@ class Agent:
             raise UnknownTask(f"no task {task_id} on this node")
         return rec
 
-    def status(self) -> dict[str, Any]:
+    def figures(self) -> dict[str, Any]:
+        """What changes all the time: the agent's RSS, the running tasks' RAM and processes
+        (MiB), the disks."""
         me = psutil.Process()
         # Tasks are not the agent's children (they live in their scopes): PyFarm's
         # consumed_ram/child_processes come from the scopes' cgroups instead.
         running = [rec.accounting for rid in self.runs
                    for rec in self.store.tasks(rid, limit=1)]
+        return {
+            "agent_process_ram": me.memory_info().rss // (1024 * 1024),
+            "consumed_ram": sum(acc.get("memory_current", 0) for acc in running) // (1024 * 1024),
+            "child_processes": sum(acc.get("tasks_current", 0) for acc in running),
+            "disks": [d.to_json() for d in host.disks()],
+        }
+
+    def status(self) -> dict[str, Any]:
+        figures = self.figures()
         return {
             "state": str(self.state),
             # The health checks: each one's last verdict and output.
@@ -644,16 +674,16 @@ class Agent:
             "free_ram": self.free_ram_mb(),
             "ram": self.total_ram_mb(),
             "cpus": self.total_cpus(),
-            "agent_process_ram": me.memory_info().rss // (1024 * 1024),
-            "consumed_ram": sum(acc.get("memory_current", 0) for acc in running) // (1024 * 1024),
-            "child_processes": sum(acc.get("tasks_current", 0) for acc in running),
-            "pids": [me.pid],
+            "agent_process_ram": figures["agent_process_ram"],
+            "consumed_ram": figures["consumed_ram"],
+            "child_processes": figures["child_processes"],
+            "pids": [os.getpid()],
             "uptime": time.time() - self.started,
             "jobs": sorted({r.assignment.job.id for r in self.runs.values()}),
             "assignments": sorted(self.runs),
             "running_tasks": sum(len(r.assignment.tasks) for r in self.runs.values()),
             # The node's GPUs tasks may get, and which assignment holds each (null: free).
-            "gpus": self._gpu_status(),
+            "gpus": self.gpu_status(),
             "farm_name": self.config.farm_name,
             # Set while the state directory refuses writes (outcomes held in memory).
             "storage_error": self.storage_error,
@@ -663,12 +693,12 @@ class Agent:
             "workstation": self.workstation.status() if self.workstation else None,
             # PyFarm's 0.8.6 master has no column for disks (it refuses an announce that
             # carries them): they are ours to show only.
-            "disks": [d.to_json() for d in host.disks()],
+            "disks": figures["disks"],
             # The master link's last contact, queued reports, last error (None: standalone)
             **(self.master_link.status() if self.master_link else {"master_link": None}),
         }
 
-    def _gpu_status(self) -> list[dict[str, Any]]:
+    def gpu_status(self) -> list[dict[str, Any]]:
         holder = {i: aid for aid, ids in self.gpus_held().items() for i in ids}
         return [{"id": g.ident, "pci_slot": g.pci_slot, "name": g.fullname,
                  "uuid": g.uuid, "devices": list(g.devices),

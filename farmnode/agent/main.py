@@ -103,6 +103,7 @@ async def serve(config: Config) -> None:
                          lambda reason: agent.set_hold("health", reason),
                          passed_marker=runtime_dir / "health-passed")
     agent.health = health
+    health.verdict_listeners.append(agent.status_changed)
     await health.start()
     await health.settled()
     # The name last: a caller that bus-activated us (dbus-daemon holds its call until the

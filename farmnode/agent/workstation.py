@@ -101,6 +101,8 @@ class AgentSide(Protocol):
 
     def note_paused(self, unit: str, paused: bool) -> None: ...
 
+    def status_changed(self) -> None: ...
+
     @property
     def task_listeners(self) -> list[Callable[[Any], None]]: ...
 
@@ -189,6 +191,8 @@ class Workstation:
                 log.info("workstation: %s", self.verdict.reason if not self.verdict.render
                          else "no user at the node: rendering again")
             await self._apply(t0)
+            # The sessions, the paused scopes and their timings are in the status too.
+            self.agent.status_changed()
 
     async def _apply(self, t0: float) -> None:
         units = set(self.agent.running_units())

@@ -3,12 +3,15 @@
 In systemd's style: typed properties that emit PropertiesChanged, one org.farmnode.Task1
 object per task under this object's ObjectManager (farmnode.bus.task1). JSON stays where
 PyFarm's schema is the payload (an assignment) and in the older calls that return records
-(GetStatus, ListTasks, GetTask). Errors carry D-Bus names under org.farmnode.Agent1.Error
-(mapped in farmnode.bus.errors); TryAssign returns a refusal's detail typed.
+(GetStatus, ListTasks, GetTask); everything GetStatus's record holds is a property too
+(farmnode.bus.client.status_record writes the record back from them). Errors carry D-Bus
+names under org.farmnode.Agent1.Error (mapped in farmnode.bus.errors); TryAssign returns a
+refusal's detail typed.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from sdbus import (
@@ -21,6 +24,8 @@ from sdbus import (
     dbus_signal_async,
 )
 from sdbus.dbus_exceptions import DbusFailedError
+
+from farmnode.bus.views import AgentFigures, AgentView
 
 BUS_NAME = "org.farmnode.Agent1"
 OBJECT_PATH = "/org/farmnode/Agent1"
@@ -253,3 +258,191 @@ class Agent1Interface(DbusObjectManagerInterfaceAsync, interface_name=INTERFACE)
     def storage_error(self) -> str:
         """Set while the state directory refuses writes."""
         raise NotImplementedError
+
+    # ---- what GetStatus's record holds besides, typed (read from the service's views) ---
+    # Those that change all the time (figures) emit nothing, as systemd's MemoryCurrent.
+    def _view(self) -> AgentView:
+        raise NotImplementedError
+
+    def _figures(self) -> AgentFigures:
+        raise NotImplementedError
+
+    def _started(self) -> int:
+        raise NotImplementedError
+
+    @dbus_property_async("u", flags=DbusPropertyConstFlag, property_name="MainPID")
+    def main_pid(self) -> int:
+        return os.getpid()
+
+    @dbus_property_async("t", flags=DbusPropertyConstFlag, property_name="StartedUSec")
+    def started(self) -> int:
+        """When the agent process started, usec since the epoch."""
+        return self._started()
+
+    @dbus_property_async("s", flags=DbusPropertyEmitsChangeFlag, property_name="AgentHostname")
+    def agent_hostname(self) -> str:
+        """The FQDN (the kernel's name until it resolved)."""
+        return self._view().agent_hostname
+
+    @dbus_property_async("s", flags=DbusPropertyEmitsChangeFlag, property_name="FarmName")
+    def farm_name(self) -> str:
+        """"": none configured."""
+        return self._view().farm_name
+
+    @dbus_property_async("s", flags=DbusPropertyEmitsChangeFlag, property_name="StateReason")
+    def state_reason(self) -> str:
+        """Why the node is disabled when not by the admin (health, workstation); "": it is not."""
+        return self._view().state_reason
+
+    @dbus_property_async("ax", flags=DbusPropertyEmitsChangeFlag, property_name="Jobs")
+    def jobs(self) -> list[int]:
+        """The jobs of the assignments it runs."""
+        return list(self._view().jobs)
+
+    @dbus_property_async("a(ssssass)", flags=DbusPropertyEmitsChangeFlag, property_name="GPUs")
+    def gpus(self) -> list[tuple[str, str, str, str, list[str], str]]:
+        """(id, PCI slot, name, UUID or "", its /dev nodes, the assignment holding it or "")."""
+        return list(self._view().gpus)
+
+    @dbus_property_async("s", flags=DbusPropertyEmitsChangeFlag, property_name="Master")
+    def master(self) -> str:
+        """The master's API URL; "": standalone."""
+        return self._view().master
+
+    @dbus_property_async("s", flags=DbusPropertyEmitsChangeFlag, property_name="MasterAgentId")
+    def master_agent_id(self) -> str:
+        """The id the master knows this node by."""
+        return self._view().master_agent_id
+
+    @dbus_property_async("t", flags=DbusPropertyEmitsChangeFlag, property_name="LastAnnounceUSec")
+    def last_announce(self) -> int:
+        """usec since the epoch; 0: never."""
+        return self._view().last_announce
+
+    @dbus_property_async("t", flags=DbusPropertyEmitsChangeFlag,
+                         property_name="MasterLastErrorUSec")
+    def master_last_error_at(self) -> int:
+        """When MasterLastError happened; 0: never."""
+        return self._view().master_last_error_at
+
+    @dbus_property_async("x", flags=DbusPropertyEmitsChangeFlag, property_name="MasterTimeOffset")
+    def master_time_offset(self) -> int:
+        """Seconds the master's clock is ahead of ours."""
+        return self._view().master_time_offset
+
+    @dbus_property_async("b", flags=DbusPropertyEmitsChangeFlag, property_name="HealthEnabled")
+    def health_enabled(self) -> bool:
+        """false: no farmnode-health.target, nothing gates work."""
+        return self._view().health_enabled
+
+    @dbus_property_async("b", flags=DbusPropertyEmitsChangeFlag, property_name="HealthPassedOnce")
+    def health_passed_once(self) -> bool:
+        return self._view().health_passed_once
+
+    @dbus_property_async("d", flags=DbusPropertyEmitsChangeFlag, property_name="HealthInterval")
+    def health_interval(self) -> float:
+        """Seconds between rounds of the checks."""
+        return self._view().health_interval
+
+    @dbus_property_async("a(ssbbsasd)", flags=DbusPropertyEmitsChangeFlag,
+                         property_name="HealthChecks")
+    def health_checks(self) -> list[tuple[str, str, bool, bool, str, list[str], float]]:
+        """(name, unit, ran, ok, detail, output lines, when: s since the epoch, 0 until it ran)."""
+        return list(self._view().health_checks)
+
+    @dbus_property_async("b", flags=DbusPropertyEmitsChangeFlag, property_name="Workstation")
+    def workstation(self) -> bool:
+        """Workstation mode or a render schedule is in effect."""
+        return self._view().workstation
+
+    @dbus_property_async("b", flags=DbusPropertyEmitsChangeFlag, property_name="WorkstationMode")
+    def workstation_mode(self) -> bool:
+        return self._view().workstation_mode
+
+    @dbus_property_async("s", flags=DbusPropertyEmitsChangeFlag, property_name="RenderSchedule")
+    def render_schedule(self) -> str:
+        return self._view().render_schedule
+
+    @dbus_property_async("s", flags=DbusPropertyEmitsChangeFlag, property_name="WorkstationPause")
+    def workstation_pause(self) -> str:
+        """freeze or cpu-idle."""
+        return self._view().workstation_pause
+
+    @dbus_property_async("b", flags=DbusPropertyEmitsChangeFlag, property_name="Rendering")
+    def rendering(self) -> bool:
+        """false while workstation mode or the schedule pauses tasks."""
+        return self._view().rendering
+
+    @dbus_property_async("s", flags=DbusPropertyEmitsChangeFlag, property_name="RenderingReason")
+    def rendering_reason(self) -> str:
+        return self._view().rendering_reason
+
+    @dbus_property_async("d", flags=DbusPropertyEmitsChangeFlag, property_name="PausedSince")
+    def paused_since(self) -> float:
+        """s since the epoch; 0: not paused."""
+        return self._view().paused_since
+
+    @dbus_property_async("as", flags=DbusPropertyEmitsChangeFlag, property_name="PausedUnits")
+    def paused_units(self) -> list[str]:
+        return list(self._view().paused_units)
+
+    @dbus_property_async("a{ss}", flags=DbusPropertyEmitsChangeFlag, property_name="PauseErrors")
+    def pause_errors(self) -> dict[str, str]:
+        """Scope: why it could not be paused or resumed."""
+        return self._view().pause_errors
+
+    @dbus_property_async("d", flags=DbusPropertyEmitsChangeFlag, property_name="LastPauseSec")
+    def last_pause(self) -> float:
+        """Seconds the last pause of every scope took; -1: none yet."""
+        return self._view().last_pause
+
+    @dbus_property_async("d", flags=DbusPropertyEmitsChangeFlag, property_name="LastResumeSec")
+    def last_resume(self) -> float:
+        """-1: none yet."""
+        return self._view().last_resume
+
+    @dbus_property_async("a(ssssssbbbdb)", flags=DbusPropertyEmitsChangeFlag,
+                         property_name="Sessions")
+    def sessions(self) -> list[tuple[str, str, str, str, str, str, bool, bool, bool, float, bool]]:
+        """logind's sessions: (id, user, type, class, seat, tty, remote, active, idle hint,
+        idle since (s since the epoch, 0: never), counted)."""
+        return list(self._view().sessions)
+
+    @dbus_property_async("t", flags=0, property_name="UptimeUSec")
+    def uptime(self) -> int:
+        """How long the agent has run, by its own clock (StartedUSec by a client's clock
+        would carry the two clocks' difference)."""
+        return self._figures().uptime
+
+    @dbus_property_async("t", flags=0, property_name="AgentProcessRAM")
+    def agent_process_ram(self) -> int:
+        """MiB, the agent's own RSS."""
+        return self._figures().agent_process_ram
+
+    @dbus_property_async("t", flags=0, property_name="ConsumedRAM")
+    def consumed_ram(self) -> int:
+        """MiB, of the running tasks' scopes."""
+        return self._figures().consumed_ram
+
+    @dbus_property_async("t", flags=0, property_name="ChildProcesses")
+    def child_processes(self) -> int:
+        """Processes in the running tasks' scopes."""
+        return self._figures().child_processes
+
+    @dbus_property_async("a(stt)", flags=0, property_name="Disks")
+    def disks(self) -> list[tuple[str, int, int]]:
+        """(mount point, size, free), bytes."""
+        return self._figures().disks
+
+    @dbus_property_async("t", flags=0, property_name="MasterRequests")
+    def master_requests(self) -> int:
+        """Requests made to the master."""
+        return self._figures().master_requests
+
+    @dbus_property_async("t", flags=0, property_name="MasterReportsSent")
+    def master_reports_sent(self) -> int:
+        return self._figures().master_reports_sent
+
+    @dbus_property_async("t", flags=0, property_name="MasterReportsDropped")
+    def master_reports_dropped(self) -> int:
+        return self._figures().master_reports_dropped

@@ -21,6 +21,7 @@ from farmnode.bus.interface import (
     InvalidAssignmentError,
 )
 from farmnode.bus.tasks import TaskObjects
+from farmnode.bus.views import AgentFigures, AgentView, usec
 
 if TYPE_CHECKING:
     from farmnode.jobfile.service import JobFiles
@@ -208,9 +209,19 @@ class Agent1Service(Agent1Interface):
         self.agent.task_listeners.append(self._on_task_record)
         self.agent.state_listeners.append(lambda _state: self.props.changed())
         self.agent.runs_listeners.append(self.props.changed)
+        self.agent.status_listeners.append(self.props.changed)
         self.agent.accounting_listeners.append(self.task_objects.accounting)
         self.agent.record_listeners.append(self.task_objects.update)
         return handle
+
+    def _view(self) -> AgentView:
+        return self.props.view()
+
+    def _figures(self) -> AgentFigures:
+        return self.props.figures()
+
+    def _started(self) -> int:
+        return usec(self.agent.started)
 
     def _emit_agent_properties(self, changed: dict[str, tuple[str, Any]]) -> None:
         self.properties_changed.emit((INTERFACE, changed, []))

@@ -169,6 +169,37 @@ class AgentView:
     last_master_contact: int  # usec since the epoch, 0: never
     queued_reports: int
     storage_error: str
+    # What `farmnode status` shows besides: the same facts as GetStatus's record, typed.
+    agent_hostname: str  # the FQDN once resolved (the kernel's name until then)
+    farm_name: str  # "": none
+    state_reason: str  # why the node is disabled when not by the admin; "": not
+    jobs: tuple[int, ...]
+    # (id, PCI slot, name, UUID or "", its /dev nodes, the assignment holding it or "")
+    gpus: tuple[tuple[str, str, str, str, list[str], str], ...]
+    master: str  # the master's API URL; "": standalone
+    master_agent_id: str
+    last_announce: int  # usec since the epoch, 0: never
+    master_last_error_at: int  # usec since the epoch, 0: never
+    master_time_offset: int  # s
+    health_enabled: bool  # false: no farmnode-health.target, nothing gates work
+    health_passed_once: bool
+    health_interval: float  # s
+    # (name, unit, ran, ok, detail, output, at: s since the epoch, 0 until it ran)
+    health_checks: tuple[tuple[str, str, bool, bool, str, list[str], float], ...]
+    workstation: bool  # workstation mode or a render schedule is in effect
+    workstation_mode: bool
+    render_schedule: str
+    workstation_pause: str  # freeze or cpu-idle
+    rendering: bool
+    rendering_reason: str
+    paused_since: float  # the workstation's clock; 0: not paused
+    paused_units: tuple[str, ...]
+    pause_errors: dict[str, str]  # scope: why it could not be paused or resumed
+    last_pause: float  # s every scope took to pause; -1: never measured
+    last_resume: float
+    # (id, user, type, class, seat, tty, remote, active, idle hint, idle since (s since the
+    # epoch, 0: never), counted)
+    sessions: tuple[tuple[str, str, str, str, str, str, bool, bool, bool, float, bool], ...]
 
 
 AGENT_PROPERTIES: dict[str, tuple[str, str]] = {
@@ -179,8 +210,38 @@ AGENT_PROPERTIES: dict[str, tuple[str, str]] = {
     "master_last_error": ("MasterLastError", "s"),
     "last_master_contact": ("LastMasterContactUSec", "t"),
     "queued_reports": ("QueuedReports", "u"), "storage_error": ("StorageError", "s"),
+    "agent_hostname": ("AgentHostname", "s"), "farm_name": ("FarmName", "s"),
+    "state_reason": ("StateReason", "s"), "jobs": ("Jobs", "ax"),
+    "gpus": ("GPUs", "a(ssssass)"), "master": ("Master", "s"),
+    "master_agent_id": ("MasterAgentId", "s"), "last_announce": ("LastAnnounceUSec", "t"),
+    "master_last_error_at": ("MasterLastErrorUSec", "t"),
+    "master_time_offset": ("MasterTimeOffset", "x"),
+    "health_enabled": ("HealthEnabled", "b"), "health_passed_once": ("HealthPassedOnce", "b"),
+    "health_interval": ("HealthInterval", "d"),
+    "health_checks": ("HealthChecks", "a(ssbbsasd)"), "workstation": ("Workstation", "b"),
+    "workstation_mode": ("WorkstationMode", "b"), "render_schedule": ("RenderSchedule", "s"),
+    "workstation_pause": ("WorkstationPause", "s"), "rendering": ("Rendering", "b"),
+    "rendering_reason": ("RenderingReason", "s"), "paused_since": ("PausedSince", "d"),
+    "paused_units": ("PausedUnits", "as"), "pause_errors": ("PauseErrors", "a{ss}"),
+    "last_pause": ("LastPauseSec", "d"), "last_resume": ("LastResumeSec", "d"),
+    "sessions": ("Sessions", "a(ssssssbbbdb)"),
 }
 assert tuple(AGENT_PROPERTIES) == tuple(f.name for f in dataclasses.fields(AgentView))
+
+
+@dataclass(frozen=True)
+class AgentFigures:
+    """The agent's properties that change all the time (no PropertiesChanged: read them, as
+    systemd's MemoryCurrent is read)."""
+
+    uptime: int  # usec the agent has run (its own clock: a client's may be off)
+    agent_process_ram: int  # MiB, the agent's own RSS
+    consumed_ram: int  # MiB, the running tasks' scopes
+    child_processes: int  # processes in the running tasks' scopes
+    disks: list[tuple[str, int, int]]  # (mount point, size, free), bytes
+    master_requests: int
+    master_reports_sent: int
+    master_reports_dropped: int
 
 
 def agent_changes(old: AgentView | None, new: AgentView, ram_delta: int) -> list[str]:

@@ -235,6 +235,22 @@ def _workstation_lines(ws: dict[str, Any]) -> str:
     return out
 
 
+def status_text(st: dict[str, Any]) -> str:
+    """`farmnode status` for people: the status record's keys, one a line."""
+    human = "\n".join(f"{k}: {v}" for k, v in st.items()
+                       if k not in ("gpus", "workstation", "health"))
+    if st.get("workstation"):
+        human += _workstation_lines(st["workstation"])
+    for c in (st.get("health") or {}).get("checks", []):
+        verdict = {True: "ok", False: "FAILING", None: "not run yet"}[c["ok"]]
+        human += f"\nhealth {c['name']}: {verdict}" + (
+            f" ({c['detail']}): {' | '.join(c['output'])}" if c["output"] else "")
+    for g in st.get("gpus") or []:
+        human += f"\ngpu {g['id']} ({g['name']}, {g['pci_slot']}): " + (
+            f"assignment {g['assignment']}" if g["assignment"] else "free")
+    return human
+
+
 async def _client(args: argparse.Namespace) -> int:
     from farmnode.cli import jobs
 
@@ -251,19 +267,13 @@ async def _client(args: argparse.Namespace) -> int:
         changes = await _subscribe(bus)
         return await _wait(args, proxy, changes, args.assignment, args.until)
     if args.command == "status":
-        st = json.loads(await proxy.get_status())
-        human = "\n".join(f"{k}: {v}" for k, v in st.items()
-                           if k not in ("gpus", "workstation", "health"))
-        if st.get("workstation"):
-            human += _workstation_lines(st["workstation"])
-        for c in (st.get("health") or {}).get("checks", []):
-            verdict = {True: "ok", False: "FAILING", None: "not run yet"}[c["ok"]]
-            human += f"\nhealth {c['name']}: {verdict}" + (
-                f" ({c['detail']}): {' | '.join(c['output'])}" if c["output"] else "")
-        for g in st.get("gpus") or []:
-            human += f"\ngpu {g['id']} ({g['name']}, {g['pci_slot']}): " + (
-                f"assignment {g['assignment']}" if g["assignment"] else "free")
-        _print(args, st, human)
+        from farmnode.bus.client import MissingProperty, agent_properties, status_record
+
+        try:
+            st = status_record(await agent_properties(proxy))
+        except MissingProperty as exc:
+            raise CliError(str(exc)) from None
+        _print(args, st, status_text(st))
     elif args.command == "tasks":
         from farmnode.bus.client import task_views
 
@@ -277,10 +287,9 @@ async def _client(args: argparse.Namespace) -> int:
     elif args.command == "state":
         await proxy.set_state(args.state)
         # The state the node is in now: a failing health check keeps it disabled.
-        st = json.loads(await proxy.get_status())
-        _print(args, {"state": st["state"], "state_reason": st.get("state_reason")},
-               f"agent {st['state']}" + (f" ({st['state_reason']})"
-                                         if st.get("state_reason") else ""))
+        state, reason = await proxy.state, await proxy.state_reason
+        _print(args, {"state": state, "state_reason": reason or None},
+               f"agent {state}" + (f" ({reason})" if reason else ""))
     elif args.command == "logs":
         await proxy.get_task(args.task)  # a clear error for an unknown task
         return _logs(args)

@@ -1,21 +1,25 @@
 """What fleet control asks of one node's agent: the only module that calls the D-Bus API.
 
-Today's API is methods returning JSON; the values are decoded here into the small typed
-shapes fleet control needs, so a change of the API (typed properties) is a change of this
-module alone.
+The status is the agent object's typed properties (one GetAll), the tasks are the task
+objects its ObjectManager lists (one GetManagedObjects); both are decoded here, through the
+same code as `farmnode status`/`tasks` (farmnode.bus.client), into the shapes fleet control
+prints, so a change of the API is a change of this module alone.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from sdbus import SdBusLibraryError
 
+from farmnode.bus.client import MissingProperty, agent_properties, status_record, task_views
 from farmnode.bus.interface import BUS_NAME, INTERFACE, OBJECT_PATH, Agent1Interface
 from farmnode.fleet.target import library_error
+
+T = TypeVar("T")
 
 
 class Refused(Exception):
@@ -67,8 +71,11 @@ class NodeAgent:
         self._slots: list[Any] = []
 
     async def _call(self, name: str, *args: Any) -> Any:
+        return await self._answer(getattr(self._proxy, name)(*args))
+
+    async def _answer(self, call: Awaitable[T]) -> T:
         try:
-            return await getattr(self._proxy, name)(*args)
+            return await call
         except Exception as exc:
             decoded = _decode_error(exc)
             if decoded is exc:
@@ -76,13 +83,17 @@ class NodeAgent:
             raise decoded from None
 
     async def status(self) -> Status:
-        raw = json.loads(await self._call("get_status"))
-        return Status(state=str(raw["state"]), assignments=tuple(raw.get("assignments") or ()),
-                      running_tasks=int(raw.get("running_tasks") or 0), raw=raw)
+        props = await self._answer(agent_properties(self._proxy))
+        try:
+            raw = status_record(props)
+        except MissingProperty as exc:
+            raise Refused("", str(exc)) from None
+        return Status(state=str(props["state"]), assignments=tuple(props["assignments"]),
+                      running_tasks=int(props["running_tasks"]), raw=raw)
 
     async def tasks(self, active_only: bool = False) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = json.loads(await self._call("list_tasks", active_only))
-        return out
+        views = await self._answer(task_views(self._proxy, active_only))
+        return [v.to_record_dict() for v in views]
 
     async def cancel(self, task_id: int) -> bool | None:
         """True: stopping; False: the node has it but it is not running; None: the node

@@ -176,6 +176,8 @@ class HealthWatch:
         self.passed_marker = passed_marker
         self.interval = interval
         self.on_change = on_change
+        # Told of every verdict, a passing check's new output too (on_change: the hold alone).
+        self.verdict_listeners: list[Callable[[], None]] = []
         self.checks_dir = checks_dir
         self.enabled = False
         self.units: list[str] = []
@@ -329,6 +331,8 @@ class HealthWatch:
         self._publish()
 
     def _publish(self) -> None:
+        for cb in self.verdict_listeners:
+            cb()
         current = [self.verdicts[u] for u in self.units if u in self.verdicts]
         failing = [v for v in current if not v.ok]
         if not self.passed_once and not failing and len(current) == len(self.units):
