@@ -56,18 +56,24 @@ def farmnode(ct: Container, *args: str, user: str | None = None, check: bool = T
     return ct.run(["farmnode", *args], user=user, check=check, input=input)
 
 
-def assign_wait(ct: Container, a: dict[str, Any], user: str | None = None) -> dict[str, Any]:
-    # With a master, an assign is refused while a reannounce is unanswered (the node's view
-    # is in flight, as PyFarm's agent did); it says "try again", so poll until it is taken.
+def assign_taken(ct: Container, a: dict[str, Any], *options: str,
+                 user: str | None = None) -> str:
+    """`farmnode assign` until taken; its output. With a master, an assign is refused while a
+    reannounce is unanswered (the node's view is in flight, as PyFarm's agent did): it says
+    "try again", so it is asked again until it is taken."""
     deadline = time.monotonic() + 30
     while True:
-        r = farmnode(ct, "--json", "assign", "-", "--wait", input=json.dumps(a), user=user,
-                     check=False)
-        if r.stdout or "try again" not in r.stderr or time.monotonic() > deadline:
+        r = farmnode(ct, *options, "assign", "-", *(["--wait"] if "--json" in options else []),
+                     input=json.dumps(a), user=user, check=False)
+        if r.returncode == 0 or "try again" not in r.stderr or time.monotonic() > deadline:
             break
         time.sleep(0.2)
-    assert r.stdout, r.stderr
-    out: dict[str, Any] = json.loads(r.stdout)
+    assert r.returncode == 0 and r.stdout, r.stderr
+    return str(r.stdout)
+
+
+def assign_wait(ct: Container, a: dict[str, Any], user: str | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = json.loads(assign_taken(ct, a, "--json", user=user))
     return out
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import json
 import os
 import shutil
 import subprocess
@@ -34,7 +33,7 @@ from container import (
 )
 
 from tests.master_stub import MasterStub
-from tests.system.conftest import assignment
+from tests.system.conftest import assign_taken, assignment
 
 FLEET = os.environ.get("FARMNODE_FLEET", "")
 FLEET_SIZE = max(20, int(FLEET)) if FLEET.isdigit() and int(FLEET) > 1 else 20
@@ -180,7 +179,7 @@ def test_every_node_registers_reports_and_idles_quietly(
     jobs = []
     for ct in cts:
         a = assignment("fakerender", {"duration": 0.2, "lines": 2}, [1])
-        ct.run(["farmnode", "assign", "-"], input=json.dumps(a))
+        assign_taken(ct, a)  # a node whose health checks just passed may be reannouncing
         jobs.append(a["tasks"][0]["id"])
     master.wait_for(lambda rs: all(any(r.task_id == t and r.status == 200
                                        and r.body.get("state") == "done" for r in rs)
