@@ -29,6 +29,7 @@ from farmnode.agent import accounts
 from farmnode.agent.gpus import FIELD as GPUS_FIELD
 from farmnode.agent.gpus import GpuPool, GpuRequestError, requested
 from farmnode.agent.janitor import Left, SpoolJanitor
+from farmnode.agent.progress import ProgressThrottle
 from farmnode.agent.runner import AssignmentRun, scope_unit_name, task_user_rules
 from farmnode.agent.workstation import Workstation
 from farmnode.config import Config
@@ -48,7 +49,6 @@ log = logging.getLogger(__name__)
 
 # Finished tasks a listing shows besides every active one.
 TASK_HISTORY = 1000
-PROGRESS_INTERVAL = 0.5  # s: how often a task's changing progress is stored and signalled
 STORAGE_RETRY = 2.0  # s: how often held outcomes are written again while the store refuses
 # What a full, read-only or failing state directory raises from the store.
 STORAGE_ERRORS = (sqlite3.OperationalError, OSError)
@@ -177,12 +177,8 @@ class Agent:
         self.holds: dict[str, str] = {}
         self._admin_disabled = False
         self.workstation: Workstation | None = None
-        # Progress is throttled: the first change of a quiet spell is stored at once, later
-        # ones at most every PROGRESS_INTERVAL (only the latest counts). A renderer printing
-        # a progress line per sample made one durable SQLite commit per line (bench: 1000
-        # commits in 8 s held the Blender job type to 55 % of journald's speed).
-        self._progress_pending: dict[tuple[str, int], float] = {}
-        self._progress_timer: asyncio.TimerHandle | None = None
+        # Progress is throttled (farmnode.agent.progress says why and how).
+        self._progress = ProgressThrottle(self._store_progress)
         # Logs built at once: each holds a memfd and a journal reader (one descriptor per
         # journal file); callers beyond these wait holding nothing.
         self._log_builds = asyncio.Semaphore(LOG_BUILDS)
@@ -501,9 +497,7 @@ class Agent:
 
     def _report_states(self, assignment_id: str, changes: Sequence[StateChange]) -> None:
         for c in changes:
-            pending = self._progress_pending.pop((assignment_id, c.task_id), None)
-            if pending is not None:  # a state change comes after the progress that preceded it
-                self._store_progress(assignment_id, c.task_id, pending)
+            self._progress.store_pending(assignment_id, c.task_id)
         changes = list(changes)
 
         def store() -> None:
@@ -571,20 +565,7 @@ class Agent:
                 log.exception("accounting listener failed")
 
     def _report_progress(self, assignment_id: str, task_id: int, progress: float) -> None:
-        if self._progress_timer is not None:
-            self._progress_pending[(assignment_id, task_id)] = progress
-            return
-        self._store_progress(assignment_id, task_id, progress)
-        with contextlib.suppress(RuntimeError):  # no loop (tests of the core alone): no throttle
-            self._progress_timer = asyncio.get_running_loop().call_later(
-                PROGRESS_INTERVAL, self._flush_progress)
-
-    def _flush_progress(self) -> None:
-        pending = bool(self._progress_pending)
-        self.flush_progress()
-        if pending:
-            self._progress_timer = asyncio.get_running_loop().call_later(
-                PROGRESS_INTERVAL, self._flush_progress)
+        self._progress.report(assignment_id, task_id, progress)
 
     def _store_progress(self, assignment_id: str, task_id: int, progress: float) -> None:
         try:
@@ -809,12 +790,7 @@ class Agent:
 
     def flush_progress(self) -> None:
         """Store throttled progress now (before the agent goes)."""
-        if self._progress_timer is not None:
-            self._progress_timer.cancel()
-        self._progress_timer = None
-        pending, self._progress_pending = self._progress_pending, {}
-        for (assignment_id, task_id), progress in pending.items():
-            self._store_progress(assignment_id, task_id, progress)
+        self._progress.flush()
 
     async def shutdown(self, reason: str = "agent stopped") -> None:
         self._shutting_down = True
