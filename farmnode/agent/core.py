@@ -25,15 +25,21 @@ from typing import Any, Protocol
 import psutil
 
 from farmnode import __version__
-from farmnode.agent import accounts
-from farmnode.agent.gpus import FIELD as GPUS_FIELD
-from farmnode.agent.gpus import GpuPool, GpuRequestError, requested
+from farmnode.agent import admission
+from farmnode.agent.errors import AgentError as AgentError
+from farmnode.agent.errors import InvalidArgument as InvalidArgument
+from farmnode.agent.errors import InvalidAssignment as InvalidAssignment
+from farmnode.agent.errors import NotAccepting as NotAccepting
+from farmnode.agent.errors import NotEnoughResources as NotEnoughResources
+from farmnode.agent.errors import PartialOverlap as PartialOverlap
+from farmnode.agent.errors import StorageFailed as StorageFailed
+from farmnode.agent.errors import UnknownTask as UnknownTask
+from farmnode.agent.gpus import GpuPool
 from farmnode.agent.janitor import Left, SpoolJanitor
 from farmnode.agent.progress import ProgressThrottle
-from farmnode.agent.runner import AssignmentRun, scope_unit_name, task_user_rules
+from farmnode.agent.runner import AssignmentRun, scope_unit_name
 from farmnode.agent.workstation import Workstation
 from farmnode.config import Config
-from farmnode.config.model import jobtype_counts
 from farmnode.jobtypes.remote import RemoteJobTypeError, cache_store
 from farmnode.sysinfo import gpu, host
 from farmnode.systemd import fdstore, link, spool
@@ -60,46 +66,6 @@ class AgentState(enum.StrEnum):
     RUNNING = "running"
     DISABLED = "disabled"
     OFFLINE = "offline"
-
-
-class AgentError(Exception):
-    """Refused request; the message is for the caller."""
-
-
-class InvalidAssignment(AgentError):
-    def __init__(self, err: AssignmentError) -> None:
-        super().__init__(str(err))
-        self.field = err.field
-
-
-class PartialOverlap(AgentError):
-    def __init__(self, rejected: list[int]) -> None:
-        super().__init__(f"Partial overlap of tasks: rejected task ids {rejected}")
-        self.rejected_task_ids = rejected
-
-
-class NotEnoughResources(AgentError):
-    def __init__(self, what: str, available: float, required: float,
-                 field: str | None = None) -> None:
-        super().__init__(f"Not enough {what}: agent_{what}={available:g} requires_{what}="
-                         f"{required:g} ({field or 'job.' + what})")
-        self.what, self.available, self.required = what, available, required
-
-
-class NotAccepting(AgentError):
-    pass
-
-
-class StorageFailed(NotAccepting):
-    """The state directory refuses writes (full, read-only, I/O error)."""
-
-
-class UnknownTask(AgentError):
-    pass
-
-
-class InvalidArgument(AgentError):
-    pass
 
 
 class StatusSource(Protocol):
@@ -198,75 +164,22 @@ class Agent:
         self.store.set_meta("agent_id", new)
         return new
 
-    # ---- resources -------------------------------------------------------------------
+    # ---- resources (farmnode.agent.admission) -----------------------------------------
     def total_ram_mb(self) -> int:
-        if isinstance(self.config.agent_ram, int):
-            return self.config.agent_ram
-        return psutil.virtual_memory().total // (1024 * 1024)
+        return admission.total_ram_mb(self.config)
 
     def total_cpus(self) -> float:
-        if isinstance(self.config.agent_cpus, (int, float)):
-            return float(self.config.agent_cpus)
-        return float(len(os.sched_getaffinity(0)))
+        return admission.total_cpus(self.config)
 
     def free_ram_mb(self) -> int:
-        return psutil.virtual_memory().available // (1024 * 1024)
+        return admission.free_ram_mb()
 
     def slice_memory_max_mb(self) -> int:
         """What all tasks together may use: the node less the reserve for the OS and agent."""
-        physical = psutil.virtual_memory().total // (1024 * 1024)
-        return min(self.total_ram_mb(), physical - self.config.node_reserve_ram)
-
-    def _check_resources(self, a: Assignment) -> None:
-        ceiling = self.slice_memory_max_mb()
-        if a.job.ram_max is not None and a.job.ram_max > ceiling:
-            raise InvalidAssignment(AssignmentError(
-                "job.ram_max", f"{a.job.ram_max} MB is more than this node gives tasks "
-                f"({ceiling} MB: RAM less node_reserve_ram)"))
-        if a.job.ram is not None:
-            reserved = sum(r.assignment.job.ram or 0 for r in self.runs.values())
-            available = min(self.free_ram_mb(), self.total_ram_mb() - reserved, ceiling)
-            if a.job.ram > available:
-                # PyFarm's answer (the master reads agent_ram/requires_ram), naming the field
-                raise NotEnoughResources("ram", available, a.job.ram)
-        if a.job.cpus is not None and a.job.cpus > self.total_cpus():
-            raise NotEnoughResources("cpus", self.total_cpus(), a.job.cpus)
+        return admission.slice_memory_max_mb(self.config)
 
     def gpus_held(self) -> dict[str, tuple[str, ...]]:
-        return {aid: run.gpu_ids for aid, run in self.runs.items() if run.gpu_ids}
-
-    def _pick_gpus(self, a: Assignment) -> tuple[str, ...]:
-        """The GPUs the assignment gets; refuses one that can never fit here (400 naming the
-        field) and one that does not fit now (PyFarm's "Not enough" answer: the master's
-        scheduler offers the work again later)."""
-        try:
-            count = requested(a, jobtype_counts(self.config.task_gpus))
-        except GpuRequestError as exc:
-            raise InvalidAssignment(AssignmentError(GPUS_FIELD, str(exc))) from None
-        if count == 0:
-            return ()
-        total = len(self.gpu_pool.gpus)
-        if count > total:
-            raise InvalidAssignment(AssignmentError(
-                GPUS_FIELD, f"asks for {count} GPUs; this node has {total}"
-                + (f" ({', '.join(g.fullname for g in self.gpu_pool.gpus)})" if total else "")))
-        free = self.gpu_pool.free(i for ids in self.gpus_held().values() for i in ids)
-        if count > len(free):
-            raise NotEnoughResources("gpus", len(free), count, GPUS_FIELD)
-        return tuple(g.ident for g in free[:count])
-
-    def _check_user(self, a: Assignment) -> None:
-        """Refuse now (4xx) an assignment whose account the rule forbids; the run checks the
-        account the job type finally picks again."""
-        name = a.job.user or self.config.task_default_user
-        try:
-            account = accounts.lookup(name)
-        except accounts.UnknownAccount:
-            return  # the run fails its tasks saying so (NSS may know the user by then)
-        refused = accounts.refusal(account, task_user_rules(self.config))
-        if refused:
-            raise InvalidAssignment(AssignmentError(
-                "job.user", refused if a.job.user else f"{refused} (task_default_user)"))
+        return admission.gpus_held(self.runs)
 
     # ---- commands --------------------------------------------------------------------
     def assign(self, payload: object) -> tuple[str, bool]:
@@ -282,21 +195,15 @@ class Agent:
             a = parse_assignment(payload)
         except AssignmentError as exc:
             raise InvalidAssignment(exc) from None
-        new_ids = set(a.task_ids)
-        for run in self.runs.values():
-            running_ids = set(run.assignment.task_ids)
-            common = new_ids & running_ids
-            if not common:
-                continue
-            if running_ids == new_ids and run.assignment.job.id == a.job.id:
-                return run.assignment.id, False  # PyFarm: an identical repeat is accepted
-            raise PartialOverlap(sorted(common))
-        self._check_user(a)
-        self._check_resources(a)
-        gpu_ids = self._pick_gpus(a)
+        admit = admission.Admission(self.config, self.gpu_pool, self.runs)
+        repeated = admit.repeat_of(a)
+        if repeated is not None:
+            return repeated, False  # PyFarm: an identical repeat is accepted
+        admit.check_user(a)
+        admit.check_resources(a)
+        gpu_ids = admit.pick_gpus(a)
         unit = scope_unit_name(a)
-        if any(r.unit == unit for r in self.runs.values()):
-            raise PartialOverlap([a.tasks[0].id])
+        admit.check_unit_free(a, unit)
         if self.storage_error is not None:
             raise StorageFailed(f"the state directory refuses writes ({self.storage_error}): "
                                 "no new work until it takes them again")
