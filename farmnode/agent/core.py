@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import psutil
 
 from farmnode import __version__
-from farmnode.agent import admission
+from farmnode.agent import admission, recovery
 from farmnode.agent.errors import AgentError as AgentError
 from farmnode.agent.errors import InvalidArgument as InvalidArgument
 from farmnode.agent.errors import InvalidAssignment as InvalidAssignment
@@ -42,9 +42,9 @@ from farmnode.agent.workstation import Workstation
 from farmnode.config import Config
 from farmnode.jobtypes.remote import RemoteJobTypeError, cache_store
 from farmnode.sysinfo import gpu, host
-from farmnode.systemd import fdstore, link, spool
-from farmnode.systemd.cgroup import cgroup_path_dir, read_accounting, shim_pid, unit_cgroup_path
-from farmnode.systemd.journal import TaskLogFields, exported_units, remove_unit_settings
+from farmnode.systemd import spool
+from farmnode.systemd.cgroup import cgroup_path_dir, read_accounting, unit_cgroup_path
+from farmnode.systemd.journal import TaskLogFields
 from farmnode.systemd.scope import ScopeManager
 from farmnode.tasks.model import Assignment, StateChange, TaskState
 from farmnode.tasks.schema import AssignmentError, parse_assignment
@@ -566,68 +566,10 @@ class Agent:
 
     # ---- lifecycle -------------------------------------------------------------------
     async def recover(self) -> None:
-        """Take back what a previous agent process left running (restart, upgrade, crash).
-
-        Each running assignment's link comes back from systemd's fd store; its shim says how
-        far the output is journaled and resends the rest. An assignment with no link never got
-        past its gate (it is started afresh) or ran outside systemd (its scope is stopped, tasks
-        failed).
-        """
-        inherited = fdstore.inherited()
-        active = self.store.active_assignments()
-        for a in active:
-            run = self._new_run(a, self.store.gpus_of(a.id))
-            records = self.store.tasks(a.id)
-            fds = inherited.pop(fdstore.link_name(a.id, link.VERSION), [])
-            if not fds:
-                fds = inherited.pop(fdstore.link_name(a.id, 1), [])
-                if fds:
-                    log.info("assignment %s: its shim speaks link protocol 1 (an older "
-                             "farmnode started it); journaling its lines the old way", a.id)
-                    run.link_version = 1
-            for extra in fds[1:]:
-                os.close(extra)
-            starts = [rec.started for rec in records if rec.started]
-            run.started_at = min(starts) if starts else None
-            run.paused_for, run.paused_since = self.store.paused_of(a.id)
-            if run.paused_since is not None and not (self.config.workstation_mode
-                                                     or self.config.render_schedule):
-                # nothing will resume it: its clock runs from now on
-                run.resume_clock(time.time())
-            run.started = any(rec.state is TaskState.RUNNING for rec in records)
-            if fds:
-                log.info("re-adopting assignment %s (%s)", a.id, run.unit)
-                run.adopting = True
-                self._launch(run, run.adopt(socket.socket(fileno=fds[0])))
-            elif (run.recorded_exit() is None and not run.shim_alive()
-                  and all(rec.state is TaskState.QUEUED for rec in records)):
-                log.info("restarting assignment %s: it never started", a.id)
-                run.started = False
-                self._launch(run, run.run())
-            else:
-                # The job ran (or runs) with no link left to it: its shim journals the output
-                # itself and leaves the exit status in its record.
-                log.warning("assignment %s: no link to its task survived; concluding from "
-                            "its shim's record", a.id)
-                run.adopting = True
-                self._launch(run, run.conclude_headless())
-        adopted = [run for run in self.runs.values() if run.adopting]
-        if adopted:
-            # READY (sent after this) then means every inherited task is attached again.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.gather(*(r.attached.wait() for r in adopted)),
-                                       timeout=30)
-        # journald settings of task scopes whose run ended while no agent was there to
-        # remove them (they live in /run, so only since boot).
-        for unit in exported_units() - {run.unit for run in self.runs.values()}:
-            remove_unit_settings(unit)
-        for name, fds in inherited.items():
-            # Links of assignments already concluded: let their shims go.
-            for fd in fds:
-                with contextlib.suppress(OSError), socket.socket(fileno=fd) as sock:
-                    sock.setblocking(False)
-                    sock.send(link.pack(link.EXIT_ACK))
-            fdstore.remove(name)
+        """Take back what a previous agent process left running (farmnode.agent.recovery),
+        then set the spool janitor going."""
+        await recovery.recover(recovery.Recovery(self.config, self.store, self.runs,
+                                                 self._new_run, self._launch))
         self.spool_janitor.start()
 
     def orphan_spools(self) -> dict[str, TaskLogFields]:
@@ -635,38 +577,12 @@ class Agent:
         return self.spools_left().orphans
 
     def spools_left(self) -> Left:
-        """Spools no run of this agent will journal: their run concluded (in an earlier
-        agent process, whose retry went with it). Those whose shim still writes them (it
-        outlived its run) are counted, to be journaled once it has gone."""
-        found: dict[str, TaskLogFields] = {}
-        held = 0
-        tasks_dir = os.path.join(self.config.agent_runtime_dir, "tasks")
-        for status_path, aid in spool.waiting(tasks_dir).items():
-            if aid in self.runs:
-                continue  # its own run journals it when it concludes
-            a = self.store.assignment(aid)
-            if a is None:
-                if status_path not in self._unowned_spools:
-                    self._unowned_spools.add(status_path)
-                    log.warning("the spool of %s belongs to no assignment the agent knows; "
-                                "left in place", status_path)
-                continue
-            unit = scope_unit_name(a)
-            if shim_pid(cgroup_path_dir(unit_cgroup_path(unit, self.config.task_slice))):
-                held += 1
-                continue
-            found[status_path] = TaskLogFields(unit, a.job.id, a.id, a.task_ids, a.jobtype.name)
-        return Left(found, held)
+        """Spools no run of this agent will journal (farmnode.agent.recovery.spools_left)."""
+        return recovery.spools_left(self.config, self.store, self.runs, self._unowned_spools)
 
     def _journaled_late(self, status_path: str, fields: TaskLogFields,
                         done: spool.Replayed) -> None:
-        """The output an outcome said was waiting is in the journal: its tasks' reasons say
-        what came of it instead (`farmnode tasks`, the task objects)."""
-        note = done.describe() or "output held while journald was away: all in the journal"
-        try:
-            self.store.replace_note(fields.assignment_id, spool.pending_note(status_path), note)
-        except sqlite3.Error as exc:
-            log.warning("assignment %s: %s (not stored: %s)", fields.assignment_id, note, exc)
+        recovery.journaled_late(self.store, status_path, fields, done)
 
     def sample_accounting(self) -> None:
         for run in list(self.runs.values()):
