@@ -180,6 +180,22 @@ class NativeBatch(WriteBatch):
 
 
 @dataclass
+class LinkSession:
+    """One reading of a run's link: the socket, each stream's state, the nonce our RESUME
+    carried (protocol 2), and the shim's status record once its EXIT has come."""
+
+    sock: socket.socket
+    loop: asyncio.AbstractEventLoop
+    streams: list[StreamState]
+    nonce: int
+    record: dict[str, Any] | None = None
+
+
+# Handles one packet of the link: (session, stream, offset, payload).
+PacketHandler = Callable[[LinkSession, int, int, bytes], Awaitable[None]]
+
+
+@dataclass
 class AssignmentRun:
     """One assignment's life. `report_*` are the agent core's entries for state changes."""
 
@@ -508,15 +524,24 @@ class AssignmentRun:
     # ---- the link --------------------------------------------------------------------
     async def _serve(self, sock: socket.socket, resume: bool) -> bool:
         """Read the link to the end; True if the job never started (start it afresh)."""
+        session = await self._open_link(sock, resume)
+        self.attached.set()
+        self._arm_timeout()
+        await self._read_link(session)
+        self._disarm_timeout()
+        return await self._close_link(session)
+
+    async def _open_link(self, sock: socket.socket, resume: bool) -> LinkSession:
+        """Start reading the link; an adopted one is first asked to resend (RESUME)."""
         loop = asyncio.get_running_loop()
         sock.setblocking(False)
-        streams = [StreamState(link.STDOUT), StreamState(link.STDERR)]
-        nonce = secrets.randbits(63)
+        session = LinkSession(sock, loop, [StreamState(link.STDOUT), StreamState(link.STDERR)],
+                              secrets.randbits(63))
         if resume:
             if self.link_version == 1:
                 # Lines the dead agent sent may still sit in journald's queue.
                 await loop.run_in_executor(None, _journal_sync)
-            for st in streams:
+            for st in session.streams:
                 if self.link_version == 1:
                     st.journaled, st.line_no = await loop.run_in_executor(
                         None, legacy_resume_point, self.assignment.id, st.index)
@@ -524,50 +549,78 @@ class AssignmentRun:
                 # protocol 1 takes the resume point in the offset field; 2 a nonce to echo
                 await loop.sock_sendall(sock, link.pack(
                     link.RESUME, st.index,
-                    st.journaled if self.link_version == 1 else nonce))
-        self.attached.set()
-        self._arm_timeout()
-        record: dict[str, Any] | None = None
-        while record is None:
+                    st.journaled if self.link_version == 1 else session.nonce))
+        return session
+
+    async def _read_link(self, session: LinkSession) -> None:
+        """Hand each packet to the handler of its kind until EXIT or the link's end; a kind
+        with no handler is ignored."""
+        handlers: dict[bytes, PacketHandler] = {
+            link.STARTED: self.handle_started,
+            link.RESUMED: self.handle_resumed,
+            link.DATA: self.handle_data,
+            link.EXIT: self.handle_exit,
+        }
+        while session.record is None:
             try:
-                packet = await loop.sock_recv(sock, link.HEADER.size + link.MAX_PAYLOAD + 1024)
+                packet = await session.loop.sock_recv(
+                    session.sock, link.HEADER.size + link.MAX_PAYLOAD + 1024)
             except ConnectionResetError:
                 packet = b""
             if not packet:
                 break
             kind, stream, offset, payload = link.unpack(packet)
-            if kind == link.STARTED:
-                self._log_started(payload)
-                self._mark_started()
-            elif kind == link.RESUMED and stream < len(streams):
-                # The shim journaled up to offset (WRITEs of the previous agent included) and
-                # resends what follows.
-                if self.link_version != 1 and payload != nonce.to_bytes(8, "big"):
-                    continue  # the answer to an agent that died while resuming
-                st = streams[stream]
-                st.resuming = False
-                if self.link_version == 1 and offset > st.journaled:
-                    log.error("assignment %s stream %d: bytes %d..%d lost (the shim no longer "
-                              "had them)", self.assignment.id, st.index, st.journaled, offset)
-                st.journaled, st.pending = offset, b""
-            elif kind == link.DATA and stream < len(streams):
-                self._mark_started()
-                for out in self._take(streams[stream], offset, payload):
-                    await loop.sock_sendall(sock, out)
-                # sock_recv/sock_sendall return without yielding while the link has data and
-                # room: a task spewing output would starve the loop (D-Bus, other tasks, the
-                # watchdog: 10 M lines got the agent killed). One yield per packet (~60 KB).
-                await asyncio.sleep(0)
-            elif kind == link.EXIT:
-                if any(st.resuming for st in streams):
-                    # Sent to the previous agent before our RESUME: output behind it may have
-                    # been dropped as stale here. The shim says EXIT again after the resend.
-                    continue
-                record = json.loads(payload)
-        self._disarm_timeout()
+            handler = handlers.get(kind)
+            if handler is not None:
+                await handler(session, stream, offset, payload)
+
+    async def handle_started(self, session: LinkSession, stream: int, offset: int,
+                             payload: bytes) -> None:
+        self._log_started(payload)
+        self._mark_started()
+
+    async def handle_resumed(self, session: LinkSession, stream: int, offset: int,
+                             payload: bytes) -> None:
+        # The shim journaled up to offset (WRITEs of the previous agent included) and
+        # resends what follows.
+        if stream >= len(session.streams):
+            return
+        if self.link_version != 1 and payload != session.nonce.to_bytes(8, "big"):
+            return  # the answer to an agent that died while resuming
+        st = session.streams[stream]
+        st.resuming = False
+        if self.link_version == 1 and offset > st.journaled:
+            log.error("assignment %s stream %d: bytes %d..%d lost (the shim no longer "
+                      "had them)", self.assignment.id, st.index, st.journaled, offset)
+        st.journaled, st.pending = offset, b""
+
+    async def handle_data(self, session: LinkSession, stream: int, offset: int,
+                          payload: bytes) -> None:
+        if stream >= len(session.streams):
+            return
+        self._mark_started()
+        for out in self._take(session.streams[stream], offset, payload):
+            await session.loop.sock_sendall(session.sock, out)
+        # sock_recv/sock_sendall return without yielding while the link has data and
+        # room: a task spewing output would starve the loop (D-Bus, other tasks, the
+        # watchdog: 10 M lines got the agent killed). One yield per packet (~60 KB).
+        await asyncio.sleep(0)
+
+    async def handle_exit(self, session: LinkSession, stream: int, offset: int,
+                          payload: bytes) -> None:
+        if any(st.resuming for st in session.streams):
+            # Sent to the previous agent before our RESUME: output behind it may have
+            # been dropped as stale here. The shim says EXIT again after the resend.
+            return
+        session.record = json.loads(payload)
+
+    async def _close_link(self, session: LinkSession) -> bool:
+        """Conclude the run and clean up after it once the link has been read; True if the
+        job never started."""
+        loop, sock, record = session.loop, session.sock, session.record
         if record is not None:
             with contextlib.suppress(OSError):
-                for st in streams:
+                for st in session.streams:
                     for out in self._flush_pending(st):
                         await loop.sock_sendall(sock, out)
                 await loop.sock_sendall(sock, link.pack(link.EXIT_ACK))
