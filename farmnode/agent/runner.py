@@ -330,6 +330,18 @@ class AssignmentRun:
             self.attached.set()
 
     async def _start(self) -> None:
+        prepared = await self._prepare()
+        if prepared is None:
+            return
+        command, ident, env = prepared
+        spec = self._shim_spec(command, ident, env)
+        if spec is None:
+            return
+        await self._launch_shim(command, ident, env, spec)
+
+    async def _prepare(self) -> tuple[CommandData, accounts.Account, dict[str, str]] | None:
+        """The job type's command, the account and the environment it runs with; None when
+        the tasks are already concluded (a setup error, a cancel)."""
         a = self.assignment
         if self.fetch_jobtype is not None and self.config.jobtype_enable_download:
             try:
@@ -341,13 +353,13 @@ class AssignmentRun:
             ident = resolve_identity(command, self.config)
         except TaskSetupError as exc:
             self._finish_all(TaskState.FAILED, str(exc), None)
-            return
+            return None
         except Exception as exc:
             self._finish_all(TaskState.FAILED, f"job type {a.jobtype.name!r}: {exc}", None)
-            return
+            return None
         if self.cancelled_reason:
             self._finish_all(TaskState.CANCELLED, self.cancelled_reason, None)
-            return
+            return None
         env = dict(command.env)
         env.setdefault("HOME", ident.home)
         env.setdefault("USER", ident.user)
@@ -365,8 +377,15 @@ class AssignmentRun:
                     limits_for(a, self.config))
             except (ValueError, warm_manager.WarmError) as exc:
                 self._finish_all(TaskState.FAILED, str(exc), None)
-                return
+                return None
             env[warm_wire.SOCKET_ENV] = str(warm_socket)
+        return command, ident, env
+
+    def _shim_spec(self, command: CommandData, ident: accounts.Account,
+                   env: dict[str, str]) -> dict[str, Any] | None:
+        """What the shim is told through its gate; None when the tasks are already concluded
+        (the job type's hooks failed)."""
+        a = self.assignment
         self.status_path().parent.mkdir(parents=True, exist_ok=True)
         self.status_path().unlink(missing_ok=True)
         spec = {
@@ -380,11 +399,17 @@ class AssignmentRun:
             pre, post = self._load_jobtype_hooks()
         except Exception as exc:
             self._finish_all(TaskState.FAILED, f"job type {a.jobtype.name!r} hooks: {exc}", None)
-            return
+            return None
         if pre:
             spec["pre"] = pre
         if post:
             spec["post"] = post
+        return spec
+
+    async def _launch_shim(self, command: CommandData, ident: accounts.Account,
+                           env: dict[str, str], spec: dict[str, Any]) -> None:
+        """Spawn the shim, store its link, create the scope, open the gate, read the link."""
+        a = self.assignment
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         gate_r, gate_w = os.pipe()
         try:
