@@ -8,13 +8,10 @@ AgentError subclasses whose text says what is wrong.
 from __future__ import annotations
 
 import asyncio
-import collections
-import contextlib
 import enum
 import logging
 import os
 import socket
-import sqlite3
 import threading
 import time
 import uuid
@@ -35,6 +32,7 @@ from farmnode.agent.errors import PartialOverlap as PartialOverlap
 from farmnode.agent.errors import StorageFailed as StorageFailed
 from farmnode.agent.errors import UnknownTask as UnknownTask
 from farmnode.agent.gpus import GpuPool
+from farmnode.agent.heldwrites import STORAGE_ERRORS, HeldWrites
 from farmnode.agent.janitor import Left, SpoolJanitor
 from farmnode.agent.progress import ProgressThrottle
 from farmnode.agent.runner import AssignmentRun, scope_unit_name
@@ -55,9 +53,6 @@ log = logging.getLogger(__name__)
 
 # Finished tasks a listing shows besides every active one.
 TASK_HISTORY = 1000
-STORAGE_RETRY = 2.0  # s: how often held outcomes are written again while the store refuses
-# What a full, read-only or failing state directory raises from the store.
-STORAGE_ERRORS = (sqlite3.OperationalError, OSError)
 LOG_BUILDS = 4  # task logs built from journald at once (GET /api/v1/task_logs/, TaskLog)
 
 
@@ -117,10 +112,8 @@ class Agent:
         self.spool_janitor = SpoolJanitor(self.spools_left, journaled=self._journaled_late)
         self._unowned_spools: set[str] = set()  # told once in the log
         self._open: dict[str, int] = {}  # unfinished tasks per running assignment
-        # Outcomes the store could not take yet (disk full): kept here, in order, and written
-        # again until it takes them, so no outcome is lost and no task is stuck running.
-        self._unstored: collections.deque[tuple[str, Callable[[], None]]] = collections.deque()
-        self.storage_error: str | None = None
+        # Outcomes the store could not take yet (farmnode.agent.heldwrites).
+        self._writes = HeldWrites()
         self.state = AgentState.ONLINE
         self.started = time.time()
         self.task_listeners: list[Callable[[TaskChange], None]] = []
@@ -210,7 +203,7 @@ class Agent:
         try:
             self.store.add_assignment(a, unit, gpu_ids)
         except STORAGE_ERRORS as exc:
-            self._storage_failed(exc)
+            self._writes.failed(exc)
             raise StorageFailed(f"the assignment could not be stored ({exc}): not accepted"
                                 ) from None
         self._start(a, gpu_ids)
@@ -292,7 +285,7 @@ class Agent:
                 self._note_idle()
                 if run.spool_waits:
                     self.spool_janitor.start()
-            self._store_in_order(f"end of assignment {aid}", finish)
+            self._writes.store_in_order(f"end of assignment {aid}", finish)
 
     def _update_running_state(self) -> None:
         if self.state in (AgentState.ONLINE, AgentState.RUNNING):
@@ -419,48 +412,24 @@ class Agent:
                         self._open[assignment_id] -= 1
             if finished:
                 self._update_running_state()
-        self._store_in_order(f"state of task(s) {[c.task_id for c in changes][:5]}", store)
+        self._writes.store_in_order(f"state of task(s) {[c.task_id for c in changes][:5]}", store)
 
-    # ---- writes the store may refuse -------------------------------------------------
-    def _store_in_order(self, what: str, write: Callable[[], None]) -> None:
-        """Run `write` (one store transaction and what follows it) now, or, while the store
-        refuses writes, after everything queued before it."""
-        self._unstored.append((what, write))
-        self._write_unstored()
-
-    def _write_unstored(self) -> None:
-        while self._unstored:
-            what, write = self._unstored[0]
-            try:
-                write()
-            except STORAGE_ERRORS as exc:
-                self._storage_failed(exc, what)
-                with contextlib.suppress(RuntimeError):  # no loop: the next write retries
-                    asyncio.get_running_loop().call_later(STORAGE_RETRY, self._write_unstored)
-                return
-            self._unstored.popleft()
-        if self.storage_error is not None:
-            log.warning("the state directory takes writes again; every held outcome is "
-                        "stored")
-            self.storage_error = None
-
-    def _storage_failed(self, exc: BaseException, what: str = "") -> None:
-        if self.storage_error is None:
-            log.error("the state directory refuses writes (%s)%s: outcomes are held in "
-                      "memory and written again every %g s; no new work is accepted", exc,
-                      f" writing the {what}" if what else "", STORAGE_RETRY)
-        self.storage_error = str(exc)
+    # ---- writes the store may refuse (farmnode.agent.heldwrites) ----------------------
+    @property
+    def storage_error(self) -> str | None:
+        """Why the state directory refuses writes; None while it takes them."""
+        return self._writes.error
 
     def _report_log(self, assignment_id: str, lines: list[InternalLine],
                     pid: int | None = None) -> None:
-        self._store_in_order(f"log lines of assignment {assignment_id}",
+        self._writes.store_in_order(f"log lines of assignment {assignment_id}",
                              lambda: self.store.add_log_lines(assignment_id, lines, pid))
 
     def _report_accounting(self, assignment_id: str, accounting: dict[str, Any]) -> None:
         try:
             self.store.set_accounting(assignment_id, accounting)
         except STORAGE_ERRORS as exc:  # a sample; the next one replaces it
-            self._storage_failed(exc, "accounting sample")
+            self._writes.failed(exc, "accounting sample")
             return
         self._accounted(assignment_id, accounting)
 
@@ -478,7 +447,7 @@ class Agent:
         try:
             changed = self.store.set_task_progress(assignment_id, task_id, progress)
         except STORAGE_ERRORS as exc:  # progress is superseded by the next, or by the end
-            self._storage_failed(exc, "progress")
+            self._writes.failed(exc, "progress")
             return
         if changed:
             self._emit(assignment_id, task_id)
