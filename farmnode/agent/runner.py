@@ -27,9 +27,9 @@ from typing import Any
 from farmnode.agent import accounts
 from farmnode.agent.gpus import device_allow, split_listed
 from farmnode.agent.gpus import environment as gpu_environment
-from farmnode.agent.linebatch import NativeBatch, StreamState, WriteBatch
+from farmnode.agent.linebatch import LineSplitter, StreamState
 from farmnode.config import Config
-from farmnode.jobtypes.base import CommandData, ExitStatus, JobType, Stream
+from farmnode.jobtypes.base import CommandData, ExitStatus, JobType
 from farmnode.jobtypes.registry import UnknownJobType, available_jobtypes, load_jobtype
 from farmnode.jobtypes.remote import RemoteJobType, cache_latest, remote_jobtype_class
 from farmnode.pathmap import parse_rules
@@ -55,7 +55,6 @@ from farmnode.warm.jobtype import WarmJobType
 
 log = logging.getLogger(__name__)
 
-MAX_LINE = 16 * 1024  # longer lines are split; journald's own LineMax is 48K
 MB = 1024 * 1024
 
 
@@ -116,6 +115,7 @@ class LinkSession:
     loop: asyncio.AbstractEventLoop
     streams: list[StreamState]
     nonce: int
+    lines: LineSplitter
     record: dict[str, Any] | None = None
 
 
@@ -489,7 +489,9 @@ class AssignmentRun:
         loop = asyncio.get_running_loop()
         sock.setblocking(False)
         session = LinkSession(sock, loop, [StreamState(link.STDOUT), StreamState(link.STDERR)],
-                              secrets.randbits(63))
+                              secrets.randbits(63),
+                              LineSplitter(self.assignment.id, self.assignment.jobtype.name,
+                                           self.link_version, self._log_fields, self.jobtype))
         if resume:
             if self.link_version == 1:
                 # Lines the dead agent sent may still sit in journald's queue.
@@ -552,7 +554,7 @@ class AssignmentRun:
         if stream >= len(session.streams):
             return
         self._mark_started()
-        for out in self._take(session.streams[stream], offset, payload):
+        for out in session.lines.take(session.streams[stream], offset, payload):
             await session.loop.sock_sendall(session.sock, out)
         # sock_recv/sock_sendall return without yielding while the link has data and
         # room: a task spewing output would starve the loop (D-Bus, other tasks, the
@@ -574,7 +576,7 @@ class AssignmentRun:
         if record is not None:
             with contextlib.suppress(OSError):
                 for st in session.streams:
-                    for out in self._flush_pending(st):
+                    for out in session.lines.flush_pending(st):
                         await loop.sock_sendall(sock, out)
                 await loop.sock_sendall(sock, link.pack(link.EXIT_ACK))
                 # The shim leaves once it has handed every line to journald: a task is
@@ -674,67 +676,6 @@ class AssignmentRun:
         self.started = True
         self.report_states(self.assignment.id, [StateChange(task.id, TaskState.RUNNING)
                                                 for task in self.assignment.tasks])
-
-    def _take(self, st: StreamState, offset: int, payload: bytes) -> list[bytes]:
-        """The WRITEs for the whole lines in a DATA packet; bytes already had are skipped."""
-        if st.resuming:
-            return []  # queued before our RESUME; the shim resends it after RESUMED
-        if offset + len(payload) <= st.received:
-            return []  # already had it
-        batch = self._batch(st)
-        if offset > st.received:
-            log.error("assignment %s stream %d: bytes %d..%d lost", self.assignment.id,
-                      st.index, st.received, offset)
-            self._flush_into(batch, st)
-            st.journaled = offset
-        buf = st.pending + payload[st.received - offset:]
-        start = 0
-        while True:
-            nl = buf.find(b"\n", start, start + MAX_LINE + 1)
-            if nl != -1:
-                self._line(batch, st, buf[start:nl], st.journaled + nl - start + 1)
-                start = nl + 1
-            elif len(buf) - start > MAX_LINE:
-                self._line(batch, st, buf[start:start + MAX_LINE], st.journaled + MAX_LINE)
-                start += MAX_LINE
-            else:
-                break
-        st.pending = buf[start:]
-        return batch.done()
-
-    def _flush_pending(self, st: StreamState) -> list[bytes]:
-        """A last line with no newline (end of output)."""
-        batch = self._batch(st)
-        self._flush_into(batch, st)
-        return batch.done()
-
-    def _batch(self, st: StreamState) -> WriteBatch:
-        if self.link_version == 1:
-            assert self._log_fields is not None
-            return NativeBatch(st.index, self._log_fields)
-        return WriteBatch(st.index)
-
-    def _flush_into(self, batch: WriteBatch, st: StreamState) -> None:
-        if st.pending:
-            pending, st.pending = st.pending, b""
-            self._line(batch, st, pending, st.journaled + len(pending))
-
-    def _line(self, batch: WriteBatch, st: StreamState, raw: bytes, next_offset: int) -> None:
-        text = raw.decode("utf-8", errors="replace").rstrip("\r")
-        out: str | None = text
-        priority = DEFAULT_PRIORITIES[st.index]
-        if self.jobtype is not None:
-            stream = Stream(st.index)
-            try:
-                out = self.jobtype.handle_line(stream, text)
-                if out is not None:
-                    priority = self.jobtype.line_priority(stream, text)
-            except Exception as exc:
-                log.warning("job type %s line hook failed: %s", self.assignment.jobtype.name,
-                            exc)
-                out, priority = text, DEFAULT_PRIORITIES[st.index]
-        batch.add_line(st, priority, out, next_offset)
-        st.journaled = next_offset
 
     # ---- the end ---------------------------------------------------------------------
     def _conclude_without_exit(self) -> bool:
