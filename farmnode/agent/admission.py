@@ -20,7 +20,8 @@ from farmnode.agent import accounts
 from farmnode.agent.errors import InvalidAssignment, NotEnoughResources, PartialOverlap
 from farmnode.agent.gpus import FIELD as GPUS_FIELD
 from farmnode.agent.gpus import GpuPool, GpuRequestError, requested
-from farmnode.agent.runner import AssignmentRun, task_user_rules
+from farmnode.agent.runner import AssignmentRun
+from farmnode.agent.runsetup import task_user_rules
 from farmnode.config import Config
 from farmnode.config.model import jobtype_counts
 from farmnode.tasks.model import Assignment

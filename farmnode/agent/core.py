@@ -35,7 +35,8 @@ from farmnode.agent.gpus import GpuPool
 from farmnode.agent.heldwrites import STORAGE_ERRORS, HeldWrites
 from farmnode.agent.janitor import Left, SpoolJanitor
 from farmnode.agent.progress import ProgressThrottle
-from farmnode.agent.runner import AssignmentRun, scope_unit_name
+from farmnode.agent.runner import AssignmentRun
+from farmnode.agent.runsetup import scope_unit_name
 from farmnode.agent.workstation import Workstation
 from farmnode.config import Config
 from farmnode.jobtypes.remote import RemoteJobTypeError, cache_store

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from farmnode.agent.janitor import Left
-from farmnode.agent.runner import AssignmentRun, scope_unit_name
+from farmnode.agent.runner import AssignmentRun
+from farmnode.agent.runsetup import scope_unit_name
 from farmnode.config import Config
 from farmnode.systemd import fdstore, link, spool
 from farmnode.systemd.cgroup import cgroup_path_dir, shim_pid, unit_cgroup_path
