@@ -2,7 +2,13 @@
 
 Every input (D-Bus, and through it the CLI and HTTP API) arrives here; state changes go to
 the store first, then to listeners (the D-Bus signals). Errors raised to callers are
-AgentError subclasses whose text says what is wrong.
+AgentError subclasses whose text says what is wrong (agent/errors.py).
+
+`Agent` keeps the state machine, the runs' bookkeeping, the listeners, the queries and the
+control entries; it hands out the rest, each in a module of its own: admission.py (the checks
+before a run starts), progress.py (the progress throttle), heldwrites.py (outcomes held while
+the store refuses writes), recovery.py (what an earlier agent process left), janitor.py
+(spools no run journals). A run itself is runner.py.
 """
 
 from __future__ import annotations

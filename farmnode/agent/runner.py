@@ -4,6 +4,10 @@ A run is either started here (spawn the shim, store its link in systemd's fd sto
 the scope, open the gate) or adopted after an agent restart (the link comes back from the fd
 store); from then on both are the same: read the link, run each line through the job type's
 hooks, tell the shim what to journal (link.py), conclude on EXIT.
+
+Each packet kind of the link has its handler (`handle_<kind>`). What the run is set up with
+(scope name and limits, the task's account) is runsetup.py; splitting the output into lines
+and batching them for the shim is linebatch.py.
 """
 
 from __future__ import annotations
