@@ -8,7 +8,8 @@ AgentError subclasses whose text says what is wrong (agent/errors.py).
 control entries; it hands out the rest, each in a module of its own: admission.py (the checks
 before a run starts), progress.py (the progress throttle), heldwrites.py (outcomes held while
 the store refuses writes), recovery.py (what an earlier agent process left), janitor.py
-(spools no run journals). A run itself is runner.py.
+(spools no run journals), jobtypefetch.py (job types downloaded from the master). A run
+itself is runner.py.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Any, Protocol
 import psutil
 
 from farmnode import __version__
-from farmnode.agent import admission, recovery
+from farmnode.agent import admission, jobtypefetch, recovery
 from farmnode.agent.errors import AgentError as AgentError
 from farmnode.agent.errors import InvalidArgument as InvalidArgument
 from farmnode.agent.errors import InvalidAssignment as InvalidAssignment
@@ -45,7 +46,6 @@ from farmnode.agent.runner import AssignmentRun
 from farmnode.agent.runsetup import scope_unit_name
 from farmnode.agent.workstation import Workstation
 from farmnode.config import Config
-from farmnode.jobtypes.remote import RemoteJobTypeError, cache_store
 from farmnode.sysinfo import gpu, host
 from farmnode.systemd import spool
 from farmnode.systemd.cgroup import cgroup_path_dir, read_accounting, unit_cgroup_path
@@ -231,27 +231,10 @@ class Agent:
         return run
 
     async def _fetch_jobtype(self, name: str, version: int) -> str | None:
-        """Refresh the cache from the master; the run then uses the newest cached source.
-
-        Returns why nothing new was cached (None: cached)."""
-        if self.master_link is None:
-            return "no master is configured to download it from"
-        record = await self.master_link.fetch_jobtype(name, version)
-        if isinstance(record, str):
-            return f"the master did not serve it ({record})"
-        # PyFarm's master may store no classname: the job type's name is the class then.
-        classname = record.get("classname") or name
-        code = record.get("code")
-        if not isinstance(code, str):
-            log.warning("job type %s v%d from the master has no code: %r", name, version,
-                        sorted(record))
-            return "the master's record of it has no code"
-        try:
-            cache_store(self.config.jobtype_cache_directory, name, version, str(classname), code)
-        except (RemoteJobTypeError, OSError) as exc:
-            log.warning("job type %s v%d from the master not usable: %s", name, version, exc)
-            return f"the master's record of it is not usable: {exc}"
-        return None
+        """Refresh the cache from the master (farmnode.agent.jobtypefetch); why nothing new
+        was cached (None: cached)."""
+        return await jobtypefetch.refresh(self.master_link, self.config.jobtype_cache_directory,
+                                          name, version)
 
     def node_facts(self) -> dict[str, Any]:
         """What a job type is told of this node (PyFarm's JobType.node() and config)."""
