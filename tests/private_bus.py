@@ -20,7 +20,7 @@ from typing import Any
 from sdbus import sd_bus_open_user
 
 from farmnode.agent.core import Agent
-from farmnode.agent.runner import scope_unit_name
+from farmnode.agent.runsetup import scope_unit_name
 from farmnode.bus.interface import BUS_NAME, OBJECT_PATH
 from farmnode.bus.service import Agent1Service
 from farmnode.config import Config

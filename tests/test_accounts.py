@@ -16,7 +16,7 @@ import pytest
 
 from farmnode.agent import accounts
 from farmnode.agent.accounts import Account, lookup, refusal, rules_for
-from farmnode.agent.runner import TaskSetupError, resolve_identity
+from farmnode.agent.runsetup import TaskSetupError, resolve_identity
 from farmnode.config import Config
 from farmnode.jobtypes.base import CommandData
 

@@ -9,7 +9,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from farmnode.agent import core
+from farmnode.agent import progress as throttle
 from farmnode.agent.core import Agent, TaskChange
 from farmnode.config import Config
 from farmnode.tasks.model import Assignment, Job, JobTypeRef, Task, TaskState
@@ -32,7 +32,7 @@ def progress_of(store: Store, a: Assignment) -> float:
 
 
 def test_bursts_are_stored_first_and_latest(tmp_path: Path, monkeypatch: Any) -> None:
-    monkeypatch.setattr(core, "PROGRESS_INTERVAL", 0.05)
+    monkeypatch.setattr(throttle, "PROGRESS_INTERVAL", 0.05)
     agent, store, a, changes = setup(tmp_path)
 
     async def scenario() -> None:
@@ -50,7 +50,7 @@ def test_bursts_are_stored_first_and_latest(tmp_path: Path, monkeypatch: Any) ->
 
 
 def test_state_change_stores_pending_progress_first(tmp_path: Path, monkeypatch: Any) -> None:
-    monkeypatch.setattr(core, "PROGRESS_INTERVAL", 60)
+    monkeypatch.setattr(throttle, "PROGRESS_INTERVAL", 60)
     agent, _store, a, changes = setup(tmp_path)
 
     async def scenario() -> None:
@@ -65,7 +65,7 @@ def test_state_change_stores_pending_progress_first(tmp_path: Path, monkeypatch:
 
 
 def test_flush_before_the_agent_goes(tmp_path: Path, monkeypatch: Any) -> None:
-    monkeypatch.setattr(core, "PROGRESS_INTERVAL", 60)
+    monkeypatch.setattr(throttle, "PROGRESS_INTERVAL", 60)
     agent, store, a, _ = setup(tmp_path)
 
     async def scenario() -> None:

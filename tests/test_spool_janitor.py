@@ -61,7 +61,7 @@ def test_orphans_are_spools_of_concluded_runs_whose_shim_is_gone(tmp_path: Path)
 
 def test_one_janitor_probes_once_per_round_and_waits_out_a_live_shim(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from farmnode.agent import core
+    from farmnode.agent import recovery
     from farmnode.agent.janitor import SpoolJanitor
 
     runtime = tmp_path / "run"
@@ -79,8 +79,8 @@ def test_one_janitor_probes_once_per_round_and_waits_out_a_live_shim(
     store.set_task_state("a-gone", 51, TaskState.DONE, f"exit code 0; {waiting}")
     # the shim of a-live outlived its run: it holds its spool for the first rounds
     shim_left_after = 3
-    monkeypatch.setattr(core, "cgroup_path_dir", lambda path: path)
-    monkeypatch.setattr(core, "shim_pid", lambda d: 1234 if "task-52" in d and
+    monkeypatch.setattr(recovery, "cgroup_path_dir", lambda path: path)
+    monkeypatch.setattr(recovery, "shim_pid", lambda d: 1234 if "task-52" in d and
                         janitor.rounds < shim_left_after else None)
     away = [2]  # journald answers from the third probe on
     tries: list[tuple[int, str]] = []

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from farmnode.agent import core
+from farmnode.agent import heldwrites
 from farmnode.agent.core import Agent, StorageFailed, TaskChange
 from farmnode.config import Config
 from farmnode.tasks.model import Assignment, Job, JobTypeRef, Task, TaskState
@@ -37,7 +37,7 @@ def refuse_writes(store: Store, refuse: bool) -> None:
 
 def test_outcomes_held_in_order_until_the_store_takes_them(tmp_path: Path,
                                                            monkeypatch: Any) -> None:
-    monkeypatch.setattr(core, "STORAGE_RETRY", 0.02)
+    monkeypatch.setattr(heldwrites, "STORAGE_RETRY", 0.02)
     agent, store, a, changes = make(tmp_path)
     other = Assignment(str(uuid.uuid4()), Job(id=2, by=1), JobTypeRef("command", 1),
                        (Task(20, 1.0),))

@@ -2,19 +2,24 @@
 
 Every input (D-Bus, and through it the CLI and HTTP API) arrives here; state changes go to
 the store first, then to listeners (the D-Bus signals). Errors raised to callers are
-AgentError subclasses whose text says what is wrong.
+AgentError subclasses whose text says what is wrong (agent/errors.py).
+
+`Agent` keeps the state machine, the runs' bookkeeping, the listeners, the queries and the
+control entries; it hands out the rest, each in a module of its own: admission.py (the checks
+before a run starts), progress.py (the progress throttle), heldwrites.py (outcomes held while
+the store refuses writes), recovery.py (what an earlier agent process left), janitor.py
+(spools no run journals), jobtypefetch.py (job types downloaded from the master). A run
+itself is runner.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import enum
 import logging
 import os
 import socket
-import sqlite3
 import threading
 import time
 import uuid
@@ -25,19 +30,27 @@ from typing import Any, Protocol
 import psutil
 
 from farmnode import __version__
-from farmnode.agent import accounts
-from farmnode.agent.gpus import FIELD as GPUS_FIELD
-from farmnode.agent.gpus import GpuPool, GpuRequestError, requested
+from farmnode.agent import admission, jobtypefetch, recovery
+from farmnode.agent.errors import AgentError as AgentError
+from farmnode.agent.errors import InvalidArgument as InvalidArgument
+from farmnode.agent.errors import InvalidAssignment as InvalidAssignment
+from farmnode.agent.errors import NotAccepting as NotAccepting
+from farmnode.agent.errors import NotEnoughResources as NotEnoughResources
+from farmnode.agent.errors import PartialOverlap as PartialOverlap
+from farmnode.agent.errors import StorageFailed as StorageFailed
+from farmnode.agent.errors import UnknownTask as UnknownTask
+from farmnode.agent.gpus import GpuPool
+from farmnode.agent.heldwrites import STORAGE_ERRORS, HeldWrites
 from farmnode.agent.janitor import Left, SpoolJanitor
-from farmnode.agent.runner import AssignmentRun, scope_unit_name, task_user_rules
+from farmnode.agent.progress import ProgressThrottle
+from farmnode.agent.runner import AssignmentRun
+from farmnode.agent.runsetup import scope_unit_name
 from farmnode.agent.workstation import Workstation
 from farmnode.config import Config
-from farmnode.config.model import jobtype_counts
-from farmnode.jobtypes.remote import RemoteJobTypeError, cache_store
 from farmnode.sysinfo import gpu, host
-from farmnode.systemd import fdstore, link, spool
-from farmnode.systemd.cgroup import cgroup_path_dir, read_accounting, shim_pid, unit_cgroup_path
-from farmnode.systemd.journal import TaskLogFields, exported_units, remove_unit_settings
+from farmnode.systemd import spool
+from farmnode.systemd.cgroup import cgroup_path_dir, read_accounting, unit_cgroup_path
+from farmnode.systemd.journal import TaskLogFields
 from farmnode.systemd.scope import ScopeManager
 from farmnode.tasks.model import Assignment, StateChange, TaskState
 from farmnode.tasks.schema import AssignmentError, parse_assignment
@@ -48,10 +61,6 @@ log = logging.getLogger(__name__)
 
 # Finished tasks a listing shows besides every active one.
 TASK_HISTORY = 1000
-PROGRESS_INTERVAL = 0.5  # s: how often a task's changing progress is stored and signalled
-STORAGE_RETRY = 2.0  # s: how often held outcomes are written again while the store refuses
-# What a full, read-only or failing state directory raises from the store.
-STORAGE_ERRORS = (sqlite3.OperationalError, OSError)
 LOG_BUILDS = 4  # task logs built from journald at once (GET /api/v1/task_logs/, TaskLog)
 
 
@@ -60,46 +69,6 @@ class AgentState(enum.StrEnum):
     RUNNING = "running"
     DISABLED = "disabled"
     OFFLINE = "offline"
-
-
-class AgentError(Exception):
-    """Refused request; the message is for the caller."""
-
-
-class InvalidAssignment(AgentError):
-    def __init__(self, err: AssignmentError) -> None:
-        super().__init__(str(err))
-        self.field = err.field
-
-
-class PartialOverlap(AgentError):
-    def __init__(self, rejected: list[int]) -> None:
-        super().__init__(f"Partial overlap of tasks: rejected task ids {rejected}")
-        self.rejected_task_ids = rejected
-
-
-class NotEnoughResources(AgentError):
-    def __init__(self, what: str, available: float, required: float,
-                 field: str | None = None) -> None:
-        super().__init__(f"Not enough {what}: agent_{what}={available:g} requires_{what}="
-                         f"{required:g} ({field or 'job.' + what})")
-        self.what, self.available, self.required = what, available, required
-
-
-class NotAccepting(AgentError):
-    pass
-
-
-class StorageFailed(NotAccepting):
-    """The state directory refuses writes (full, read-only, I/O error)."""
-
-
-class UnknownTask(AgentError):
-    pass
-
-
-class InvalidArgument(AgentError):
-    pass
 
 
 class StatusSource(Protocol):
@@ -151,10 +120,8 @@ class Agent:
         self.spool_janitor = SpoolJanitor(self.spools_left, journaled=self._journaled_late)
         self._unowned_spools: set[str] = set()  # told once in the log
         self._open: dict[str, int] = {}  # unfinished tasks per running assignment
-        # Outcomes the store could not take yet (disk full): kept here, in order, and written
-        # again until it takes them, so no outcome is lost and no task is stuck running.
-        self._unstored: collections.deque[tuple[str, Callable[[], None]]] = collections.deque()
-        self.storage_error: str | None = None
+        # Outcomes the store could not take yet (farmnode.agent.heldwrites).
+        self._writes = HeldWrites()
         self.state = AgentState.ONLINE
         self.started = time.time()
         self.task_listeners: list[Callable[[TaskChange], None]] = []
@@ -182,12 +149,8 @@ class Agent:
         self.holds: dict[str, str] = {}
         self._admin_disabled = False
         self.workstation: Workstation | None = None
-        # Progress is throttled: the first change of a quiet spell is stored at once, later
-        # ones at most every PROGRESS_INTERVAL (only the latest counts). A renderer printing
-        # a progress line per sample made one durable SQLite commit per line (bench: 1000
-        # commits in 8 s held the Blender job type to 55 % of journald's speed).
-        self._progress_pending: dict[tuple[str, int], float] = {}
-        self._progress_timer: asyncio.TimerHandle | None = None
+        # Progress is throttled (farmnode.agent.progress says why and how).
+        self._progress = ProgressThrottle(self._store_progress)
         # Logs built at once: each holds a memfd and a journal reader (one descriptor per
         # journal file); callers beyond these wait holding nothing.
         self._log_builds = asyncio.Semaphore(LOG_BUILDS)
@@ -217,75 +180,22 @@ class Agent:
         self.store.set_meta("agent_id", new)
         return new
 
-    # ---- resources -------------------------------------------------------------------
+    # ---- resources (farmnode.agent.admission) -----------------------------------------
     def total_ram_mb(self) -> int:
-        if isinstance(self.config.agent_ram, int):
-            return self.config.agent_ram
-        return psutil.virtual_memory().total // (1024 * 1024)
+        return admission.total_ram_mb(self.config)
 
     def total_cpus(self) -> float:
-        if isinstance(self.config.agent_cpus, (int, float)):
-            return float(self.config.agent_cpus)
-        return float(len(os.sched_getaffinity(0)))
+        return admission.total_cpus(self.config)
 
     def free_ram_mb(self) -> int:
-        return psutil.virtual_memory().available // (1024 * 1024)
+        return admission.free_ram_mb()
 
     def slice_memory_max_mb(self) -> int:
         """What all tasks together may use: the node less the reserve for the OS and agent."""
-        physical = psutil.virtual_memory().total // (1024 * 1024)
-        return min(self.total_ram_mb(), physical - self.config.node_reserve_ram)
-
-    def _check_resources(self, a: Assignment) -> None:
-        ceiling = self.slice_memory_max_mb()
-        if a.job.ram_max is not None and a.job.ram_max > ceiling:
-            raise InvalidAssignment(AssignmentError(
-                "job.ram_max", f"{a.job.ram_max} MB is more than this node gives tasks "
-                f"({ceiling} MB: RAM less node_reserve_ram)"))
-        if a.job.ram is not None:
-            reserved = sum(r.assignment.job.ram or 0 for r in self.runs.values())
-            available = min(self.free_ram_mb(), self.total_ram_mb() - reserved, ceiling)
-            if a.job.ram > available:
-                # PyFarm's answer (the master reads agent_ram/requires_ram), naming the field
-                raise NotEnoughResources("ram", available, a.job.ram)
-        if a.job.cpus is not None and a.job.cpus > self.total_cpus():
-            raise NotEnoughResources("cpus", self.total_cpus(), a.job.cpus)
+        return admission.slice_memory_max_mb(self.config)
 
     def gpus_held(self) -> dict[str, tuple[str, ...]]:
-        return {aid: run.gpu_ids for aid, run in self.runs.items() if run.gpu_ids}
-
-    def _pick_gpus(self, a: Assignment) -> tuple[str, ...]:
-        """The GPUs the assignment gets; refuses one that can never fit here (400 naming the
-        field) and one that does not fit now (PyFarm's "Not enough" answer: the master's
-        scheduler offers the work again later)."""
-        try:
-            count = requested(a, jobtype_counts(self.config.task_gpus))
-        except GpuRequestError as exc:
-            raise InvalidAssignment(AssignmentError(GPUS_FIELD, str(exc))) from None
-        if count == 0:
-            return ()
-        total = len(self.gpu_pool.gpus)
-        if count > total:
-            raise InvalidAssignment(AssignmentError(
-                GPUS_FIELD, f"asks for {count} GPUs; this node has {total}"
-                + (f" ({', '.join(g.fullname for g in self.gpu_pool.gpus)})" if total else "")))
-        free = self.gpu_pool.free(i for ids in self.gpus_held().values() for i in ids)
-        if count > len(free):
-            raise NotEnoughResources("gpus", len(free), count, GPUS_FIELD)
-        return tuple(g.ident for g in free[:count])
-
-    def _check_user(self, a: Assignment) -> None:
-        """Refuse now (4xx) an assignment whose account the rule forbids; the run checks the
-        account the job type finally picks again."""
-        name = a.job.user or self.config.task_default_user
-        try:
-            account = accounts.lookup(name)
-        except accounts.UnknownAccount:
-            return  # the run fails its tasks saying so (NSS may know the user by then)
-        refused = accounts.refusal(account, task_user_rules(self.config))
-        if refused:
-            raise InvalidAssignment(AssignmentError(
-                "job.user", refused if a.job.user else f"{refused} (task_default_user)"))
+        return admission.gpus_held(self.runs)
 
     # ---- commands --------------------------------------------------------------------
     def assign(self, payload: object) -> tuple[str, bool]:
@@ -301,28 +211,22 @@ class Agent:
             a = parse_assignment(payload)
         except AssignmentError as exc:
             raise InvalidAssignment(exc) from None
-        new_ids = set(a.task_ids)
-        for run in self.runs.values():
-            running_ids = set(run.assignment.task_ids)
-            common = new_ids & running_ids
-            if not common:
-                continue
-            if running_ids == new_ids and run.assignment.job.id == a.job.id:
-                return run.assignment.id, False  # PyFarm: an identical repeat is accepted
-            raise PartialOverlap(sorted(common))
-        self._check_user(a)
-        self._check_resources(a)
-        gpu_ids = self._pick_gpus(a)
+        admit = admission.Admission(self.config, self.gpu_pool, self.runs)
+        repeated = admit.repeat_of(a)
+        if repeated is not None:
+            return repeated, False  # PyFarm: an identical repeat is accepted
+        admit.check_user(a)
+        admit.check_resources(a)
+        gpu_ids = admit.pick_gpus(a)
         unit = scope_unit_name(a)
-        if any(r.unit == unit for r in self.runs.values()):
-            raise PartialOverlap([a.tasks[0].id])
+        admit.check_unit_free(a, unit)
         if self.storage_error is not None:
             raise StorageFailed(f"the state directory refuses writes ({self.storage_error}): "
                                 "no new work until it takes them again")
         try:
             self.store.add_assignment(a, unit, gpu_ids)
         except STORAGE_ERRORS as exc:
-            self._storage_failed(exc)
+            self._writes.failed(exc)
             raise StorageFailed(f"the assignment could not be stored ({exc}): not accepted"
                                 ) from None
         self._start(a, gpu_ids)
@@ -343,27 +247,10 @@ class Agent:
         return run
 
     async def _fetch_jobtype(self, name: str, version: int) -> str | None:
-        """Refresh the cache from the master; the run then uses the newest cached source.
-
-        Returns why nothing new was cached (None: cached)."""
-        if self.master_link is None:
-            return "no master is configured to download it from"
-        record = await self.master_link.fetch_jobtype(name, version)
-        if isinstance(record, str):
-            return f"the master did not serve it ({record})"
-        # PyFarm's master may store no classname: the job type's name is the class then.
-        classname = record.get("classname") or name
-        code = record.get("code")
-        if not isinstance(code, str):
-            log.warning("job type %s v%d from the master has no code: %r", name, version,
-                        sorted(record))
-            return "the master's record of it has no code"
-        try:
-            cache_store(self.config.jobtype_cache_directory, name, version, str(classname), code)
-        except (RemoteJobTypeError, OSError) as exc:
-            log.warning("job type %s v%d from the master not usable: %s", name, version, exc)
-            return f"the master's record of it is not usable: {exc}"
-        return None
+        """Refresh the cache from the master (farmnode.agent.jobtypefetch); why nothing new
+        was cached (None: cached)."""
+        return await jobtypefetch.refresh(self.master_link, self.config.jobtype_cache_directory,
+                                          name, version)
 
     def node_facts(self) -> dict[str, Any]:
         """What a job type is told of this node (PyFarm's JobType.node() and config)."""
@@ -404,7 +291,7 @@ class Agent:
                 self._note_idle()
                 if run.spool_waits:
                     self.spool_janitor.start()
-            self._store_in_order(f"end of assignment {aid}", finish)
+            self._writes.store_in_order(f"end of assignment {aid}", finish)
 
     def _update_running_state(self) -> None:
         if self.state in (AgentState.ONLINE, AgentState.RUNNING):
@@ -523,9 +410,7 @@ class Agent:
 
     def _report_states(self, assignment_id: str, changes: Sequence[StateChange]) -> None:
         for c in changes:
-            pending = self._progress_pending.pop((assignment_id, c.task_id), None)
-            if pending is not None:  # a state change comes after the progress that preceded it
-                self._store_progress(assignment_id, c.task_id, pending)
+            self._progress.store_pending(assignment_id, c.task_id)
         changes = list(changes)
 
         def store() -> None:
@@ -540,48 +425,24 @@ class Agent:
                         self._open[assignment_id] -= 1
             if finished:
                 self._update_running_state()
-        self._store_in_order(f"state of task(s) {[c.task_id for c in changes][:5]}", store)
+        self._writes.store_in_order(f"state of task(s) {[c.task_id for c in changes][:5]}", store)
 
-    # ---- writes the store may refuse -------------------------------------------------
-    def _store_in_order(self, what: str, write: Callable[[], None]) -> None:
-        """Run `write` (one store transaction and what follows it) now, or, while the store
-        refuses writes, after everything queued before it."""
-        self._unstored.append((what, write))
-        self._write_unstored()
-
-    def _write_unstored(self) -> None:
-        while self._unstored:
-            what, write = self._unstored[0]
-            try:
-                write()
-            except STORAGE_ERRORS as exc:
-                self._storage_failed(exc, what)
-                with contextlib.suppress(RuntimeError):  # no loop: the next write retries
-                    asyncio.get_running_loop().call_later(STORAGE_RETRY, self._write_unstored)
-                return
-            self._unstored.popleft()
-        if self.storage_error is not None:
-            log.warning("the state directory takes writes again; every held outcome is "
-                        "stored")
-            self.storage_error = None
-
-    def _storage_failed(self, exc: BaseException, what: str = "") -> None:
-        if self.storage_error is None:
-            log.error("the state directory refuses writes (%s)%s: outcomes are held in "
-                      "memory and written again every %g s; no new work is accepted", exc,
-                      f" writing the {what}" if what else "", STORAGE_RETRY)
-        self.storage_error = str(exc)
+    # ---- writes the store may refuse (farmnode.agent.heldwrites) ----------------------
+    @property
+    def storage_error(self) -> str | None:
+        """Why the state directory refuses writes; None while it takes them."""
+        return self._writes.error
 
     def _report_log(self, assignment_id: str, lines: list[InternalLine],
                     pid: int | None = None) -> None:
-        self._store_in_order(f"log lines of assignment {assignment_id}",
+        self._writes.store_in_order(f"log lines of assignment {assignment_id}",
                              lambda: self.store.add_log_lines(assignment_id, lines, pid))
 
     def _report_accounting(self, assignment_id: str, accounting: dict[str, Any]) -> None:
         try:
             self.store.set_accounting(assignment_id, accounting)
         except STORAGE_ERRORS as exc:  # a sample; the next one replaces it
-            self._storage_failed(exc, "accounting sample")
+            self._writes.failed(exc, "accounting sample")
             return
         self._accounted(assignment_id, accounting)
 
@@ -593,26 +454,13 @@ class Agent:
                 log.exception("accounting listener failed")
 
     def _report_progress(self, assignment_id: str, task_id: int, progress: float) -> None:
-        if self._progress_timer is not None:
-            self._progress_pending[(assignment_id, task_id)] = progress
-            return
-        self._store_progress(assignment_id, task_id, progress)
-        with contextlib.suppress(RuntimeError):  # no loop (tests of the core alone): no throttle
-            self._progress_timer = asyncio.get_running_loop().call_later(
-                PROGRESS_INTERVAL, self._flush_progress)
-
-    def _flush_progress(self) -> None:
-        pending = bool(self._progress_pending)
-        self.flush_progress()
-        if pending:
-            self._progress_timer = asyncio.get_running_loop().call_later(
-                PROGRESS_INTERVAL, self._flush_progress)
+        self._progress.report(assignment_id, task_id, progress)
 
     def _store_progress(self, assignment_id: str, task_id: int, progress: float) -> None:
         try:
             changed = self.store.set_task_progress(assignment_id, task_id, progress)
         except STORAGE_ERRORS as exc:  # progress is superseded by the next, or by the end
-            self._storage_failed(exc, "progress")
+            self._writes.failed(exc, "progress")
             return
         if changed:
             self._emit(assignment_id, task_id)
@@ -711,68 +559,10 @@ class Agent:
 
     # ---- lifecycle -------------------------------------------------------------------
     async def recover(self) -> None:
-        """Take back what a previous agent process left running (restart, upgrade, crash).
-
-        Each running assignment's link comes back from systemd's fd store; its shim says how
-        far the output is journaled and resends the rest. An assignment with no link never got
-        past its gate (it is started afresh) or ran outside systemd (its scope is stopped, tasks
-        failed).
-        """
-        inherited = fdstore.inherited()
-        active = self.store.active_assignments()
-        for a in active:
-            run = self._new_run(a, self.store.gpus_of(a.id))
-            records = self.store.tasks(a.id)
-            fds = inherited.pop(fdstore.link_name(a.id, link.VERSION), [])
-            if not fds:
-                fds = inherited.pop(fdstore.link_name(a.id, 1), [])
-                if fds:
-                    log.info("assignment %s: its shim speaks link protocol 1 (an older "
-                             "farmnode started it); journaling its lines the old way", a.id)
-                    run.link_version = 1
-            for extra in fds[1:]:
-                os.close(extra)
-            starts = [rec.started for rec in records if rec.started]
-            run.started_at = min(starts) if starts else None
-            run.paused_for, run.paused_since = self.store.paused_of(a.id)
-            if run.paused_since is not None and not (self.config.workstation_mode
-                                                     or self.config.render_schedule):
-                # nothing will resume it: its clock runs from now on
-                run.resume_clock(time.time())
-            run.started = any(rec.state is TaskState.RUNNING for rec in records)
-            if fds:
-                log.info("re-adopting assignment %s (%s)", a.id, run.unit)
-                run.adopting = True
-                self._launch(run, run.adopt(socket.socket(fileno=fds[0])))
-            elif (run.recorded_exit() is None and not run.shim_alive()
-                  and all(rec.state is TaskState.QUEUED for rec in records)):
-                log.info("restarting assignment %s: it never started", a.id)
-                run.started = False
-                self._launch(run, run.run())
-            else:
-                # The job ran (or runs) with no link left to it: its shim journals the output
-                # itself and leaves the exit status in its record.
-                log.warning("assignment %s: no link to its task survived; concluding from "
-                            "its shim's record", a.id)
-                run.adopting = True
-                self._launch(run, run.conclude_headless())
-        adopted = [run for run in self.runs.values() if run.adopting]
-        if adopted:
-            # READY (sent after this) then means every inherited task is attached again.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.gather(*(r.attached.wait() for r in adopted)),
-                                       timeout=30)
-        # journald settings of task scopes whose run ended while no agent was there to
-        # remove them (they live in /run, so only since boot).
-        for unit in exported_units() - {run.unit for run in self.runs.values()}:
-            remove_unit_settings(unit)
-        for name, fds in inherited.items():
-            # Links of assignments already concluded: let their shims go.
-            for fd in fds:
-                with contextlib.suppress(OSError), socket.socket(fileno=fd) as sock:
-                    sock.setblocking(False)
-                    sock.send(link.pack(link.EXIT_ACK))
-            fdstore.remove(name)
+        """Take back what a previous agent process left running (farmnode.agent.recovery),
+        then set the spool janitor going."""
+        await recovery.recover(recovery.Recovery(self.config, self.store, self.runs,
+                                                 self._new_run, self._launch))
         self.spool_janitor.start()
 
     def orphan_spools(self) -> dict[str, TaskLogFields]:
@@ -780,44 +570,14 @@ class Agent:
         return self.spools_left().orphans
 
     def spools_left(self) -> Left:
-        """Spools no run of this agent will journal: their run concluded (in an earlier
-        agent process, whose retry went with it). Those whose shim still writes them (it
-        outlived its run) are counted, to be journaled once it has gone."""
-        found: dict[str, TaskLogFields] = {}
-        held = 0
-        tasks_dir = os.path.join(self.config.agent_runtime_dir, "tasks")
-        for status_path, aid in spool.waiting(tasks_dir).items():
-            if aid in self.runs:
-                continue  # its own run journals it when it concludes
-            a = self.store.assignment(aid)
-            if a is None:
-                if status_path not in self._unowned_spools:
-                    self._unowned_spools.add(status_path)
-                    log.warning("the spool of %s belongs to no assignment the agent knows; "
-                                "left in place", status_path)
-                continue
-            unit = scope_unit_name(a)
-            if shim_pid(cgroup_path_dir(unit_cgroup_path(unit, self.config.task_slice))):
-                held += 1
-                continue
-            found[status_path] = TaskLogFields(unit, a.job.id, a.id, a.task_ids, a.jobtype.name)
-        return Left(found, held)
+        """Spools no run of this agent will journal (farmnode.agent.recovery.spools_left)."""
+        return recovery.spools_left(self.config, self.store, self.runs, self._unowned_spools)
 
     def _journaled_late(self, status_path: str, fields: TaskLogFields,
                         done: spool.Replayed) -> None:
-        """The output an outcome said was waiting is in the journal: its tasks' reasons say
-        what came of it instead (`farmnode tasks`, the task objects)."""
-        note = done.describe() or "output held while journald was away: all in the journal"
-        try:
-            if not self.store.replace_note(fields.assignment_id,
-                                           spool.pending_note(status_path), note):
-                return
-            records = [r for t in fields.task_ids
-                       if (r := self.store.task_in(fields.assignment_id, t)) is not None]
-        except sqlite3.Error as exc:
-            log.warning("assignment %s: %s (not stored: %s)", fields.assignment_id, note, exc)
-            return
-        for rec in records:
+        """The output an outcome said was waiting is in the journal: the tasks' stored
+        reasons say what came of it (recovery.journaled_late), and the task objects too."""
+        for rec in recovery.journaled_late(self.store, status_path, fields, done):
             for cb in self.record_listeners:
                 try:
                     cb(rec)
@@ -853,12 +613,7 @@ class Agent:
 
     def flush_progress(self) -> None:
         """Store throttled progress now (before the agent goes)."""
-        if self._progress_timer is not None:
-            self._progress_timer.cancel()
-        self._progress_timer = None
-        pending, self._progress_pending = self._progress_pending, {}
-        for (assignment_id, task_id), progress in pending.items():
-            self._store_progress(assignment_id, task_id, progress)
+        self._progress.flush()
 
     async def shutdown(self, reason: str = "agent stopped") -> None:
         self._shutting_down = True

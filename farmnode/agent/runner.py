@@ -4,6 +4,10 @@ A run is either started here (spawn the shim, store its link in systemd's fd sto
 the scope, open the gate) or adopted after an agent restart (the link comes back from the fd
 store); from then on both are the same: read the link, run each line through the job type's
 hooks, tell the shim what to journal (link.py), conclude on EXIT.
+
+Each packet kind of the link has its handler (`handle_<kind>`). What the run is set up with
+(scope name and limits, the task's account) is runsetup.py; splitting the output into lines
+and batching them for the shim is linebatch.py.
 """
 
 from __future__ import annotations
@@ -27,8 +31,10 @@ from typing import Any
 from farmnode.agent import accounts
 from farmnode.agent.gpus import device_allow, split_listed
 from farmnode.agent.gpus import environment as gpu_environment
+from farmnode.agent.linebatch import LineSplitter, StreamState
+from farmnode.agent.runsetup import TaskSetupError, limits_for, resolve_identity, scope_unit_name
 from farmnode.config import Config
-from farmnode.jobtypes.base import CommandData, ExitStatus, JobType, Stream
+from farmnode.jobtypes.base import CommandData, ExitStatus, JobType
 from farmnode.jobtypes.registry import UnknownJobType, available_jobtypes, load_jobtype
 from farmnode.jobtypes.remote import RemoteJobType, cache_latest, remote_jobtype_class
 from farmnode.pathmap import parse_rules
@@ -40,13 +46,11 @@ from farmnode.systemd.journal import (
     IDENTIFIERS,
     TaskLogFields,
     export_unit_settings,
-    format_line,
     legacy_resume_point,
-    legacy_write_line,
     remove_unit_settings,
 )
 from farmnode.systemd.pidwait import wait_pid
-from farmnode.systemd.scope import ScopeError, ScopeLimits, ScopeManager, scope_properties
+from farmnode.systemd.scope import ScopeError, ScopeManager, scope_properties
 from farmnode.tasks import tasklog
 from farmnode.tasks.model import Assignment, StateChange, TaskState
 from farmnode.tasks.tasklog import InternalLine
@@ -56,127 +60,23 @@ from farmnode.warm.jobtype import WarmJobType
 
 log = logging.getLogger(__name__)
 
-MAX_LINE = 16 * 1024  # longer lines are split; journald's own LineMax is 48K
-MB = 1024 * 1024
-
-
-def scope_unit_name(assignment: Assignment) -> str:
-    # Named after the first task so `journalctl -u farmnode-task-<id>.scope` works for the
-    # common batch-of-one; every line also carries FARMNODE_TASK for each task of a batch
-    # (farmnode.systemd.journal).
-    return f"farmnode-task-{assignment.tasks[0].id}.scope"
-
-
-def limits_for(assignment: Assignment, config: Config) -> ScopeLimits:
-    job = assignment.job
-    memory_max_mb: int | None
-    if job.ram_max is not None:
-        memory_max_mb = job.ram_max
-    elif job.ram is not None:
-        memory_max_mb = job.ram + config.task_ram_headroom
-    else:
-        memory_max_mb = config.task_default_ram_max
-    memory_max = memory_max_mb * MB if memory_max_mb is not None else None
-    return ScopeLimits(
-        memory_max=memory_max,
-        memory_high=int(memory_max * config.task_memory_high_ratio) if memory_max else None,
-        memory_swap_max=config.task_swap_max * MB,
-        cpu_quota_per_sec_usec=int(job.cpus * 1_000_000) if job.cpus else None,
-        allowed_cpus=config.task_allowed_cpus,
-        tasks_max=config.task_tasks_max,
-        io_weight=config.task_io_weight,
-    )
-
-
-class TaskSetupError(Exception):
-    """The task cannot start (bad user, job type error): fail its tasks with this reason."""
-
-
-def task_user_rules(config: Config) -> accounts.TaskUserRules:
-    return accounts.rules_for(config.task_min_uid, config.task_system_users)
-
-
-def resolve_identity(command: CommandData, config: Config) -> accounts.Account:
-    """The account the task runs as, or TaskSetupError naming the user and the rule."""
-    try:
-        account = accounts.lookup(command.user or config.task_default_user, command.group)
-    except accounts.UnknownAccount as exc:
-        raise TaskSetupError(str(exc)) from None
-    refused = accounts.refusal(account, task_user_rules(config))
-    if refused:
-        raise TaskSetupError(refused)
-    return account
 
 
 @dataclass
-class StreamState:
-    """One output stream on the agent's side: what is handed to the shim, what awaits a
-    newline."""
+class LinkSession:
+    """One reading of a run's link: the socket, each stream's state, the nonce our RESUME
+    carried (protocol 2), and the shim's status record once its EXIT has come."""
 
-    index: int
-    journaled: int = 0  # bytes of the stream covered by WRITEs sent to the shim
-    line_no: int = 0  # link protocol 1 only (FARMNODE_LINE)
-    pending: bytes = b""  # received, not yet a whole line
-    resuming: bool = False  # RESUME sent, RESUMED not yet seen: stale DATA may be queued
-
-    @property
-    def received(self) -> int:
-        return self.journaled + len(self.pending)
+    sock: socket.socket
+    loop: asyncio.AbstractEventLoop
+    streams: list[StreamState]
+    nonce: int
+    lines: LineSplitter
+    record: dict[str, Any] | None = None
 
 
-class WriteBatch:
-    """WRITE packets for the shim, each ≤ MAX_PAYLOAD and ending on a whole line, so that a
-    packet is journaled whole or (lost with a dying agent) resent whole."""
-
-    def __init__(self, stream: int) -> None:
-        self.stream = stream
-        self.packets: list[bytes] = []
-        self._parts: list[bytes] = []
-        self._size = 0
-        self._end = -1
-
-    def add_line(self, st: StreamState, priority: int, text: str | None, end: int) -> None:
-        self.add(format_line(priority, text) if text is not None else b"", end)
-
-    def add(self, formatted: bytes, end: int) -> None:
-        if len(formatted) > link.MAX_PAYLOAD:
-            # Only a formatter can make a line this long (lines are split at MAX_LINE).
-            formatted = formatted[:link.MAX_PAYLOAD - 16] + b" [truncated]\n"
-        if self._size + len(formatted) > link.MAX_PAYLOAD:
-            self._close()
-        if formatted:
-            self._parts.append(formatted)
-            self._size += len(formatted)
-        self._end = end
-
-    def _close(self) -> None:
-        if self._end >= 0:
-            self.packets.append(link.pack(link.WRITE, self.stream, self._end,
-                                          b"".join(self._parts)))
-        self._parts, self._size, self._end = [], 0, -1
-
-    def done(self) -> list[bytes]:
-        self._close()
-        return self.packets
-
-
-class NativeBatch(WriteBatch):
-    """Link protocol 1 (a shim an older agent started): the agent journals each line itself
-    and acknowledges the offset journaled up to."""
-
-    def __init__(self, stream: int, fields: TaskLogFields) -> None:
-        super().__init__(stream)
-        self.fields = fields
-
-    def add_line(self, st: StreamState, priority: int, text: str | None, end: int) -> None:
-        st.line_no += 1
-        if text is not None:
-            legacy_write_line(self.fields, st.index, st.line_no, st.journaled, end, priority,
-                              text)
-        self._end = end
-
-    def done(self) -> list[bytes]:
-        return [link.pack(link.ACK, self.stream, self._end)] if self._end >= 0 else []
+# Handles one packet of the link: (session, stream, offset, payload).
+PacketHandler = Callable[[LinkSession, int, int, bytes], Awaitable[None]]
 
 
 @dataclass
@@ -386,6 +286,18 @@ class AssignmentRun:
             self.attached.set()
 
     async def _start(self) -> None:
+        prepared = await self._prepare()
+        if prepared is None:
+            return
+        command, ident, env = prepared
+        spec = self._shim_spec(command, ident, env)
+        if spec is None:
+            return
+        await self._launch_shim(command, ident, env, spec)
+
+    async def _prepare(self) -> tuple[CommandData, accounts.Account, dict[str, str]] | None:
+        """The job type's command, the account and the environment it runs with; None when
+        the tasks are already concluded (a setup error, a cancel)."""
         a = self.assignment
         if self.fetch_jobtype is not None and self.config.jobtype_enable_download:
             try:
@@ -397,13 +309,13 @@ class AssignmentRun:
             ident = resolve_identity(command, self.config)
         except TaskSetupError as exc:
             self._finish_all(TaskState.FAILED, str(exc), None)
-            return
+            return None
         except Exception as exc:
             self._finish_all(TaskState.FAILED, f"job type {a.jobtype.name!r}: {exc}", None)
-            return
+            return None
         if self.cancelled_reason:
             self._finish_all(TaskState.CANCELLED, self.cancelled_reason, None)
-            return
+            return None
         env = dict(command.env)
         env.setdefault("HOME", ident.home)
         env.setdefault("USER", ident.user)
@@ -421,8 +333,15 @@ class AssignmentRun:
                     limits_for(a, self.config))
             except (ValueError, warm_manager.WarmError) as exc:
                 self._finish_all(TaskState.FAILED, str(exc), None)
-                return
+                return None
             env[warm_wire.SOCKET_ENV] = str(warm_socket)
+        return command, ident, env
+
+    def _shim_spec(self, command: CommandData, ident: accounts.Account,
+                   env: dict[str, str]) -> dict[str, Any] | None:
+        """What the shim is told through its gate; None when the tasks are already concluded
+        (the job type's hooks failed)."""
+        a = self.assignment
         self.status_path().parent.mkdir(parents=True, exist_ok=True)
         self.status_path().unlink(missing_ok=True)
         spec = {
@@ -436,11 +355,17 @@ class AssignmentRun:
             pre, post = self._load_jobtype_hooks()
         except Exception as exc:
             self._finish_all(TaskState.FAILED, f"job type {a.jobtype.name!r} hooks: {exc}", None)
-            return
+            return None
         if pre:
             spec["pre"] = pre
         if post:
             spec["post"] = post
+        return spec
+
+    async def _launch_shim(self, command: CommandData, ident: accounts.Account,
+                           env: dict[str, str], spec: dict[str, Any]) -> None:
+        """Spawn the shim, store its link, create the scope, open the gate, read the link."""
+        a = self.assignment
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         gate_r, gate_w = os.pipe()
         try:
@@ -508,15 +433,26 @@ class AssignmentRun:
     # ---- the link --------------------------------------------------------------------
     async def _serve(self, sock: socket.socket, resume: bool) -> bool:
         """Read the link to the end; True if the job never started (start it afresh)."""
+        session = await self._open_link(sock, resume)
+        self.attached.set()
+        self._arm_timeout()
+        await self._read_link(session)
+        self._disarm_timeout()
+        return await self._close_link(session)
+
+    async def _open_link(self, sock: socket.socket, resume: bool) -> LinkSession:
+        """Start reading the link; an adopted one is first asked to resend (RESUME)."""
         loop = asyncio.get_running_loop()
         sock.setblocking(False)
-        streams = [StreamState(link.STDOUT), StreamState(link.STDERR)]
-        nonce = secrets.randbits(63)
+        session = LinkSession(sock, loop, [StreamState(link.STDOUT), StreamState(link.STDERR)],
+                              secrets.randbits(63),
+                              LineSplitter(self.assignment.id, self.assignment.jobtype.name,
+                                           self.link_version, self._log_fields, self.jobtype))
         if resume:
             if self.link_version == 1:
                 # Lines the dead agent sent may still sit in journald's queue.
                 await loop.run_in_executor(None, _journal_sync)
-            for st in streams:
+            for st in session.streams:
                 if self.link_version == 1:
                     st.journaled, st.line_no = await loop.run_in_executor(
                         None, legacy_resume_point, self.assignment.id, st.index)
@@ -524,51 +460,79 @@ class AssignmentRun:
                 # protocol 1 takes the resume point in the offset field; 2 a nonce to echo
                 await loop.sock_sendall(sock, link.pack(
                     link.RESUME, st.index,
-                    st.journaled if self.link_version == 1 else nonce))
-        self.attached.set()
-        self._arm_timeout()
-        record: dict[str, Any] | None = None
-        while record is None:
+                    st.journaled if self.link_version == 1 else session.nonce))
+        return session
+
+    async def _read_link(self, session: LinkSession) -> None:
+        """Hand each packet to the handler of its kind until EXIT or the link's end; a kind
+        with no handler is ignored."""
+        handlers: dict[bytes, PacketHandler] = {
+            link.STARTED: self.handle_started,
+            link.RESUMED: self.handle_resumed,
+            link.DATA: self.handle_data,
+            link.EXIT: self.handle_exit,
+        }
+        while session.record is None:
             try:
-                packet = await loop.sock_recv(sock, link.HEADER.size + link.MAX_PAYLOAD + 1024)
+                packet = await session.loop.sock_recv(
+                    session.sock, link.HEADER.size + link.MAX_PAYLOAD + 1024)
             except ConnectionResetError:
                 packet = b""
             if not packet:
                 break
             kind, stream, offset, payload = link.unpack(packet)
-            if kind == link.STARTED:
-                self._log_started(payload)
-                self._mark_started()
-            elif kind == link.RESUMED and stream < len(streams):
-                # The shim journaled up to offset (WRITEs of the previous agent included) and
-                # resends what follows.
-                if self.link_version != 1 and payload != nonce.to_bytes(8, "big"):
-                    continue  # the answer to an agent that died while resuming
-                st = streams[stream]
-                st.resuming = False
-                if self.link_version == 1 and offset > st.journaled:
-                    log.error("assignment %s stream %d: bytes %d..%d lost (the shim no longer "
-                              "had them)", self.assignment.id, st.index, st.journaled, offset)
-                st.journaled, st.pending = offset, b""
-            elif kind == link.DATA and stream < len(streams):
-                self._mark_started()
-                for out in self._take(streams[stream], offset, payload):
-                    await loop.sock_sendall(sock, out)
-                # sock_recv/sock_sendall return without yielding while the link has data and
-                # room: a task spewing output would starve the loop (D-Bus, other tasks, the
-                # watchdog: 10 M lines got the agent killed). One yield per packet (~60 KB).
-                await asyncio.sleep(0)
-            elif kind == link.EXIT:
-                if any(st.resuming for st in streams):
-                    # Sent to the previous agent before our RESUME: output behind it may have
-                    # been dropped as stale here. The shim says EXIT again after the resend.
-                    continue
-                record = json.loads(payload)
-        self._disarm_timeout()
+            handler = handlers.get(kind)
+            if handler is not None:
+                await handler(session, stream, offset, payload)
+
+    async def handle_started(self, session: LinkSession, stream: int, offset: int,
+                             payload: bytes) -> None:
+        self._log_started(payload)
+        self._mark_started()
+
+    async def handle_resumed(self, session: LinkSession, stream: int, offset: int,
+                             payload: bytes) -> None:
+        # The shim journaled up to offset (WRITEs of the previous agent included) and
+        # resends what follows.
+        if stream >= len(session.streams):
+            return
+        if self.link_version != 1 and payload != session.nonce.to_bytes(8, "big"):
+            return  # the answer to an agent that died while resuming
+        st = session.streams[stream]
+        st.resuming = False
+        if self.link_version == 1 and offset > st.journaled:
+            log.error("assignment %s stream %d: bytes %d..%d lost (the shim no longer "
+                      "had them)", self.assignment.id, st.index, st.journaled, offset)
+        st.journaled, st.pending = offset, b""
+
+    async def handle_data(self, session: LinkSession, stream: int, offset: int,
+                          payload: bytes) -> None:
+        if stream >= len(session.streams):
+            return
+        self._mark_started()
+        for out in session.lines.take(session.streams[stream], offset, payload):
+            await session.loop.sock_sendall(session.sock, out)
+        # sock_recv/sock_sendall return without yielding while the link has data and
+        # room: a task spewing output would starve the loop (D-Bus, other tasks, the
+        # watchdog: 10 M lines got the agent killed). One yield per packet (~60 KB).
+        await asyncio.sleep(0)
+
+    async def handle_exit(self, session: LinkSession, stream: int, offset: int,
+                          payload: bytes) -> None:
+        if any(st.resuming for st in session.streams):
+            # Sent to the previous agent before our RESUME: output behind it may have
+            # been dropped as stale here. The shim says EXIT again after the resend.
+            return
+        session.record = json.loads(payload)
+
+    async def _close_link(self, session: LinkSession) -> bool:
+        """Conclude the run and clean up after it once the link has been read; True if the
+        job never started."""
+        loop, sock, record = session.loop, session.sock, session.record
         if record is not None:
             with contextlib.suppress(OSError):
-                for st in streams:
-                    for out in self._flush_pending(st):
+                for st in session.streams:
+                    for out in session.lines.flush_pending(st):
                         await loop.sock_sendall(sock, out)
                 await loop.sock_sendall(sock, link.pack(link.EXIT_ACK))
                 # The shim leaves once it has handed every line to journald: a task is
@@ -668,67 +632,6 @@ class AssignmentRun:
         self.started = True
         self.report_states(self.assignment.id, [StateChange(task.id, TaskState.RUNNING)
                                                 for task in self.assignment.tasks])
-
-    def _take(self, st: StreamState, offset: int, payload: bytes) -> list[bytes]:
-        """The WRITEs for the whole lines in a DATA packet; bytes already had are skipped."""
-        if st.resuming:
-            return []  # queued before our RESUME; the shim resends it after RESUMED
-        if offset + len(payload) <= st.received:
-            return []  # already had it
-        batch = self._batch(st)
-        if offset > st.received:
-            log.error("assignment %s stream %d: bytes %d..%d lost", self.assignment.id,
-                      st.index, st.received, offset)
-            self._flush_into(batch, st)
-            st.journaled = offset
-        buf = st.pending + payload[st.received - offset:]
-        start = 0
-        while True:
-            nl = buf.find(b"\n", start, start + MAX_LINE + 1)
-            if nl != -1:
-                self._line(batch, st, buf[start:nl], st.journaled + nl - start + 1)
-                start = nl + 1
-            elif len(buf) - start > MAX_LINE:
-                self._line(batch, st, buf[start:start + MAX_LINE], st.journaled + MAX_LINE)
-                start += MAX_LINE
-            else:
-                break
-        st.pending = buf[start:]
-        return batch.done()
-
-    def _flush_pending(self, st: StreamState) -> list[bytes]:
-        """A last line with no newline (end of output)."""
-        batch = self._batch(st)
-        self._flush_into(batch, st)
-        return batch.done()
-
-    def _batch(self, st: StreamState) -> WriteBatch:
-        if self.link_version == 1:
-            assert self._log_fields is not None
-            return NativeBatch(st.index, self._log_fields)
-        return WriteBatch(st.index)
-
-    def _flush_into(self, batch: WriteBatch, st: StreamState) -> None:
-        if st.pending:
-            pending, st.pending = st.pending, b""
-            self._line(batch, st, pending, st.journaled + len(pending))
-
-    def _line(self, batch: WriteBatch, st: StreamState, raw: bytes, next_offset: int) -> None:
-        text = raw.decode("utf-8", errors="replace").rstrip("\r")
-        out: str | None = text
-        priority = DEFAULT_PRIORITIES[st.index]
-        if self.jobtype is not None:
-            stream = Stream(st.index)
-            try:
-                out = self.jobtype.handle_line(stream, text)
-                if out is not None:
-                    priority = self.jobtype.line_priority(stream, text)
-            except Exception as exc:
-                log.warning("job type %s line hook failed: %s", self.assignment.jobtype.name,
-                            exc)
-                out, priority = text, DEFAULT_PRIORITIES[st.index]
-        batch.add_line(st, priority, out, next_offset)
-        st.journaled = next_offset
 
     # ---- the end ---------------------------------------------------------------------
     def _conclude_without_exit(self) -> bool:
