@@ -65,10 +65,11 @@ def assign_taken(ct: Container, a: dict[str, Any], *options: str,
     while True:
         r = farmnode(ct, *options, "assign", "-", *(["--wait"] if "--json" in options else []),
                      input=json.dumps(a), user=user, check=False)
-        if r.returncode == 0 or "try again" not in r.stderr or time.monotonic() > deadline:
+        # taken: it printed the assignment (--wait exits 1 when a task failed, as asked)
+        if r.stdout or "try again" not in r.stderr or time.monotonic() > deadline:
             break
         time.sleep(0.2)
-    assert r.returncode == 0 and r.stdout, r.stderr
+    assert r.stdout, r.stderr
     return str(r.stdout)
 
 
