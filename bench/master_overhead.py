@@ -185,6 +185,9 @@ def stub_run(ct: Container, agent_port: int, frames: int) -> dict[str, Any]:
         host_wall = time.time() - t0
         out = overhead(submitted, [_report(stub, i, "running").at for i in ids],
                        [_report(stub, i, "done").at for i in ids])
+        # stopped while the stub still answers: a stopping agent tells its master `offline`
+        # and, with the master gone, waits out that report before it stops
+        ct.run(["systemctl", "stop", "farmnode.service"], timeout=120)
     out["host_wall_s"] = host_wall
     out["switch_s"], out["ready_s"] = switched, online
     return out
