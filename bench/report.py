@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench.stats import Summary, ratio, ratios, verdict
+from bench.stats import Summary, percentile, ratio, ratios, verdict
 
 HERE = Path(__file__).resolve().parent
 MB = 1024
@@ -36,9 +36,13 @@ def rows(results: dict[str, Any]) -> list[Row]:
     for step, section in (("latency", _latency_rows), ("throughput", _throughput_rows),
                           ("footprint", _footprint_rows), ("scale", _scale_rows),
                           ("restart", _restart_rows), ("master", _master_rows),
-                          ("big", _big_rows), ("warm", _warm_rows)):
-        got = results.get(step, {"error": "not run"})
-        if isinstance(got, dict) and "error" in got:
+                          ("big", _big_rows), ("warm", _warm_rows),
+                          ("overhead", _overhead_rows)):
+        got = results.get(step)
+        if got is None:
+            # a step newer than the whole run this file holds: nothing failed
+            out.append((step, "not measured in this run", "", "", "—"))
+        elif isinstance(got, dict) and "error" in got:
             out.append((step, f"the step failed: {got['error'][-300:]}", "", "", "**error**"))
         else:
             out += section(results)
@@ -202,6 +206,63 @@ def _warm_rows(results: dict[str, Any]) -> list[Row]:
     ]
 
 
+def overhead_summary(runs: list[dict[str, Any]]) -> dict[str, float]:
+    """Per-task overhead (ms) pooled over the rounds of one master: every task counts once, so
+    the mean is the rounds' total wall time beyond the tasks' run time over all their tasks."""
+    samples = [x for r in runs for x in r["per_task_s"]]
+    beyond = sum(r["wall_s"] - r["run_s"] * r["tasks"] for r in runs)
+    return {"n": len(samples), "mean": 1000 * beyond / len(samples),
+            "p50": 1000 * percentile(samples, 50), "p95": 1000 * percentile(samples, 95),
+            "max": 1000 * max(samples),
+            "dispatch_p50": 1000 * percentile([x for r in runs for x in r["dispatch_s"]], 50),
+            "run_p50": 1000 * percentile([x for r in runs for x in r["run_extra_s"]], 50)}
+
+
+def _overhead_rows(results: dict[str, Any]) -> list[Row]:
+    o = results["overhead"]
+    real, stub = overhead_summary(o["runs"]["real"]), overhead_summary(o["runs"]["stub"])
+    r = ratio(real["mean"], stub["mean"])
+    rounds = len(o["runs"]["real"])
+    return [(f"Per-task overhead, {o['frames']} one-second tasks one at a time, PyFarm 0.8.6's "
+             "master and scheduler (job wall time minus run time, master's clock)",
+             f"mean {real['mean']:.0f} ms, p50 {real['p50']:.0f}, p95 {real['p95']:.0f} "
+             f"({rounds} job{'s' if rounds != 1 else ''})",
+             f"tests/master_stub.py (assign sent on `done`) mean {stub['mean']:.0f} ms, "
+             f"p50 {stub['p50']:.0f}, p95 {stub['p95']:.0f}; **{r:.1f}{TIMES}**", "—", "—")]
+
+
+def _overhead_details(o: dict[str, Any]) -> list[str]:
+    out = ["", "### 7. Per-task overhead: PyFarm's master against the stub", "",
+           f"{o['reps']} round(s), each one job of {o['frames']} tasks (`{' '.join(o['command'])}`"
+           ", one task per assign) through PyFarm 0.8.6's master, then the same through the "
+           "stub with this side sending the next assign as soon as the stub has the last "
+           f"`done`. Clock: {o['clock']}. Per task: from the previous task's `done` (the first: "
+           "from the submission) to its own, minus 1 s; `dispatch`: previous `done` → this "
+           "task's `running`; `run`: `running` → `done` minus 1 s. The master took "
+           f"{o['master_start_s']:.1f} s to start (redis, master, scheduler).", "",
+           "| Master | tasks | mean ms | p50 | p95 | max | dispatch p50 | run p50 | "
+           "job wall s (master's clock / host's) |", "|---|---|---|---|---|---|---|---|---|"]
+    for key, label in (("real", "PyFarm 0.8.6"), ("stub", "stub")):
+        s = overhead_summary(o["runs"][key])
+        walls = ", ".join(f"{r['wall_s']:.2f} / {r['host_wall_s']:.2f}" for r in o["runs"][key])
+        out.append(f"| {label} | {s['n']} | {s['mean']:.0f} | {s['p50']:.0f} | {s['p95']:.0f} "
+                   f"| {s['max']:.0f} | {s['dispatch_p50']:.0f} | {s['run_p50']:.0f} | "
+                   f"{walls} |")
+    switches = [(r["switch_s"], r["ready_s"]) for k in ("real", "stub")
+                for r in o["runs"][k] if "switch_s" in r]
+    if switches:
+        out += ["", "Before each job the agent was stopped, its state emptied and started "
+                "pointed at that master: "
+                + ", ".join(f"{a:.1f} s ({b:.1f} s to be online there)" for a, b in switches)
+                + " (real rounds first)."]
+    alone = o.get("measured_alone")
+    if alone:
+        out += ["", f"Measured on its own (`BENCH_ONLY=overhead`) on {alone['date']} at commit "
+                f"{alone['commit']}{DIRTY if alone.get('dirty') else ''}, in "
+                f"{alone['wall_s'] / 60:.1f} min."]
+    return out
+
+
 def _throughput_all(results: dict[str, Any], mode: str) -> list[dict[str, Any]]:
     return [r for r in results["throughput"] if r["mode"] == mode]
 
@@ -270,6 +331,8 @@ def _details(results: dict[str, Any]) -> str:
             f"({', '.join(f'{k}: {v}' for k, v in sorted(m['kinds'].items()))}), "
             f"{m['bytes_sent']:,} bytes sent and {m['bytes_received']:,} received over "
             f"{m['connections']} new TCP connection(s) (keep-alive)."]
+    if "overhead" in results:
+        out += _overhead_details(results["overhead"])
     return "\n".join(out)
 
 
@@ -293,7 +356,11 @@ def render(results: dict[str, Any]) -> str:
         f"{DIRTY if host.get('dirty') else ''}, "
         f"in {results['wall_s'] / 60:.1f} min. Every figure is measured in this run next to "
         "its floor — what systemd itself does for the same work — on the same machine, "
-        "interleaved where repeats are taken; medians with min / max.", "",
+        "interleaved where repeats are taken; medians with min / max."
+        + "".join(f" The {name} step was measured on its own (`BENCH_ONLY={name}`) on "
+                  f"{v['measured_alone']['date']} at commit {v['measured_alone']['commit']}."
+                  for name, v in results.items()
+                  if isinstance(v, dict) and "measured_alone" in v), "",
         "## Figures vs targets", "", table(results), "",
         "## Environment", "",
         f"- Host: {host['host_cpu']}, {host['host_cpus']} CPUs, {host['host_mem_mb']:,} MB, "

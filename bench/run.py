@@ -2,11 +2,14 @@
 
     python3 bench/run.py                 # the full run (10 M-line throughput, ~21 min)
     BENCH_QUICK=1 python3 bench/run.py   # a short run (~3 min): fewer repeats, 200 k lines
+    BENCH_ONLY=overhead python3 bench/run.py   # only the named step(s), comma-separated:
+        # their figures replace those in bench/results.json, the others are kept
 
 The measuring happens inside the container (bench/inside.py); this side builds the probe
 (probe.c), boots the container with farmnode installed from the checkout, puts its journal
 on disk, runs the steps, plays the master for the traffic step (tests/master_stub.py behind a
-byte-counting proxy) and writes bench/results.json and bench/REPORT.md.
+byte-counting proxy), runs PyFarm's own master against the stub for the per-task overhead
+step (bench/master_overhead.py) and writes bench/results.json and bench/REPORT.md.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ sys.path[:0] = [str(REPO / "tools"), str(REPO)]
 
 from container import CACHE_ROOT, Container, booted  # noqa: E402
 
-from bench import report  # noqa: E402
+from bench import master_overhead, report  # noqa: E402
 
 PROBE_BIN = HERE / "build" / "fn-probe"
 INSIDE = ["/opt/farmnode/bin/python", "/src/bench/inside.py"]
@@ -55,6 +58,8 @@ class Plan:
     master_hours: float
     big_tasks: int = 5000
     warm_reps: int = 10
+    overhead_frames: int = 20
+    overhead_reps: int = 3
 
     @classmethod
     def full(cls) -> Plan:
@@ -62,7 +67,8 @@ class Plan:
 
     @classmethod
     def quick(cls) -> Plan:
-        return cls("quick", 6, 2, 0, 200_000, 2, 15, 50, 200, 300, 3, 120, 0.25, warm_reps=4)
+        return cls("quick", 6, 2, 0, 200_000, 2, 15, 50, 200, 300, 3, 120, 0.25, warm_reps=4,
+                   overhead_reps=1)
 
 
 def log(msg: str) -> None:
@@ -205,48 +211,72 @@ def host_facts() -> dict[str, Any]:
             "date": time.strftime("%Y-%m-%d %H:%M %Z")}
 
 
-def run(plan: Plan, save: Path) -> dict[str, Any]:
-    """Every step; one that fails is recorded as {"error": ...} and the run goes on. The
-    results are saved after each step."""
+STEPS = ("latency", "throughput", "footprint", "scale", "restart", "master", "big", "warm",
+         "overhead")
+
+
+def run(plan: Plan, save: Path, only: frozenset[str] | None = None) -> dict[str, Any]:
+    """Every step (or those in `only`, their results merged into what `save` holds); one
+    that fails is recorded as {"error": ...} and the run goes on. The results are saved after
+    each step."""
     build_probe()
     results: dict[str, Any] = {"plan": asdict(plan), "host": host_facts()}
+    if only is not None:
+        results = json.loads(save.read_text())
+        results["plan"] = {**results.get("plan", {}), **{
+            k: v for k, v in asdict(plan).items() if k.startswith("overhead_")}}
     t_start = time.monotonic()
 
-    def step(name: str, fn: Callable[[], Any]) -> None:
+    def step(name: str, fn: Callable[[], Any], label: str = "") -> None:
+        if only is not None and name not in only and name != "container":
+            return
+        if label:
+            log(label)
+        t0 = time.monotonic()
         try:
-            results[name] = fn()
+            got = fn()
         except Exception as exc:  # a broken step must not cost the others
             log(f"{name} failed: {exc}")
-            results[name] = {"error": str(exc)[-2000:]}
-        results["wall_s"] = time.monotonic() - t_start
+            got = {"error": str(exc)[-2000:]}
+        if only is None:
+            results[name] = got
+            results["wall_s"] = time.monotonic() - t_start
+        elif name != "container":
+            # measured apart from the run the rest of the file (and its wall_s) comes from
+            if isinstance(got, dict):
+                got["measured_alone"] = {**host_facts(), "wall_s": time.monotonic() - t0}
+            results[name] = got
         save.write_text(json.dumps(results, indent=1) + "\n")
 
     with bench_container() as ct:
         port = free_port()
         log(f"container up; plan {plan.name}")
         step("container", lambda: inside(ct, "setup", "--port", port))
-        log("1/8 launch latency")
         step("latency", lambda: inside(ct, "latency", "--port", port, "--reps",
-                                       plan.latency_reps, "--cold-reps", plan.cold_reps))
-        log("2/8 output throughput")
-        step("throughput", lambda: throughput(ct, plan))
-        log("3/8 footprint")
+                                       plan.latency_reps, "--cold-reps", plan.cold_reps),
+             label="1/9 launch latency")
+        step("throughput", lambda: throughput(ct, plan),
+             label="2/9 output throughput")
         step("footprint", lambda: inside(ct, "footprint", "--port", port, "--seconds",
-                                         plan.footprint_s, "--tasks", plan.quiet_tasks))
-        log("4/8 scale")
+                                         plan.footprint_s, "--tasks", plan.quiet_tasks),
+             label="3/9 footprint")
         step("scale", lambda: inside(ct, "scale", "--port", port, "--tasks", plan.scale_tasks,
-                                     "--queries", plan.queries))
-        log("5/8 restart")
+                                     "--queries", plan.queries),
+             label="4/9 scale")
         step("restart", lambda: inside(ct, "restart", "--reps", plan.restart_reps,
-                                       "--tasks", 8))
-        log("6/8 master traffic")
-        step("master", lambda: master_traffic(ct, plan))
-        log("7/8 one big assignment")
-        step("big", lambda: inside(ct, "big", "--tasks", plan.big_tasks))
-        log("8/8 warm per-job process against a process per task")
+                                       "--tasks", 8),
+             label="5/9 restart")
+        step("master", lambda: master_traffic(ct, plan),
+             label="6/9 master traffic")
+        step("big", lambda: inside(ct, "big", "--tasks", plan.big_tasks),
+             label="7/9 one big assignment")
         step("warm", lambda: json.loads(ct.run(
             ["/opt/farmnode/bin/python", "/src/bench/warm.py", "--reps", str(plan.warm_reps)],
-            timeout=600).stdout))
+            timeout=600).stdout),
+             label="8/9 warm per-job process against a process per task")
+        step("overhead", lambda: master_overhead.measure(
+            ct, port, frames=plan.overhead_frames, reps=plan.overhead_reps, log=log),
+             label="9/9 per-task overhead: PyFarm's master against the stub")
     return results
 
 
@@ -270,9 +300,21 @@ def main() -> int:
         print("make bench needs root (systemd-nspawn)", file=sys.stderr)
         return 1
     plan = Plan.quick() if os.environ.get("BENCH_QUICK") == "1" else Plan.full()
-    results = run(plan, HERE / "results.json")
+    only = None
+    if os.environ.get("BENCH_ONLY"):
+        only = frozenset(os.environ["BENCH_ONLY"].split(","))
+        if unknown := only - set(STEPS):
+            print(f"BENCH_ONLY: no step {', '.join(sorted(unknown))} (steps: "
+                  f"{', '.join(STEPS)})", file=sys.stderr)
+            return 2
+        if not (HERE / "results.json").exists():
+            print("BENCH_ONLY needs a bench/results.json of a whole run to merge into",
+                  file=sys.stderr)
+            return 2
+    t0 = time.monotonic()
+    results = run(plan, HERE / "results.json", only)
     (HERE / "REPORT.md").write_text(report.render(results))
-    log(f"done in {results['wall_s'] / 60:.1f} min: bench/REPORT.md")
+    log(f"done in {(time.monotonic() - t0) / 60:.1f} min: bench/REPORT.md")
     print(report.table(results))
     return 0
 

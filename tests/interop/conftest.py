@@ -28,15 +28,6 @@ from pyfarm_master import Master, free_port, running_master
 REPO = Path(__file__).resolve().parents[2]
 MASTER_LOG_DIR = "/var/lib/pyfarm-test/task_logs"
 
-# A job type record the master insists on (it stores source); farmnode runs its built-in job
-# type of the same name, so this code is never executed.
-JOBTYPE_CODE = (
-    "from pyfarm.jobtypes.core.jobtype import JobType\n\n"
-    "class {cls}(JobType):\n"
-    "    pass\n"
-)
-
-
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "tests/interop" in str(item.fspath):
@@ -123,36 +114,20 @@ class Farm:
         return row
 
     def jobtype(self, name: str, max_batch: int = 1) -> None:
-        status, _ = self.master.request("GET", f"/jobtypes/{name}")
-        if status == 404:
-            self.master.post("/jobtypes/", {
-                "name": name, "classname": name.capitalize(), "max_batch": max_batch,
-                "description": "farmnode interop", "code": JOBTYPE_CODE.format(
-                    cls=name.capitalize())})
+        self.master.jobtype(name, max_batch)
 
     def submit(self, jobtype: str, frames: int, data: dict[str, Any], **job: Any) -> int:
-        self.jobtype(jobtype)
-        body = {"title": f"interop {jobtype} {time.time():.3f}", "jobtype": jobtype,
-                "start": 1, "end": frames, "by": 1, "data": data, **job}
-        created = self.master.post("/jobs/", body)
-        return int(created["id"])
+        return self.master.submit(jobtype, frames, data, **job)
 
     def job(self, job_id: int) -> dict[str, Any]:
-        got: dict[str, Any] = self.master.get(f"/jobs/{job_id}")
-        return got
+        return self.master.job(job_id)
 
     def tasks(self, job_id: int) -> list[dict[str, Any]]:
-        got: list[dict[str, Any]] = self.master.get(f"/jobs/{job_id}/tasks/")
-        return got
+        return self.master.tasks(job_id)
 
     def wait_job(self, job_id: int, states: tuple[str, ...] = ("done", "failed"),
                  timeout: float = 120) -> dict[str, Any]:
-        def finished() -> dict[str, Any] | None:
-            j = self.job(job_id)
-            return j if j["state"] in states else None
-        got: dict[str, Any] = wait_for(f"job {job_id} in {states}", finished, timeout=timeout,
-                                       interval=0.2, detail=self.detail)
-        return got
+        return self.master.wait_job(job_id, states, timeout=timeout, detail=self.detail)
 
     def master_log(self) -> str:
         return self.master.log("master") + self.master.log("scheduler")
