@@ -64,7 +64,10 @@ def project_version() -> str:
 
 def _pip(python: Path, *args: str) -> None:
     """Host pip acting on another interpreter's environment (pip --python)."""
-    subprocess.run([sys.executable, "-m", "pip", "-q", "--python", str(python), *args],
+    # Without the caller's PYTHONPATH: a checkout on it (with its egg-info) reads to pip as
+    # farmnode installed already, and the package would ship without farmnode.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    subprocess.run([sys.executable, "-m", "pip", "-q", "--python", str(python), *args], env=env,
                    check=True)
 
 
