@@ -30,6 +30,22 @@ def _leave_spool(tasks: Path, aid: str, ident: str = "farmnode-stdout",
         Path(f"{data}.json").write_text(json.dumps({"identifier": ident}))
 
 
+def _agent_with_spools(tmp_path: Path, *assignments: tuple[str, int]) -> tuple[Agent, Path]:
+    """An agent whose store holds these assignments (id, task), each with a spool left in
+    the runtime directory; returns it and that tasks directory."""
+    runtime = tmp_path / "run"
+    tasks = runtime / "tasks"
+    tasks.mkdir(parents=True)
+    store = Store(tmp_path / "db")
+    agent = Agent(Config(agent_runtime_dir=str(runtime)), store,
+                  scopes=None)  # type: ignore[arg-type]
+    for aid, task_id in assignments:
+        a = _assignment(aid, task_id)
+        store.add_assignment(a, f"farmnode-task-{task_id}.scope")
+        _leave_spool(tasks, aid)
+    return agent, tasks
+
+
 def test_waiting_lists_each_status_record_with_a_spool_once(tmp_path: Path) -> None:
     _leave_spool(tmp_path, "a1")
     _leave_spool(tmp_path, "a1", "farmnode-stderr")
@@ -42,16 +58,8 @@ def test_waiting_lists_each_status_record_with_a_spool_once(tmp_path: Path) -> N
 
 
 def test_orphans_are_spools_of_concluded_runs_whose_shim_is_gone(tmp_path: Path) -> None:
-    runtime = tmp_path / "run"
-    tasks = runtime / "tasks"
-    tasks.mkdir(parents=True)
-    store = Store(tmp_path / "db")
-    agent = Agent(Config(agent_runtime_dir=str(runtime)), store,
-                  scopes=None)  # type: ignore[arg-type]
-    concluded, running = _assignment("a-done", 41), _assignment("a-run", 42)
-    for a in (concluded, running):
-        store.add_assignment(a, f"farmnode-task-{a.tasks[0].id}.scope")
-        _leave_spool(tasks, a.id)
+    agent, tasks = _agent_with_spools(tmp_path, ("a-done", 41), ("a-run", 42))
+    running = _assignment("a-run", 42)
     _leave_spool(tasks, "a-unknown")
     agent.runs[running.id] = agent._new_run(running)
     assert agent.orphan_spools() == {
@@ -64,16 +72,8 @@ def test_one_janitor_probes_once_per_round_and_waits_out_a_live_shim(
     from farmnode.agent import recovery
     from farmnode.agent.janitor import SpoolJanitor
 
-    runtime = tmp_path / "run"
-    tasks = runtime / "tasks"
-    tasks.mkdir(parents=True)
-    store = Store(tmp_path / "db")
-    agent = Agent(Config(agent_runtime_dir=str(runtime)), store,
-                  scopes=None)  # type: ignore[arg-type]
-    gone, live = _assignment("a-gone", 51), _assignment("a-live", 52)
-    for a in (gone, live):
-        store.add_assignment(a, f"farmnode-task-{a.tasks[0].id}.scope")
-        _leave_spool(tasks, a.id)
+    agent, tasks = _agent_with_spools(tmp_path, ("a-gone", 51), ("a-live", 52))
+    store = agent.store
     # the run that concluded a-gone said its output waited
     waiting = spool.pending_note(str(tasks / "a-gone.json"))
     store.set_task_state("a-gone", 51, TaskState.DONE, f"exit code 0; {waiting}")

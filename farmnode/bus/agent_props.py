@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from farmnode.agent import core
 from farmnode.bus.views import (
@@ -27,6 +27,7 @@ from farmnode.bus.views import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 Emit = Callable[[dict[str, tuple[str, Any]]], None]
 
 
@@ -130,38 +131,29 @@ class AgentProperties:
         self._last: AgentView | None = None
         self._pending = False
         self._periodic: asyncio.Task[None] | None = None
-        self._cached: AgentView | None = None
-        self._cached_figures: AgentFigures | None = None
+        # What was read this turn of the loop (a GetAll reads every property): by kind.
+        self._this_turn: dict[str, Any] = {}
 
-    def view(self) -> AgentView:
-        """The current values; read once per turn of the loop (a GetAll reads every one)."""
-        if self._cached is not None:
-            return self._cached
-        view = agent_view(self._agent)
+    def _once_per_turn(self, kind: str, read: Callable[[], T]) -> T:
+        if kind in self._this_turn:
+            return cast(T, self._this_turn[kind])
+        value = read()
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # no loop (the core alone in a test): nothing is kept
-            return view
-        self._cached = view
-        loop.call_soon(self._forget)
-        return view
+            return value
+        if not self._this_turn:
+            loop.call_soon(self._this_turn.clear)
+        self._this_turn[kind] = value
+        return value
 
-    def _forget(self) -> None:
-        self._cached = None
-        self._cached_figures = None
+    def view(self) -> AgentView:
+        """The current values; read once per turn of the loop."""
+        return self._once_per_turn("view", lambda: agent_view(self._agent))
 
     def figures(self) -> AgentFigures:
         """Read once per turn of the loop too: the disks are looked at for each read."""
-        if self._cached_figures is not None:
-            return self._cached_figures
-        figures = agent_figures(self._agent)
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return figures
-        self._cached_figures = figures
-        loop.call_soon(self._forget)
-        return figures
+        return self._once_per_turn("figures", lambda: agent_figures(self._agent))
 
     def start(self) -> None:
         self._last = self.view()
@@ -183,7 +175,7 @@ class AgentProperties:
 
     def refresh(self) -> None:
         self._pending = False
-        self._cached = None
+        self._this_turn.pop("view", None)
         new = self.view()
         if self._last is None:
             self._last = new
